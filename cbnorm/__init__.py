@@ -1,0 +1,22 @@
+"""cbnorm: multi-mode normalization layers (Mixture, Context, Cluster-based, Mode) for PyTorch.
+
+``import cbnorm``; ``cbnorm.build_norm("acn", 64, num_components=3)``; ``cbnorm.NORMS`` maps names to classes.
+"""
+from __future__ import annotations
+
+from .norms import (ALIASES, LAYERS, NORMS, AdaptiveContextNorm, BatchNorm, ContextNorm, ContextNormEmbed,
+                    ContextNormX, GroupNorm, LayerNorm, MixtureNorm, ModeNorm, NormBase, build_norm, resolve_name)
+
+__version__ = "0.1.0"
+
+__all__ = ["NORMS", "ALIASES", "LAYERS", "build_norm", "resolve_name", "NormBase", "BatchNorm", "LayerNorm",
+           "GroupNorm", "MixtureNorm", "ModeNorm", "ContextNorm", "ContextNormX", "ContextNormEmbed",
+           "AdaptiveContextNorm"]
+
+
+def __getattr__(name: str):  # lazy: heavy modules load on first use
+    if name == "load_run":
+        from .runs import load_run
+
+        return load_run
+    raise AttributeError(f"module 'cbnorm' has no attribute {name!r}")

@@ -1,0 +1,146 @@
+"""ACN / UCB-Norm / UAN: an unsupervised mixture whose parameters are part of the network.
+
+prior-knowledge-normalization.txt Algorithm 5 (ACN), cluster-based-normalization.txt eq. 6 and Algorithm 2
+(UCB-Norm), the UAN slides. K components theta_k = (lambda_k, mu_k, sigma_k^2); every point is normalized by
+all components weighted by its posterior (eq. 19 / CB-Norm eq. 6):
+
+    y_i = gamma * sum_k tau_k(x_i) / sqrt(lambda_k) * (x_i - mu_k) / sqrt(sigma_k^2 + eps) + beta,
+    tau_k(x) = lambda_k N(x | mu_k, sigma_k^2 + eps) / sum_j lambda_j N(x | mu_j, sigma_j^2 + eps).
+
+Readings chosen where the papers are ambiguous or wrong:
+* "dimension d": with ``posterior="joint"`` (default) a point is the C-vector at one position and each
+  component is a diagonal Gaussian over C channels (mu_k, sigma_k^2 in R^C, lambda_k scalar: 2KC + K
+  parameters, as CB-Norm Table VIII counts); ``posterior="channel"`` gives each scalar its own posterior.
+* ``update="weight"`` (Algorithm 2 lines 5-7): lambda = softmax(logits) stays on the simplex, sigma^2 =
+  exp(log_var) stays positive; gradients reach all three through the normalizer and the posteriors.
+  Train and eval apply the same transform.
+* ``update="moving_average"`` (Algorithm 2 lines 9-15): the papers average "mean(x_hat^k)" and
+  "variance(x_hat^k)" of the *normalized* activations, which are ~0 and ~1 by construction, and the slides
+  write alpha_k = sum_n p(k|x_n) x_n without dividing by sum_n p(k|x_n). We take the sound reading: an
+  M-step with the current posteriors, lambda_k = mean_i tau_ik, mu_k = sum_i tau_ik x_i / sum_i tau_ik,
+  sigma_k^2 the tau-weighted variance. In train mode the minibatch is normalized with these weighted batch
+  statistics (differentiable in x, posteriors detached, like MN eq. 35), and theta is updated by
+  ``theta <- (1 - momentum) theta + momentum theta_batch`` (PyTorch's convention; the paper's m is
+  1 - momentum). Eval uses theta.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .base import NormBase, affine_params, check_positive_int, ema_update
+from .mixing import check_posterior, log_posteriors, mix_affine, normalizing_coefficients
+
+__all__ = ["AdaptiveContextNorm", "weighted_moments"]
+
+
+def weighted_moments(x3: Tensor, resp: Tensor, posterior: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Posterior-weighted statistics (MN eq. 35-36): lambda (K,) or (K, C), mean (K, C), biased var (K, C).
+
+    x3 (N, C, P); resp (M, K) for "joint" or (C, M, K) for "channel" (M = N*P). Differentiable in x3.
+    Variance is computed around the detached batch mean to limit cancellation, never as an (M, K, C) tensor.
+    """
+    n, c, p = x3.shape
+    shift = x3.detach().mean(dim=(0, 2))  # (C,)
+    xc = x3 - shift[None, :, None]
+    if posterior == "channel":
+        pts = xc.permute(1, 0, 2).reshape(c, n * p)  # (C, M)
+        nk = resp.sum(dim=1)  # (C, K)
+        w = resp / nk.clamp_min(1e-12)[:, None, :]
+        m1 = torch.einsum("cmk,cm->kc", w, pts)
+        m2 = torch.einsum("cmk,cm->kc", w, pts * pts)
+        lam = (nk / (n * p)).t()  # (K, C)
+    else:
+        pts = xc.transpose(1, 2).reshape(n * p, c)  # (M, C)
+        nk = resp.sum(dim=0)  # (K,)
+        w = resp / nk.clamp_min(1e-12)
+        m1 = w.t() @ pts
+        m2 = w.t() @ (pts * pts)
+        lam = nk / (n * p)
+    var = (m2 - m1 * m1).clamp_min(0)
+    return lam, m1 + shift, var
+
+
+class AdaptiveContextNorm(NormBase):
+    """ACN / UCB-Norm / UAN. x (N, C, *S) or (N, L, D) with channel_last; no context.
+
+    ``num_components`` K; ``update`` in {"weight", "moving_average"}; ``posterior`` in {"joint", "channel"};
+    ``init_std``: spread of the random initial means (components must start apart to specialise).
+    """
+
+    names = ("acn", "ucb", "uan", "ucb-norm")
+    has_mixture = True
+
+    def __init__(self, num_features: int, *, num_components: int = 3, update: str = "weight",
+                 posterior: str = "joint", init_std: float = 1.0, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+        self.num_components = check_positive_int("num_components", num_components)
+        if update not in ("weight", "moving_average"):
+            raise ValueError(f"update must be 'weight' or 'moving_average', got {update!r}")
+        self.update = update
+        self.posterior = check_posterior(posterior, ("joint", "channel"))
+        affine_params(self, (num_features,), affine)
+        k, c = num_components, num_features
+        init_mean = torch.randn(k, c) * init_std if k > 1 else torch.zeros(k, c)
+        if update == "weight":
+            self.logits = nn.Parameter(torch.zeros(k))
+            self.mean = nn.Parameter(init_mean)
+            self.log_var = nn.Parameter(torch.zeros(k, c))
+        else:
+            self.register_buffer("running_weights", torch.full((k,), 1.0 / k))
+            self.register_buffer("running_mean", init_mean)
+            self.register_buffer("running_var", torch.ones(k, c))
+
+    def _needs_batch_statistics(self) -> bool:
+        return self.update == "moving_average"
+
+    def component_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(lambda (K,), mu (K, C), sigma^2 (K, C)), differentiable for update='weight'."""
+        if self.update == "weight":
+            return torch.softmax(self.logits, dim=0), self.mean, self.log_var.exp()
+        return self.running_weights, self.running_mean, self.running_var
+
+    def mixture_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.no_grad():
+            lam, mu, var = self.component_parameters()
+            return lam.detach().clone(), mu.detach().clone(), var.detach().clone()
+
+    def posteriors(self, x: Tensor) -> Tensor:
+        """tau (M, K) for "joint" or (C, M, K) for "channel", M = N * positions."""
+        self._check_input(x)
+        with torch.no_grad():
+            x3 = self._to_ncp(x).float()
+            lam, mu, var = (t.float() for t in self.component_parameters())
+            return log_posteriors(x3, mu, var + self.eps, lam.log(), self.posterior).exp()
+
+    def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        lam, mu, var = (t.to(x3.dtype) for t in self.component_parameters())
+        log_lam = torch.log(lam)
+        if self.update == "moving_average" and self.training:
+            with torch.no_grad():
+                resp = log_posteriors(x3, mu, var + self.eps, log_lam, self.posterior).exp()
+            lam_b, mu_b, var_b = weighted_moments(x3, resp, self.posterior)
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = self._ema_factor()
+                lam_k = lam_b if lam_b.dim() == 1 else lam_b.mean(dim=1)
+                ema_update(self.running_weights, lam_k / lam_k.sum(), f)
+                ema_update(self.running_mean, mu_b, f)
+                ema_update(self.running_var, var_b, f)
+            lam_n, mu_n, var_n = lam_b.clamp_min(1e-12), mu_b, var_b
+        else:
+            resp = log_posteriors(x3, mu, var + self.eps, log_lam, self.posterior).exp()
+            lam_n, mu_n, var_n = lam, mu, var
+        scale = torch.rsqrt(lam_n)
+        scale = scale[:, None] if scale.dim() == 1 else scale
+        gain = None if self.weight is None else self.weight.to(x3.dtype)
+        a, b = normalizing_coefficients(mu_n, var_n, self.eps, scale, gain,
+                                        None if self.bias is None else self.bias.to(x3.dtype))
+        return mix_affine(x3, resp, a, b, self.posterior)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", num_components={self.num_components}, update={self.update!r}"
+                                       f", posterior={self.posterior!r}")

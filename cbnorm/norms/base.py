@@ -1,0 +1,213 @@
+"""Shared pieces of every normalization layer: shape handling, argument checks, running statistics.
+
+Layouts
+-------
+* channels-first ``x`` of shape (N, C, *spatial) — images (N, C, H, W), sequences (N, C, L), vectors (N, C);
+* tokens ``x`` of shape (N, L, D) with ``channel_last=True`` — ViT patches, normalized over D features.
+
+Every layer works on the canonical view ``(N, C, P)`` where ``P`` is the number of positions per sample
+(H*W, L, or 1); statistics are computed in float32 (or float64 when the input is float64) with autocast
+disabled, and the output is cast back to the input dtype and memory format.
+
+Running statistics follow ``torch.nn.BatchNorm2d``: ``momentum`` is the weight of the new batch
+(0.1 by default; PyTorch's convention, not Keras' 0.99), ``momentum=None`` means a cumulative average,
+and running variances are unbiased (m / (m - 1)).
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NormBase", "ema_update", "stat_dtype", "check_positive_int"]
+
+
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics dtype: float64 for float64 input, float32 otherwise (float16/bfloat16 are upcast)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@torch.no_grad()
+def ema_update(running: Tensor, new: Tensor, factor: Tensor | float, mask: Optional[Tensor] = None) -> None:
+    """In place: ``running <- (1 - factor) * running + factor * new`` (BatchNorm eq. 3, PyTorch convention).
+
+    ``mask`` (broadcastable to ``running``) selects the entries that are updated; the others keep their
+    value. Uses ``copy_`` on the whole buffer, never an assignment into an indexed view.
+    """
+    new = new.detach().to(running.dtype)
+    updated = torch.lerp(running, new, factor if isinstance(factor, float) else factor.to(running.dtype))
+    if mask is not None:
+        updated = torch.where(mask, updated, running)
+    running.copy_(updated)
+
+
+class NormBase(nn.Module):
+    """Base class of every cbnorm layer: one constructor style, one ``forward(x, context=None)``.
+
+    Subclasses implement ``_normalize(x3, context)`` on the canonical view ``x3`` of shape (N, C, P) in the
+    statistics dtype and return a tensor of the same shape (affine included).
+    """
+
+    #: whether ``forward`` takes (and, in train mode, requires) per-sample context ids
+    uses_context: ClassVar[bool] = False
+    #: whether the layer has a mixture / per-context Gaussians to show (``mixture_parameters()``)
+    has_mixture: ClassVar[bool] = False
+    #: registry names, first one canonical
+    names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        channel_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_positive_int("num_features", num_features)
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.channel_last = bool(channel_last)
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    # ------------------------------------------------------------------ shapes
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if self.channel_last:
+            if x.dim() != 3:
+                raise ValueError(
+                    f"x must be (N, L, D) with channel_last=True, got shape {tuple(x.shape)}")
+            c = x.shape[-1]
+        else:
+            if x.dim() < 2:
+                raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
+            c = x.shape[1]
+        if c != self.num_features:
+            axis = "last (D)" if self.channel_last else "channel (dim 1)"
+            raise ValueError(
+                f"x has {c} features on its {axis} axis but the layer has num_features={self.num_features}")
+        if x.shape[0] == 0:
+            raise ValueError("x has an empty batch (N=0)")
+        if x.numel() == 0:
+            raise ValueError(f"x has no elements, shape {tuple(x.shape)}")
+
+    def _to_ncp(self, x: Tensor) -> Tensor:
+        """(N, C, *S) or (N, L, D) -> (N, C, P) view (no copy for contiguous channels-first input)."""
+        if self.channel_last:
+            return x.transpose(1, 2)
+        return x.reshape(x.shape[0], x.shape[1], -1) if x.dim() != 3 else x
+
+    def _from_ncp(self, y: Tensor, like: Tensor) -> Tensor:
+        if self.channel_last:
+            return y.transpose(1, 2)
+        y = y.reshape(like.shape)
+        if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)
+        elif like.dim() == 5 and not like.is_contiguous() and like.is_contiguous(
+                memory_format=torch.channels_last_3d):
+            y = y.contiguous(memory_format=torch.channels_last_3d)
+        return y
+
+    # ----------------------------------------------------------------- context
+    def _check_context(self, x: Tensor, context: Optional[Tensor]) -> Optional[Tensor]:
+        if not self.uses_context:
+            if context is not None:
+                raise ValueError(
+                    f"{type(self).__name__} does not take a context; pass context=None "
+                    f"(route contexts only to layers with uses_context=True)")
+            return None
+        if context is None:
+            return None
+        if not isinstance(context, Tensor):
+            context = torch.as_tensor(context)
+        if context.is_floating_point() or context.dtype == torch.bool or context.is_complex():
+            raise TypeError(f"context must be an integer (long) tensor of ids, got dtype {context.dtype}")
+        if context.dim() != 1 or context.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"context must have shape (N,) = ({x.shape[0]},) matching the batch, got {tuple(context.shape)}")
+        k = self.num_contexts  # type: ignore[attr-defined]
+        if context.numel() and (int(context.min()) < 0 or int(context.max()) >= k):
+            raise ValueError(
+                f"context ids must be in [0, {k - 1}] (num_contexts={k}), got min {int(context.min())} "
+                f"and max {int(context.max())}")
+        return context.to(device=x.device, dtype=torch.long)
+
+    # ----------------------------------------------------------------- running
+    def _ema_factor(self) -> float:
+        """Weight of the new batch in the running average (after incrementing num_batches_tracked)."""
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked.item())
+        return self.momentum
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:  # noqa: D401
+        """Normalize ``x`` (N, C, *spatial) or (N, L, D) with ``channel_last=True``; ``context`` (N,) long."""
+        self._check_input(x)
+        context = self._check_context(x, context)
+        if self.training and x.shape[0] * (x.numel() // (x.shape[0] * self.num_features)) < 2 \
+                and self._needs_batch_statistics():
+            raise ValueError(
+                f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}")
+        dtype = stat_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x3 = self._to_ncp(x).to(dtype)
+            y3 = self._normalize(x3, context)
+        return self._from_ncp(y3.to(x.dtype), x)
+
+    def _needs_batch_statistics(self) -> bool:
+        return False
+
+    def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def mixture_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(weights (K,), means (K, C), variances (K, C)) in activation units; weights sum to 1."""
+        raise NotImplementedError(f"{type(self).__name__} has no mixture")
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+                + (", channel_last=True" if self.channel_last else ""))
+
+
+def affine_params(module: nn.Module, shape: tuple[int, ...], enabled: bool) -> None:
+    """Register ``weight`` (ones) and ``bias`` (zeros) of ``shape``, or None when not ``enabled``."""
+    if enabled:
+        module.weight = nn.Parameter(torch.ones(shape))
+        module.bias = nn.Parameter(torch.zeros(shape))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
+def allreduce_sum(t: Tensor, enabled: bool) -> Tensor:
+    """Differentiable sum over DDP ranks (as SyncBatchNorm does) when ``enabled`` and a process group is up.
+
+    Statistics are built from such sums (counts, first moments, centred second moments), so two ranks give
+    the statistics one process computes on the joint batch.
+    """
+    if not enabled or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return t
+    if torch.distributed.get_world_size() == 1:
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)

@@ -1,0 +1,117 @@
+"""Single-mode baselines: BatchNorm in the papers' general form, LayerNorm and GroupNorm adapters.
+
+BatchNorm (mixture-normalization.txt eq. 1-3; prior-knowledge-normalization.txt eq. 1-4): in train mode each
+channel is normalized by the mean and biased variance over the set B = [1, N] x [1, H*W] of its positions,
+and the running averages are updated (momentum = weight of the new batch, unbiased running variance, exactly
+as ``torch.nn.BatchNorm2d``); in eval mode the running statistics are used.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ema_update
+
+__all__ = ["BatchNorm", "LayerNorm", "GroupNorm"]
+
+
+class BatchNorm(NormBase):
+    """BatchNorm, general form (eq. 1-3). ``x``: (N, C, *spatial) or (N, L, D) with ``channel_last``.
+
+    ``sync_stats=True`` all-reduces the statistics across DDP ranks (SyncBatchNorm semantics).
+    """
+
+    names = ("bn", "batchnorm")
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, channel_last: bool = False, sync_stats: bool = True) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+        self.sync_stats = sync_stats
+        affine_params(self, (num_features,), affine)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _needs_batch_statistics(self) -> bool:
+        return True
+
+    def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        if self.training:
+            count = allreduce_sum(x3.new_tensor(float(x3.shape[0] * x3.shape[2])), self.sync_stats)
+            mean = allreduce_sum(x3.sum(dim=(0, 2)), self.sync_stats) / count
+            centred = x3 - mean[None, :, None]
+            var = allreduce_sum(centred.pow(2).sum(dim=(0, 2)), self.sync_stats) / count
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = self._ema_factor()
+                ema_update(self.running_mean, mean, f)
+                ema_update(self.running_var, var * count / (count - 1).clamp_min(1), f)
+        else:
+            mean = self.running_mean.to(x3.dtype)
+            var = self.running_var.to(x3.dtype)
+            centred = x3 - mean[None, :, None]
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            return torch.addcmul(self.bias.to(x3.dtype)[None, :, None], centred,
+                                 (scale * self.weight.to(x3.dtype))[None, :, None])
+        return centred * scale[None, :, None]
+
+
+class LayerNorm(NormBase):
+    """LayerNorm baseline (mixture-normalization.txt eq. 8): statistics per sample over all of (C, H, W).
+
+    For channels-first input this is ``GroupNorm(1, C)`` with a per-channel affine (as in the GroupNorm
+    paper); for tokens (N, L, D) with ``channel_last=True`` it is ``torch.nn.LayerNorm(D)`` per token.
+    """
+
+    names = ("ln", "layernorm")
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, channel_last: bool = False) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+        affine_params(self, (num_features,), affine)
+
+    def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        w = None if self.weight is None else self.weight.to(x3.dtype)
+        b = None if self.bias is None else self.bias.to(x3.dtype)
+        if self.channel_last:  # x3 is (N, D, L): normalize each token over D
+            return F.layer_norm(x3.transpose(1, 2), (self.num_features,), w, b, self.eps).transpose(1, 2)
+        return F.group_norm(x3, 1, w, b, self.eps)
+
+
+def _default_groups(c: int, limit: int = 32) -> int:
+    return max(g for g in range(1, min(c, limit) + 1) if c % g == 0)
+
+
+class GroupNorm(NormBase):
+    """GroupNorm baseline (mixture-normalization.txt eq. 10), wrapping ``torch.nn.functional.group_norm``.
+
+    ``num_groups`` defaults to the largest divisor of C that is at most 32. With ``channel_last=True`` the
+    D features of each token are split into groups.
+    """
+
+    names = ("gn", "groupnorm")
+
+    def __init__(self, num_features: int, *, num_groups: Optional[int] = None, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+        g = _default_groups(num_features) if num_groups is None else check_positive_int("num_groups", num_groups)
+        if num_features % g:
+            raise ValueError(f"num_groups={g} must divide num_features={num_features}")
+        self.num_groups = g
+        affine_params(self, (num_features,), affine)
+
+    def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        w = None if self.weight is None else self.weight.to(x3.dtype)
+        b = None if self.bias is None else self.bias.to(x3.dtype)
+        if self.channel_last:  # (N, D, L) -> treat each token as a sample
+            n, d, l = x3.shape
+            tokens = x3.transpose(1, 2).reshape(n * l, d, 1)
+            out = F.group_norm(tokens, self.num_groups, w, b, self.eps)
+            return out.reshape(n, l, d).transpose(1, 2)
+        return F.group_norm(x3, self.num_groups, w, b, self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_groups={self.num_groups}"

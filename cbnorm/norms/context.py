@@ -1,0 +1,230 @@
+"""Context Normalization family: CN, CN-X / SCB-Norm, the embedder variant (SCB-Norm-base), CN+ inference.
+
+A context is a known group of samples (a superclass, a domain, a k-means cluster, day/night); each sample
+carries a context id k_i in [0, K). Each context is one Gaussian mode of the activations.
+
+* ``ContextNorm`` (``cn``; prior-knowledge-normalization.txt eq. 22-26): per-context minibatch mean and
+  biased variance over the positions of the samples in that context, per-context running statistics, prior
+  scaling 1/sqrt(lambda_k) and per-context affine (gamma_k, beta_k). A context with fewer than 2 samples in
+  the minibatch is normalized with its running statistics (and they are not updated from it).
+* ``ContextNormX`` (``cnx``/``scb``; Algorithm 3 there, cluster-based-normalization.txt eq. 8): mean and
+  variance of each context are learned weights. Variance is parameterized as ``exp(log_var)`` — always
+  positive, unlike the papers' raw sigma^2 with a ">= 0" constraint. Train and eval use the same transform.
+* ``ContextNormEmbed`` (``cn-embed``/``scb-base``; context-normalization.txt Algorithm 1, eq. 8): one-hot
+  context -> linear embedding alpha_r -> linear heads for mu_r and log sigma_r^2 (the paper's head outputs
+  sigma^2 directly, which can go negative; we predict its log).
+
+The papers write d x_hat / d sigma^2 = (mu + x) / (2 (sigma^2 + eps)^{3/2}); the correct derivative of
+(x - mu)(sigma^2 + eps)^{-1/2} is -(x - mu) / (2 (sigma^2 + eps)^{3/2}). We rely on autograd, and the tests
+check the gradient against this closed form and by ``gradcheck``.
+
+CN+ (context-normalization.txt eq. 9), in eval mode with ``context=None`` and ``mixed_inference=True``: every
+context is a component with prior lambda_r and Gaussian (mu_r, sigma_r^2) (running statistics for CN,
+learned for CN-X/embedder), and the output is the posterior-weighted mix of each context's *full* transform,
+``y = sum_r tau_r(x) (gamma_r * s_r * (x - mu_r) / sqrt(sigma_r^2 + eps) + beta_r)``, where ``s_r`` is the same
+prior scale used in training. Eq. 9 writes a factor sqrt(T) and batch statistics weighted by tau; we drop
+both: sqrt(T) equals 1/sqrt(lambda_r) only for uniform priors and the embedder's training transform (eq. 8)
+has no such factor, and batch statistics would make one sample's output depend on the rest of the batch.
+With this reading, a sample whose posterior is one-hot on its true context gets exactly its CN output.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ema_update
+from .mixing import check_posterior, log_posteriors, mix_affine, normalizing_coefficients
+
+__all__ = ["ContextNorm", "ContextNormX", "ContextNormEmbed"]
+
+
+class _ContextBase(NormBase):
+    uses_context = True
+    has_mixture = True
+
+    def __init__(self, num_features: int, *, num_contexts: int, priors: Optional[Sequence[float] | Tensor] = None,
+                 prior_scaling: bool = True, mixed_inference: bool = True, posterior: str = "sample",
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 channel_last: bool = False, per_context_affine: bool = True) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+        self.num_contexts = check_positive_int("num_contexts", num_contexts)
+        if priors is None:
+            lam = torch.full((num_contexts,), 1.0 / num_contexts)
+        else:
+            lam = torch.as_tensor(priors, dtype=torch.float32).flatten()
+            if lam.numel() != num_contexts:
+                raise ValueError(f"priors must have num_contexts={num_contexts} entries, got {lam.numel()}")
+            if not torch.isfinite(lam).all() or (lam <= 0).any():
+                raise ValueError("priors must be positive and finite (proportion of samples per context)")
+            lam = lam / lam.sum()
+        self.register_buffer("priors", lam)
+        self.prior_scaling = bool(prior_scaling)
+        self.mixed_inference = bool(mixed_inference)
+        self.posterior = check_posterior(posterior)
+        self.per_context_affine = per_context_affine
+        affine_params(self, (num_contexts, num_features) if per_context_affine else (num_features,), affine)
+
+    # per-context Gaussians (K, C) used for normalization in eval / learned layers
+    def context_statistics(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def mixture_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(priors lambda (K,), means (K, C), variances (K, C)) of the K contexts, in activation units."""
+        with torch.no_grad():
+            mean, var = self.context_statistics()
+            return self.priors.detach().clone(), mean.detach().clone(), var.detach().clone()
+
+    def _prior_scale(self, dtype: torch.dtype) -> Optional[Tensor]:
+        return torch.rsqrt(self.priors.to(dtype))[:, None] if self.prior_scaling else None
+
+    def _affine(self, dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if self.weight is None:
+            return None, None
+        w, b = self.weight.to(dtype), self.bias.to(dtype)
+        if not self.per_context_affine:
+            w = w.expand(self.num_contexts, -1)
+            b = b.expand(self.num_contexts, -1)
+        return w, b
+
+    def _apply_known(self, x3: Tensor, context: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """Each sample n normalized with its own context's (mean, var) — eq. 22 / 26; per-sample affine."""
+        gain, shift = self._affine(x3.dtype)
+        a, b = normalizing_coefficients(mean, var, self.eps, self._prior_scale(x3.dtype), gain, shift)
+        return torch.addcmul(b[context].unsqueeze(-1), x3, a[context].unsqueeze(-1))
+
+    def _apply_mixed(self, x3: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """CN+ (eq. 9, sound reading in the module docstring)."""
+        gain, shift = self._affine(x3.dtype)
+        a, b = normalizing_coefficients(mean, var, self.eps, self._prior_scale(x3.dtype), gain, shift)
+        logw = torch.log(self.priors.to(x3.dtype))
+        resp = log_posteriors(x3, mean, var + self.eps, logw, self.posterior).exp()
+        return mix_affine(x3, resp, a, b, self.posterior)
+
+    def _missing_context(self) -> Tensor:
+        mode = "training" if self.training else "eval with mixed_inference=False"
+        raise ValueError(
+            f"{type(self).__name__} needs context ids (N,) in {mode}; pass context=..., or use eval() with "
+            f"mixed_inference=True for CN+ inference over all {self.num_contexts} contexts")
+
+    def posteriors(self, x: Tensor) -> Tensor:
+        """CN+ posteriors over contexts: (N, K) for posterior="sample" (others as in mixing.log_posteriors)."""
+        self._check_input(x)
+        with torch.no_grad():
+            x3 = self._to_ncp(x).float()
+            mean, var = self.context_statistics()
+            return log_posteriors(x3, mean.float(), var.float() + self.eps,
+                                  torch.log(self.priors.float()), self.posterior).exp()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", num_contexts={self.num_contexts}, prior_scaling={self.prior_scaling}"
+                                       f", posterior={self.posterior!r}")
+
+
+class ContextNorm(_ContextBase):
+    """CN: per-context minibatch statistics (eq. 22-26). x (N, C, *S) or (N, L, D); context (N,) long.
+
+    ``sync_stats=True`` all-reduces the per-context sums across DDP ranks.
+    """
+
+    names = ("cn", "context")
+
+    def __init__(self, num_features: int, *, num_contexts: int, sync_stats: bool = True, **kw) -> None:
+        super().__init__(num_features, num_contexts=num_contexts, **kw)
+        self.sync_stats = sync_stats
+        self.register_buffer("running_mean", torch.zeros(num_contexts, num_features))
+        self.register_buffer("running_var", torch.ones(num_contexts, num_features))
+
+    def context_statistics(self) -> tuple[Tensor, Tensor]:
+        return self.running_mean, self.running_var
+
+    def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        if context is None:
+            if self.training or not self.mixed_inference:
+                self._missing_context()
+            return self._apply_mixed(x3, self.running_mean.to(x3.dtype), self.running_var.to(x3.dtype))
+        if not self.training:
+            return self._apply_known(x3, context, self.running_mean.to(x3.dtype), self.running_var.to(x3.dtype))
+        n, c, p = x3.shape
+        onehot = F.one_hot(context, self.num_contexts).to(x3.dtype)  # (N, K)
+        samples = allreduce_sum(onehot.sum(0), self.sync_stats)  # (K,) samples per context
+        count = samples * p
+        sums = allreduce_sum(onehot.t() @ x3.sum(dim=2), self.sync_stats)  # (K, C)   eq. 23
+        mean_b = sums / count.clamp_min(1)[:, None]
+        centred = x3 - mean_b[context].unsqueeze(-1)
+        sq = allreduce_sum(onehot.t() @ centred.pow(2).sum(dim=2), self.sync_stats)  # eq. 24
+        var_b = sq / count.clamp_min(1)[:, None]
+        ok = (samples >= 2)[:, None]  # a context with 0 or 1 sample falls back to running statistics
+        mean = torch.where(ok, mean_b, self.running_mean.to(x3.dtype))
+        var = torch.where(ok, var_b, self.running_var.to(x3.dtype))
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            f = self._ema_factor()
+            unbiased = var_b * (count / (count - 1).clamp_min(1))[:, None]
+            ema_update(self.running_mean, mean_b, f, ok)  # eq. 25
+            ema_update(self.running_var, unbiased, f, ok)
+        return self._apply_known(x3, context, mean, var)
+
+
+class ContextNormX(_ContextBase):
+    """CN-X / SCB-Norm: per-context mean and log-variance learned as weights (K, C).
+
+    ``mean`` initialised at 0 and ``log_var`` at 0 (variance 1) so training starts at the identity; the
+    contexts separate as gradients differ (the papers initialise randomly; zeros keep runs reproducible).
+    """
+
+    names = ("cnx", "scb", "cn-x", "scb-norm")
+
+    def __init__(self, num_features: int, *, num_contexts: int, **kw) -> None:
+        super().__init__(num_features, num_contexts=num_contexts, **kw)
+        self.mean = nn.Parameter(torch.zeros(num_contexts, num_features))
+        self.log_var = nn.Parameter(torch.zeros(num_contexts, num_features))
+
+    def context_statistics(self) -> tuple[Tensor, Tensor]:
+        return self.mean, self.log_var.exp()
+
+    def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        mean, var = self.mean.to(x3.dtype), self.log_var.to(x3.dtype).exp()
+        if context is None:
+            if self.training or not self.mixed_inference:
+                self._missing_context()
+            return self._apply_mixed(x3, mean, var)
+        return self._apply_known(x3, context, mean, var)
+
+
+class ContextNormEmbed(_ContextBase):
+    """SCB-Norm-base / the CN paper's embedder layer: onehot(r) -> alpha_r -> (mu_r, log sigma_r^2).
+
+    ``embed_dim`` is the size of alpha_r (default: num_features). Heads start at zero (mu=0, var=1).
+    Defaults follow eq. 8: no prior scaling, one shared per-channel affine.
+    """
+
+    names = ("cn-embed", "scb-base", "cn-embedder")
+
+    def __init__(self, num_features: int, *, num_contexts: int, embed_dim: Optional[int] = None,
+                 prior_scaling: bool = False, per_context_affine: bool = False, **kw) -> None:
+        super().__init__(num_features, num_contexts=num_contexts, prior_scaling=prior_scaling,
+                         per_context_affine=per_context_affine, **kw)
+        e = num_features if embed_dim is None else check_positive_int("embed_dim", embed_dim)
+        self.embedder = nn.Linear(num_contexts, e)
+        self.head_mean = nn.Linear(e, num_features)
+        self.head_log_var = nn.Linear(e, num_features)
+        for head in (self.head_mean, self.head_log_var):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def context_statistics(self) -> tuple[Tensor, Tensor]:
+        eye = torch.eye(self.num_contexts, device=self.embedder.weight.device, dtype=self.embedder.weight.dtype)
+        alpha = self.embedder(eye)  # (K, E): the one-hot of every context at once
+        return self.head_mean(alpha), self.head_log_var(alpha).exp()
+
+    def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        mean, var = self.context_statistics()
+        mean, var = mean.to(x3.dtype), var.to(x3.dtype)
+        if context is None:
+            if self.training or not self.mixed_inference:
+                self._missing_context()
+            return self._apply_mixed(x3, mean, var)
+        return self._apply_known(x3, context, mean, var)

@@ -1,0 +1,87 @@
+"""Mode Normalization (Deecke et al.), the multi-mode baseline (prior-knowledge-normalization.txt eq. 15-16).
+
+A gating network assigns each sample n a soft mode g_n in the simplex: g_n = softmax(W avgpool(x_n) + b).
+Each mode k has statistics weighted by the gates (eq. 16),
+
+    N_k = sum_n g_nk * P,  mu_k = sum_n g_nk sum_p x_np / N_k,  sigma_k^2 = sum_n g_nk sum_p (x_np - mu_k)^2 / N_k,
+
+and every sample is normalized by all modes (eq. 15): x_hat_n = sum_k g_nk (x_n - mu_k) / sqrt(sigma_k^2 + eps),
+followed by one per-channel affine. Running statistics per mode follow BatchNorm's convention (unbiased
+with the effective count N_k); eval uses them with the gates of the sample itself. K = 1 is BatchNorm.
+Gradients flow through the gates (they are part of the network).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ema_update
+
+__all__ = ["ModeNorm"]
+
+
+class ModeNorm(NormBase):
+    """ModeNorm. x (N, C, *S) or (N, L, D) with channel_last; ``num_components`` K modes; no context."""
+
+    names = ("mode", "modenorm")
+    has_mixture = True
+
+    def __init__(self, num_features: int, *, num_components: int = 3, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False,
+                 sync_stats: bool = True) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+        self.num_components = check_positive_int("num_components", num_components)
+        self.sync_stats = sync_stats
+        affine_params(self, (num_features,), affine)
+        self.gate = nn.Linear(num_features, num_components)
+        self.register_buffer("running_mean", torch.zeros(num_components, num_features))
+        self.register_buffer("running_var", torch.ones(num_components, num_features))
+        self.register_buffer("running_weights", torch.full((num_components,), 1.0 / num_components))
+
+    def _needs_batch_statistics(self) -> bool:
+        return True
+
+    def gates(self, x3: Tensor) -> Tensor:
+        """g (N, K): softmax over the K modes of the gate applied to the per-sample channel means."""
+        w, b = self.gate.weight.to(x3.dtype), self.gate.bias.to(x3.dtype)
+        return torch.softmax(x3.mean(dim=2) @ w.t() + b, dim=-1)
+
+    def mixture_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(running mode weights (K,), running means (K, C), running variances (K, C))."""
+        return (self.running_weights.detach().clone(), self.running_mean.detach().clone(),
+                self.running_var.detach().clone())
+
+    def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        n, c, p = x3.shape
+        g = self.gates(x3)  # (N, K)
+        if self.training:
+            nk = allreduce_sum(g.sum(0) * p, self.sync_stats)  # (K,)
+            mean = allreduce_sum(g.t() @ x3.sum(dim=2), self.sync_stats) / nk.clamp_min(1e-12)[:, None]
+            # sum_p (x - mu_k)^2 = S2 - 2 mu_k S1 + P mu_k^2, computed around the batch mean for accuracy
+            shift = x3.detach().mean(dim=(0, 2))
+            xc = x3 - shift[None, :, None]
+            s1 = xc.sum(dim=2)  # (N, C)
+            s2 = xc.pow(2).sum(dim=2)
+            mc = mean - shift
+            sq = allreduce_sum(g.t() @ s2 - 2 * mc * (g.t() @ s1), self.sync_stats) + nk[:, None] * mc * mc
+            var = (sq / nk.clamp_min(1e-12)[:, None]).clamp_min(0)
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = self._ema_factor()
+                ema_update(self.running_mean, mean, f)
+                ema_update(self.running_var, var * (nk / (nk - 1).clamp_min(1))[:, None], f)
+                ema_update(self.running_weights, nk / nk.sum(), f)
+        else:
+            mean, var = self.running_mean.to(x3.dtype), self.running_var.to(x3.dtype)
+        inv = torch.rsqrt(var + self.eps)  # (K, C)
+        a = g @ inv  # (N, C)
+        b = -(g @ (mean * inv))
+        if self.weight is not None:
+            w, bias = self.weight.to(x3.dtype), self.bias.to(x3.dtype)
+            a, b = a * w, b * w + bias
+        return torch.addcmul(b.unsqueeze(-1), x3, a.unsqueeze(-1))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_components={self.num_components}"
