@@ -52,9 +52,11 @@ def test_shapes_train_eval(name, shape):
     assert y.shape == x.shape and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("ln", "gn")])
 def test_tokens_channel_last(name):
-    """(N, L, D) with channel_last=True equals the channels-first layer on (N, D, L)."""
+    """(N, L, D) with channel_last=True equals the channels-first layer on (N, D, L).
+
+    (ln/gn differ on purpose: on tokens they normalize each token, as transformers do; see test_references.)"""
     torch.manual_seed(0)
     a = randomize(make_layer(name, 4, channel_last=True))
     b = copy.deepcopy(a)
