@@ -1,0 +1,139 @@
+"""Models used in the papers' experiments, with the normalization layers as a constructor argument.
+
+* ``ShallowCNN`` — the "CIFAR CNN" of mixture-normalization.txt Table 1 (= Table III of
+  cluster-based-normalization.txt): four conv+norm+ReLU blocks (64, 128, 128, 256 channels times ``width``),
+  3x3/2 max pools, global average pool, linear. ``norm`` replaces the BatchNorm of the blocks named in
+  ``norm_layers`` (the papers replace "conv3"; "conv2" is also studied); ``input_norm`` puts a norm on the
+  image channels in front (CN-Channels, or the CB-Norm paper's "first layer" placement).
+* ``SmallViT`` — a small Vision Transformer whose patch tokens (N, L, D) go through a norm with
+  ``channel_last=True`` right after the patch embedding (CN-Patches, context-normalization.txt IV).
+
+Every model: ``forward(x, context=None)``; context ids are routed to the layers with ``uses_context``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .norms import NORMS, NormBase, accepted_kwargs, build_norm, resolve_name
+
+__all__ = ["ShallowCNN", "SmallViT", "build_model", "MODELS", "norm_layers_of"]
+
+CNN_BLOCKS = ("conv1", "conv2", "conv3", "conv4")
+
+
+def norm_layers_of(model: nn.Module) -> dict[str, NormBase]:
+    """Named cbnorm layers of ``model`` (the places activations are probed)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NormBase)}
+
+
+class _Routed(nn.Module):
+    """Base: passes ``context`` to every cbnorm layer that takes one; refuses it when none does."""
+
+    def _norm(self, layer: NormBase, x: Tensor, context: Optional[Tensor]) -> Tensor:
+        return layer(x, context=context if layer.uses_context else None)
+
+    @property
+    def uses_context(self) -> bool:
+        return any(m.uses_context for m in norm_layers_of(self).values())
+
+    def _check_context(self, context: Optional[Tensor]) -> None:
+        if context is not None and not self.uses_context:
+            raise ValueError("this model has no context layer; pass context=None")
+
+
+def _make_norm(name: str, c: int, kw: dict, channel_last: bool = False) -> NormBase:
+    """Build a norm from the model-wide ``norm_kwargs``, keeping only the keywords that layer accepts."""
+    cls = NORMS[resolve_name(name)]
+    ok = accepted_kwargs(cls)
+    return build_norm(cls.names[0], c, channel_last=channel_last, **{k: v for k, v in kw.items() if k in ok})
+
+
+class ShallowCNN(_Routed):
+    """CIFAR CNN (Table 1 / Table III). x (N, in_channels, H, W) -> logits (N, num_classes)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, *, width: float = 1.0, norm: str = "bn",
+                 norm_layers: Sequence[str] = ("conv3",), norm_kwargs: Optional[dict] = None,
+                 input_norm: Optional[str] = None, base_norm: str = "bn") -> None:
+        super().__init__()
+        if isinstance(norm_layers, str):
+            norm_layers = (norm_layers,)
+        if not (isinstance(width, (int, float)) and width > 0):
+            raise ValueError(f"width must be a positive number, got {width!r}")
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        unknown = set(norm_layers) - set(CNN_BLOCKS)
+        if unknown:
+            raise ValueError(f"norm_layers must be among {CNN_BLOCKS}, got {sorted(unknown)}")
+        kw = dict(norm_kwargs or {})
+        widths = [max(4, int(round(c * width))) for c in (64, 128, 128, 256)]
+        kernels = (5, 5, 5, 3)
+        self.input_norm = _make_norm(input_norm, in_channels, kw) if input_norm else None
+        blocks = []
+        c_in = in_channels
+        for name, c, k in zip(CNN_BLOCKS, widths, kernels):
+            layer = _make_norm(norm if name in norm_layers else base_norm, c, kw)
+            blocks.append(nn.ModuleDict({"conv": nn.Conv2d(c_in, c, k, padding=k // 2, bias=False), "norm": layer}))
+            c_in = c
+        self.blocks = nn.ModuleDict(dict(zip(CNN_BLOCKS, blocks)))
+        self.pool = nn.MaxPool2d(3, 2)
+        self.head = nn.Linear(c_in, num_classes)
+        self.widths = widths
+        self.in_channels = in_channels
+        self.norm_layers = tuple(n for n in CNN_BLOCKS if n in norm_layers)
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        self._check_context(context)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if self.input_norm is not None:
+            x = self._norm(self.input_norm, x, context)
+        for i, name in enumerate(CNN_BLOCKS):
+            block = self.blocks[name]
+            x = torch.relu(self._norm(block["norm"], block["conv"](x), context))
+            if i < 3:
+                x = self.pool(x) if min(x.shape[-2:]) >= 3 else x
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class SmallViT(_Routed):
+    """A small ViT. x (N, C, H, W) -> patches (N, L, D) -> ``patch_norm`` (channel_last) -> encoder -> logits."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, *, image_size: int = 32, patch_size: int = 4,
+                 dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0, patch_norm: str = "ln",
+                 norm_kwargs: Optional[dict] = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
+        self.embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        n_patches = (image_size // patch_size) ** 2
+        self.patch_norm = _make_norm(patch_norm, dim, dict(norm_kwargs or {}), channel_last=True)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, n_patches + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.image_size, self.in_channels = image_size, in_channels
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        self._check_context(context)
+        if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.image_size,) * 2:
+            raise ValueError(f"x must be (N, {self.in_channels}, {self.image_size}, {self.image_size}), "
+                             f"got shape {tuple(x.shape)}")
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (N, L, D)
+        tokens = self._norm(self.patch_norm, tokens, context)  # CN-Patches
+        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos
+        return self.head(self.norm(self.encoder(tokens)[:, 0]))
+
+
+MODELS = {"shallow_cnn": ShallowCNN, "vit": SmallViT}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
