@@ -1,0 +1,681 @@
+"""The run-directory format: what ``python -m cbnorm.train`` writes and ``cbnorm.load_run`` reads.
+
+A run directory (format version 1)::
+
+    config.json              how to rebuild the model and its inputs (see below); no git information
+    metrics.json             per-step loss, per-epoch records, summary (test_acc, test_acc_oracle, ...)
+    model.safetensors        the weights: every parameter AND buffer of ``model.state_dict()``, float32
+    snapshots/step_000200.safetensors
+                             float16 copies of the float tensors at that step (integers kept as they are;
+                             a tensor that float16 cannot hold, e.g. > 65504, stays float32); step 0 is
+                             the initialisation. For the cluster-evolution view.
+    resume.safetensors       written by the trainer at the end of each epoch: model, optimizer tensors and
+                             RNG states, with the rest of the trainer state (optimizer param_groups, epoch,
+                             step, ...) as JSON in the safetensors metadata; one file, so it is always
+                             consistent with itself.
+
+Nothing is ever unpickled: tensors are read with ``safetensors`` only, after their header has been checked
+here (a pickled or ``torch.save`` file renamed ``.safetensors`` is refused with a message saying so).
+
+``config.json`` keys::
+
+    format_version   1
+    task             "classify"
+    cbnorm_version   version of the library that wrote it (informative)
+    model            {"name": "shallow_cnn" | "vit", "kwargs": architecture keywords (in_channels,
+                      num_classes, width / image_size, patch_size, dim, ...); the norm keywords below are
+                      merged in by build_model_from_config}
+    norm             canonical norm name of the studied layers ("acn", "cn", ...)
+    norm_kwargs      keywords of those layers (num_components, num_contexts, priors, ...), JSON values
+    layers           which layers carry ``norm`` (["conv3"] for the CNN; ["patch_norm"] for the ViT)
+    input_norm       norm on the image channels in front of the CNN, or null
+    dataset          {"name", "train_samples", "test_samples", "limit_train", "limit_test", "subset_seed"}
+    contexts         {"spec": "superclass" | "kmeans:K" | "none" | "domain", "num_contexts", "names",
+                      "label_derived": bool, "label_to_context": [context id of each class] or null,
+                      "kmeans": KMeansContexts.state_dict() or null}
+    class_names      list of the class names, in label order
+    preprocessing    {"channels", "image_size": [H, W], "mean": [per channel], "std": [per channel]}:
+                     x = (uint8 / 255 - mean) / std
+    training         the trainer's arguments (epochs, batch_size, lr, optimizer, seed, ...)
+    files            {"weights", "metrics", "snapshots", "resume"}: paths relative to the run directory
+
+``metrics.json``: ``loss`` [[step, loss], ...] (step = number of optimizer updates so far, from 1),
+``epochs`` [{epoch, step, train_acc, test_acc, test_acc_oracle?, test_loss, time_per_step_s, wall}, ...]
+and the summary ``test_acc`` (last epoch, inferred contexts: CN+ mixing with context=None), ``test_acc_oracle``
+(last epoch, true label-derived contexts; null when not applicable), ``best_test_acc``, ``params``,
+``epochs_done``, ``steps_done``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FORMAT_VERSION", "Run", "load_run", "save_run", "save_config", "save_metrics", "save_weights",
+           "save_snapshot", "snapshot_name", "save_resume_state", "load_resume_state", "read_safetensors",
+           "validate_config", "build_model_from_config", "preprocess_images", "read_json", "write_json_atomic",
+           "DEFAULT_FILES", "CONFIG_NAME", "count_parameters"]
+
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+TASKS = ("classify",)
+CONFIG_NAME = "config.json"
+DEFAULT_FILES: dict[str, str] = {"weights": "model.safetensors", "metrics": "metrics.json",
+                                 "snapshots": "snapshots", "resume": "resume.safetensors"}
+_SNAPSHOT_RE = re.compile(r"^step_(\d+)\.safetensors$")
+_REQUIRED_CONFIG = ("format_version", "task", "model", "norm", "layers", "class_names", "preprocessing")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+PathLike = str | os.PathLike
+
+
+# ============================================================================ small file helpers
+def read_json(path: Path, what: Optional[str] = None) -> Any:
+    """Parse a JSON file; ``ValueError`` naming the file when it is missing, unreadable or malformed."""
+    what = what or path.name
+    if not path.is_file():
+        raise ValueError(f"{what} is missing: expected a file at {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} at {path} cannot be read as UTF-8 text ({err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} at {path} is malformed JSON: {err.msg} at line {err.lineno} "
+                         f"column {err.colno}") from None
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON via a temporary file and ``os.replace`` (never half-written)."""
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, allow_nan=True) + "\n").encode("utf-8"))
+
+
+def _inside(root: Path, rel: Any, what: str) -> Path:
+    """``root / rel`` after checking that ``rel`` is a relative path that stays inside ``root``."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"{what} must be a non-empty relative path string, got {rel!r}")
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel):
+        raise ValueError(f"{what} = {rel!r} is an absolute path; paths in config.json must stay inside the "
+                         f"run directory")
+    if ".." in p.parts or ".." in rel.replace("\\", "/").split("/"):
+        raise ValueError(f"{what} = {rel!r} contains '..'; paths in config.json must stay inside the run "
+                         f"directory")
+    full = root / p
+    try:
+        full.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise ValueError(f"{what} = {rel!r} resolves to {full.resolve()}, outside the run directory {root} "
+                         f"(a symbolic link?)") from None
+    return full
+
+
+# ============================================================================ safetensors
+def _sniff_foreign(head: bytes) -> Optional[str]:
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (the format of torch.save)"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
+        return "a Python pickle (e.g. torch.save with _use_new_zipfile_serialization=False)"
+    if head[:2] == b"\x80\x01" or head[:1] in (b"(", b"]", b"}", b"c") and b"\n" in head[:64]:
+        return "a Python pickle (protocol 0 or 1)"
+    return None
+
+
+def read_safetensors(path: PathLike, what: Optional[str] = None, device: str | torch.device = "cpu",
+                     ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, after validating its header by hand.
+
+    ``ValueError`` (naming the file) for: missing file, pickled / torch.save files, truncated files, a
+    header that is not the safetensors JSON, tensors whose byte ranges do not fit the file, and anything the
+    safetensors library itself refuses. Nothing is unpickled, ever.
+    """
+    path = Path(path)
+    what = what or path.name
+    if not path.is_file():
+        raise ValueError(f"{what} is missing: expected a file at {path}")
+    data = path.read_bytes()
+    foreign = None if data[8:9] == b"{" else _sniff_foreign(data[:64])  # safetensors: JSON header at byte 8
+    if foreign:
+        raise ValueError(f"{what} at {path} is not a safetensors file: it looks like {foreign}. Refusing to "
+                         f"load it (unpickling can run arbitrary code); re-save the weights with safetensors")
+    if len(data) < 8:
+        raise ValueError(f"{what} at {path} is truncated or not a safetensors file ({len(data)} bytes, a "
+                         f"safetensors file starts with an 8-byte header length)")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        if n > 100_000_000:
+            raise ValueError(f"{what} at {path} is not a safetensors file (its first 8 bytes give a header of "
+                             f"{n} bytes)")
+        raise ValueError(f"{what} at {path} is truncated: header of {n} bytes but only {len(data) - 8} bytes "
+                         f"follow")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what} at {path} is corrupt or not a safetensors file: its header is not JSON "
+                         f"({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{what} at {path} is corrupt: the safetensors header is not a JSON object")
+    payload = len(data) - 8 - n
+    end_max = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise ValueError(f"{what} at {path} is corrupt: __metadata__ must map strings to strings")
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            numel = math.prod(int(s) for s in shape)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{what} at {path} is corrupt: bad header entry for tensor {key!r}") from None
+        if dtype not in _DTYPES:
+            raise ValueError(f"{what} at {path}: tensor {key!r} has unsupported dtype {dtype!r}")
+        if end - begin != numel * _ITEMSIZE[dtype] or begin < 0:
+            raise ValueError(f"{what} at {path} is corrupt: tensor {key!r} of shape {shape} ({dtype}) has byte "
+                             f"range [{begin}, {end})")
+        end_max = max(end_max, end)
+    if end_max > payload:
+        raise ValueError(f"{what} at {path} is truncated: tensors need {end_max} bytes of data, the file has "
+                         f"{payload}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
+        raise ValueError(f"{what} at {path} is corrupt: safetensors refused it ({err})") from None
+    meta = header.get("__metadata__") or {}
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors, dict(meta)
+
+
+def _save_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: Optional[Mapping[str, str]] = None,
+                      ) -> None:
+    from safetensors.torch import save
+
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write_bytes(path, save(flat, metadata=dict(metadata) if metadata else None))
+
+
+# ============================================================================ config
+def _norm_name(name: Any, what: str) -> str:
+    from .norms import resolve_name
+
+    if not isinstance(name, str):
+        raise ValueError(f"config.json {what} must be a norm name string, got {name!r}")
+    try:
+        return resolve_name(name)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"config.json {what}: {err}") from None
+
+
+def validate_config(config: Any) -> dict:
+    """Check a config dict (format, task, model, norms, files, preprocessing); return it. ``ValueError``."""
+    from .models import MODELS
+
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
+    missing = [k for k in _REQUIRED_CONFIG if k not in config]
+    if missing:
+        raise ValueError(f"config.json is missing the keys {missing}")
+    version = config["format_version"]
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+        raise ValueError(f"config.json has unknown format_version {version!r}; this cbnorm reads "
+                         f"{list(SUPPORTED_VERSIONS)} (written by a newer cbnorm?)")
+    if config["task"] not in TASKS:
+        raise ValueError(f"config.json has unknown task {config['task']!r}; supported: {list(TASKS)}")
+    model = config["model"]
+    if not isinstance(model, dict) or not isinstance(model.get("kwargs", {}), dict):
+        raise ValueError("config.json 'model' must be {\"name\": ..., \"kwargs\": {...}}")
+    if model.get("name") not in MODELS:
+        raise ValueError(f"config.json has unknown model {model.get('name')!r}; choose one of {sorted(MODELS)}")
+    _norm_name(config["norm"], "norm")
+    if config.get("input_norm") is not None:
+        _norm_name(config["input_norm"], "input_norm")
+    if model.get("kwargs", {}).get("base_norm") is not None:
+        _norm_name(model["kwargs"]["base_norm"], "model.kwargs.base_norm")
+    if not isinstance(config.get("norm_kwargs", {}), dict):
+        raise ValueError("config.json 'norm_kwargs' must be a JSON object")
+    layers = config["layers"]
+    if not isinstance(layers, list) or not all(isinstance(s, str) for s in layers):
+        raise ValueError(f"config.json 'layers' must be a list of layer names, got {layers!r}")
+    names = config["class_names"]
+    if not isinstance(names, list) or not names:
+        raise ValueError("config.json 'class_names' must be a non-empty list")
+    pre = config["preprocessing"]
+    try:
+        c = int(pre["channels"])
+        h, w = (int(s) for s in pre["image_size"])
+        mean = np.asarray(pre["mean"], dtype=np.float64).reshape(-1)
+        std = np.asarray(pre["std"], dtype=np.float64).reshape(-1)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("config.json 'preprocessing' must hold channels, image_size [H, W], mean and std "
+                         "lists") from None
+    if c < 1 or h < 1 or w < 1 or mean.shape != (c,) or std.shape != (c,) or not (std > 0).all() \
+            or not np.isfinite(mean).all():
+        raise ValueError(f"config.json 'preprocessing' is inconsistent: channels={c}, image_size={[h, w]}, "
+                         f"mean={mean.tolist()}, std={std.tolist()} (one positive std per channel)")
+    files = config.get("files", DEFAULT_FILES)
+    if not isinstance(files, dict):
+        raise ValueError("config.json 'files' must be a JSON object of relative paths")
+    for key, rel in files.items():
+        # checks the form of the path only; the directory is checked again on load
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or rel.startswith(("/", "\\")) \
+                or ".." in rel.replace("\\", "/").split("/") or re.match(r"^[A-Za-z]:", rel):
+            raise ValueError(f"config.json files.{key} = {rel!r} must be a relative path inside the run "
+                             f"directory (no '..', not absolute)")
+    ctx = config.get("contexts") or {}
+    if not isinstance(ctx, dict):
+        raise ValueError("config.json 'contexts' must be a JSON object or null")
+    if ctx.get("label_derived") and not isinstance(ctx.get("label_to_context"), list):
+        raise ValueError("config.json contexts.label_derived is true but contexts.label_to_context is not a list")
+    return config
+
+
+def _model_kwargs(config: Mapping) -> dict:
+    name = config["model"]["name"]
+    kw = dict(config["model"].get("kwargs") or {})
+    norm = _norm_name(config["norm"], "norm")
+    norm_kwargs = dict(config.get("norm_kwargs") or {})
+    if name == "shallow_cnn":
+        kw.update(norm=norm, norm_layers=tuple(config["layers"]), norm_kwargs=norm_kwargs,
+                  input_norm=config.get("input_norm"))
+    elif name == "vit":
+        if config.get("input_norm"):
+            raise ValueError("config.json: input_norm is not supported by the vit model")
+        kw.update(patch_norm=norm, norm_kwargs=norm_kwargs)
+    else:  # pragma: no cover - validate_config refuses it
+        raise ValueError(f"unknown model {name!r}")
+    return kw
+
+
+def build_model_from_config(config: Mapping) -> nn.Module:
+    """A fresh (randomly initialised) model of the architecture described by ``config``."""
+    from .models import build_model
+
+    validate_config(config)
+    try:
+        return build_model(config["model"]["name"], **_model_kwargs(config))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config.json describes a model that cannot be built: {err}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ============================================================================ weights
+def _state_tensors(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
+
+
+def _match_state(model: nn.Module, tensors: Mapping[str, Tensor], what: str, config: Mapping) -> None:
+    """``ValueError`` when ``tensors`` do not fit ``model``'s state dict (names, shapes, kinds of dtype)."""
+    expected = _state_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    bad = []
+    for k in sorted(set(expected) & set(tensors)):
+        e, g = expected[k], tensors[k]
+        if tuple(e.shape) != tuple(g.shape):
+            bad.append(f"{k}: {tuple(g.shape)} in the file, {tuple(e.shape)} in the model")
+        elif e.is_floating_point() != g.is_floating_point():
+            bad.append(f"{k}: dtype {g.dtype} in the file, {e.dtype} in the model")
+    if missing or unexpected or bad:
+        arch = (f"model {config['model']['name']!r}, norm {config['norm']!r}, layers {config['layers']}, "
+                f"kwargs {config['model'].get('kwargs')}")
+        parts = []
+        if bad:
+            parts.append(f"{len(bad)} mismatched shape(s)/dtype(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+        if missing:
+            parts.append(f"{len(missing)} missing: {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+        raise ValueError(f"{what} does not match the architecture in config.json ({arch}): " + "; ".join(parts))
+
+
+def _load_into(model: nn.Module, tensors: Mapping[str, Tensor], what: str, config: Mapping) -> nn.Module:
+    _match_state(model, tensors, what, config)
+    state = model.state_dict()
+    with torch.no_grad():
+        for k, v in tensors.items():
+            state[k].copy_(v.to(dtype=state[k].dtype, device=state[k].device))
+    return model
+
+
+def save_weights(path: PathLike, model: nn.Module, metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Every parameter and buffer of ``model.state_dict()`` (full precision) into a safetensors file."""
+    path = Path(path)
+    _save_safetensors(path, _state_tensors(model), {"format": "pt", **(metadata or {})})
+    return path
+
+
+def snapshot_name(step: int) -> str:
+    return f"step_{int(step):06d}.safetensors"
+
+
+def save_snapshot(run_dir: PathLike, model: nn.Module, step: int, files: Optional[Mapping[str, str]] = None,
+                  ) -> Path:
+    """Write ``snapshots/step_XXXXXX.safetensors``: float tensors as float16 (float32 where float16 would
+    overflow), integer tensors unchanged."""
+    files = files or DEFAULT_FILES
+    out = {}
+    for k, v in _state_tensors(model).items():
+        if v.is_floating_point():
+            h = v.to(torch.float16)
+            out[k] = h if bool(torch.isfinite(h).all()) or not bool(torch.isfinite(v).all()) else v.float()
+        else:
+            out[k] = v
+    path = Path(run_dir) / files.get("snapshots", "snapshots") / snapshot_name(step)
+    _save_safetensors(path, out, {"format": "pt", "step": str(int(step))})
+    return path
+
+
+# ============================================================================ config / metrics writers
+def save_config(run_dir: PathLike, config: Mapping) -> Path:
+    cfg = validate_config(dict(config))
+    path = Path(run_dir) / CONFIG_NAME
+    write_json_atomic(path, cfg)
+    return path
+
+
+def save_metrics(run_dir: PathLike, metrics: Mapping, files: Optional[Mapping[str, str]] = None) -> Path:
+    path = Path(run_dir) / (files or DEFAULT_FILES).get("metrics", "metrics.json")
+    write_json_atomic(path, dict(metrics))
+    return path
+
+
+def save_run(run_dir: PathLike, config: Mapping, model: nn.Module, metrics: Optional[Mapping] = None) -> Path:
+    """Write (or overwrite) ``config.json``, ``model.safetensors`` and ``metrics.json`` of a run directory.
+
+    ``config`` must pass :func:`validate_config`; the model must be the one it describes (checked).
+    Returns the run directory.
+    """
+    run_dir = Path(run_dir)
+    config = dict(config)
+    config.setdefault("files", dict(DEFAULT_FILES))
+    validate_config(config)
+    _match_state(build_model_from_config(config), _state_tensors(model), "the model passed to save_run", config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run_dir, config)
+    save_weights(_inside(run_dir, config["files"].get("weights", DEFAULT_FILES["weights"]), "files.weights"),
+                 model)
+    m = dict(metrics or {})
+    m.setdefault("params", count_parameters(model))
+    save_metrics(run_dir, m, config["files"])
+    return run_dir
+
+
+# ============================================================================ trainer state (resume)
+def save_resume_state(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                      state: Mapping[str, Any], rng: Optional[Mapping[str, Tensor]] = None) -> Path:
+    """One safetensors file with the model (``model.*``), the optimizer tensors (``optim.<param>.<name>``)
+    and RNG states (``rng.<name>``); optimizer param_groups, scalar state and ``state`` go into the
+    metadata as JSON. Read back with :func:`load_resume_state`."""
+    tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in _state_tensors(model).items()}
+    opt_json: dict[str, Any] = {}
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for pid, st in sd["state"].items():
+            for name, val in st.items():
+                if isinstance(val, Tensor):
+                    tensors[f"optim.{pid}.{name}"] = val
+                else:
+                    scalars.setdefault(str(pid), {})[name] = val
+        opt_json = {"class": type(optimizer).__name__, "param_groups": sd["param_groups"], "scalars": scalars}
+    for name, t in (rng or {}).items():
+        tensors[f"rng.{name}"] = t
+    meta = {"format": "pt", "format_version": str(FORMAT_VERSION),
+            "trainer_state": json.dumps(dict(state)), "optimizer": json.dumps(opt_json)}
+    path = Path(path)
+    _save_safetensors(path, tensors, meta)
+    return path
+
+
+def load_resume_state(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                      config: Mapping) -> tuple[dict, dict[str, Tensor]]:
+    """Load what :func:`save_resume_state` wrote into ``model`` and ``optimizer``; return (state, rng)."""
+    tensors, meta = read_safetensors(path, "resume state")
+    try:
+        state = json.loads(meta["trainer_state"])
+        opt_json = json.loads(meta["optimizer"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"resume state at {path} has malformed metadata ({err})") from None
+    model_t = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    _load_into(model, model_t, f"resume state at {path}", config)
+    if optimizer is not None:
+        if opt_json.get("class") != type(optimizer).__name__:
+            raise ValueError(f"resume state at {path} holds a {opt_json.get('class')} optimizer, "
+                             f"not {type(optimizer).__name__}")
+        st: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                st.setdefault(int(pid), {})[name] = v
+        for pid, d in opt_json.get("scalars", {}).items():
+            st.setdefault(int(pid), {}).update(d)
+        st = dict(sorted(st.items()))
+        groups = opt_json["param_groups"]
+        for g in groups:
+            if "betas" in g and isinstance(g["betas"], list):
+                g["betas"] = tuple(g["betas"])
+        optimizer.load_state_dict({"state": st, "param_groups": groups})
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return state, rng
+
+
+# ============================================================================ preprocessing
+def preprocess_images(images: Any, mean: Sequence[float], std: Sequence[float], channels: int,
+                      image_size: Sequence[int], device: str | torch.device = "cpu") -> Tensor:
+    """uint8 images (N, H, W) or (N, H, W, C) (or one image (H, W)) -> float32 (N, C, H, W):
+    scaled to [0, 1], then ``(x - mean) / std`` per channel."""
+    if isinstance(images, Tensor):
+        arr = images
+    else:
+        arr = torch.from_numpy(np.ascontiguousarray(np.asarray(images)))
+    if arr.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (0..255), got dtype {arr.dtype}")
+    if arr.dim() == 2:
+        arr = arr.unsqueeze(0)
+    h, w = (int(s) for s in image_size)
+    if arr.dim() == 3:
+        if channels != 1:
+            raise ValueError(f"images of shape {tuple(arr.shape)} are grey (N, H, W) but this run expects "
+                             f"{channels} channels: pass (N, H, W, {channels})")
+        arr = arr.unsqueeze(1)
+    elif arr.dim() == 4:
+        if arr.shape[-1] != channels:
+            raise ValueError(f"images have {arr.shape[-1]} channels (last axis of {tuple(arr.shape)}) but this "
+                             f"run expects {channels}")
+        arr = arr.permute(0, 3, 1, 2)
+    else:
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, C), got shape {tuple(arr.shape)}")
+    if tuple(arr.shape[-2:]) != (h, w):
+        raise ValueError(f"images are {tuple(arr.shape[-2:])} pixels but this run was trained on {(h, w)}; "
+                         f"resize them first (cbnorm.data.resize_images)")
+    m = torch.as_tensor(np.asarray(mean, np.float32)).view(1, -1, 1, 1)
+    s = torch.as_tensor(np.asarray(std, np.float32)).view(1, -1, 1, 1)
+    x = arr.to(device=device, dtype=torch.float32).div_(255.0)
+    return ((x - m.to(x.device)) / s.to(x.device)).contiguous()
+
+
+# ============================================================================ Run
+@dataclass
+class Run:
+    """A loaded run directory. ``model`` is in eval mode on ``device``; treat it as shared (read-only)."""
+
+    path: Path
+    config: dict
+    metrics: dict
+    model: nn.Module
+    snapshots: list[tuple[int, Path]] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    # -------------------------------------------------------------- descriptors
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config["class_names"])
+
+    @property
+    def contexts(self) -> dict:
+        return dict(self.config.get("contexts") or {})
+
+    @property
+    def context_names(self) -> list[str]:
+        return list(self.contexts.get("names") or [])
+
+    @property
+    def uses_context(self) -> bool:
+        return bool(getattr(self.model, "uses_context", False))
+
+    @property
+    def norm(self) -> str:
+        return self.config["norm"]
+
+    # -------------------------------------------------------------- models
+    def new_model(self) -> nn.Module:
+        """A fresh model of this run's architecture (random init) on ``device``."""
+        return build_model_from_config(self.config).to(self.device)
+
+    def load_snapshot(self, step: int) -> nn.Module:
+        """A NEW model (eval mode) with the weights of snapshot ``step``; ``self.model`` is left untouched."""
+        paths = dict(self.snapshots)
+        if int(step) not in paths:
+            raise ValueError(f"no snapshot at step {step} in {self.path}; available steps: {sorted(paths)}")
+        tensors, _ = read_safetensors(paths[int(step)], f"snapshot {paths[int(step)].name}")
+        model = self.new_model()
+        _load_into(model, tensors, f"snapshot {paths[int(step)].name}", self.config)
+        return model.eval()
+
+    # -------------------------------------------------------------- inputs
+    def preprocess(self, images: Any) -> Tensor:
+        """uint8 images (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) on ``device``, normalized exactly
+        as in training (scale to [0, 1], then the stored per-channel mean/std)."""
+        pre = self.config["preprocessing"]
+        return preprocess_images(images, pre["mean"], pre["std"], int(pre["channels"]), pre["image_size"],
+                                 self.device)
+
+    def context_of(self, labels: Any) -> Tensor:
+        """Context ids (N,) long of samples with class ``labels``, for label-derived (superclass) contexts.
+
+        ``ValueError`` when this run's contexts are not a function of the label (k-means, none, domain).
+        """
+        ctx = self.contexts
+        if not ctx.get("label_derived"):
+            raise ValueError(f"the contexts of this run ({ctx.get('spec', 'none')!r}) are not derived from "
+                             f"class labels; context_of(labels) only works for superclass contexts")
+        table = torch.as_tensor(ctx["label_to_context"], dtype=torch.long)
+        lab = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= len(table)):
+            raise ValueError(f"labels must be in [0, {len(table) - 1}], got {int(lab.min())}..{int(lab.max())}")
+        return table[lab].to(self.device)
+
+    def kmeans(self):
+        """The stored :class:`cbnorm.data.KMeansContexts` (k-means contexts), else None."""
+        state = self.contexts.get("kmeans")
+        if not state:
+            return None
+        from .data import KMeansContexts
+
+        return KMeansContexts.from_state(state)
+
+    def context_of_images(self, images: Any) -> Tensor:
+        """Context ids from the stored k-means model (k-means contexts only; honest: uses the image only)."""
+        km = self.kmeans()
+        if km is None:
+            raise ValueError(f"the contexts of this run ({self.contexts.get('spec', 'none')!r}) are not k-means "
+                             f"clusters of the images")
+        return torch.as_tensor(km.predict(np.asarray(images)), dtype=torch.long, device=self.device)
+
+    # -------------------------------------------------------------- outputs
+    @torch.no_grad()
+    def logits(self, images: Any, context: Any = None, batch_size: int = 512, model: Optional[nn.Module] = None,
+               ) -> Tensor:
+        """Logits (N, num_classes) for uint8 ``images``; ``context`` ids (N,) or None (CN+ inference)."""
+        model = self.model if model is None else model
+        x = self.preprocess(images)
+        ctx = None if context is None else torch.as_tensor(np.asarray(context) if not isinstance(context, Tensor)
+                                                           else context, dtype=torch.long).to(self.device)
+        if ctx is not None and ctx.shape != (x.shape[0],):
+            raise ValueError(f"context must have shape (N,) = ({x.shape[0]},), got {tuple(ctx.shape)}")
+        was_training = model.training
+        model.eval()
+        try:
+            out = [model(x[i:i + batch_size], context=None if ctx is None else ctx[i:i + batch_size])
+                   for i in range(0, x.shape[0], batch_size)]
+        finally:
+            model.train(was_training)
+        return torch.cat(out) if out else x.new_zeros(0, len(self.class_names))
+
+    def predict(self, images: Any, context: Any = None, batch_size: int = 512) -> Tensor:
+        """Predicted class ids (N,) long."""
+        return self.logits(images, context, batch_size).argmax(dim=1)
+
+
+def _list_snapshots(run_dir: Path, files: Mapping[str, str]) -> list[tuple[int, Path]]:
+    sdir = _inside(run_dir, files.get("snapshots", DEFAULT_FILES["snapshots"]), "files.snapshots")
+    if not sdir.is_dir():
+        return []
+    out = []
+    for p in sdir.iterdir():
+        m = _SNAPSHOT_RE.match(p.name)
+        if m and p.is_file():
+            _inside(run_dir, str(p.relative_to(run_dir)), f"snapshot {p.name}")
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def load_run(path: PathLike, device: str | torch.device = "cpu") -> Run:
+    """Load and validate a run directory; ``ValueError`` with the reason when anything is wrong."""
+    run_dir = Path(path).expanduser()
+    if not run_dir.exists():
+        raise ValueError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a directory (a run is a directory holding config.json, "
+                         f"metrics.json and model.safetensors)")
+    config = validate_config(read_json(run_dir / CONFIG_NAME, "config.json"))
+    files = {**DEFAULT_FILES, **(config.get("files") or {})}
+    weights_path = _inside(run_dir, files["weights"], "files.weights")
+    metrics_path = _inside(run_dir, files["metrics"], "files.metrics")
+    if not weights_path.is_file():
+        raise ValueError(f"weights are missing: expected {weights_path}")
+    metrics = read_json(metrics_path, "metrics.json")
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics.json at {metrics_path} must hold a JSON object")
+    for key in ("loss", "epochs"):
+        if key in metrics and not isinstance(metrics[key], list):
+            raise ValueError(f"metrics.json '{key}' must be a list")
+    device = torch.device(device)
+    model = build_model_from_config(config)
+    tensors, _ = read_safetensors(weights_path, "model.safetensors")
+    _load_into(model, tensors, "model.safetensors", config)
+    model.to(device).eval()
+    return Run(path=run_dir, config=config, metrics=metrics, model=model,
+               snapshots=_list_snapshots(run_dir, files), device=device)
