@@ -208,6 +208,10 @@ def allreduce_sum(t: Tensor, enabled: bool) -> Tensor:
         return t
     if torch.distributed.get_world_size() == 1:
         return t
-    from torch.distributed.nn.functional import all_reduce
+    import warnings
 
-    return all_reduce(t)
+    from torch.distributed.nn.functional import all_reduce  # the differentiable one (SyncBatchNorm's role)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a non-differentiable API
+        return all_reduce(t)

@@ -92,7 +92,10 @@ class MixtureNorm(NormBase):
         if m < self.num_components:
             raise ValueError(f"MixtureNorm needs at least num_components={self.num_components} points "
                              f"(N x positions) per minibatch, got {m}")
-        fitted = gmm.fit(fit_on, self.num_components, iters=self.em_iters, kmeans_iters=self.kmeans_iters)
+        try:  # one host sync: a NaN/inf minibatch must not poison the inference queue
+            fitted = gmm.fit(fit_on, self.num_components, iters=self.em_iters, kmeans_iters=self.kmeans_iters)
+        except ValueError as err:
+            raise ValueError(f"MixtureNorm: cannot fit a mixture to this minibatch: {err}") from None
         resp = gmm.posteriors(fitted, pts)
         return resp[0] if self.posterior == "joint" else resp
 

@@ -60,7 +60,9 @@ class ModeNorm(NormBase):
             nk = allreduce_sum(g.sum(0) * p, self.sync_stats)  # (K,)
             mean = allreduce_sum(g.t() @ x3.sum(dim=2), self.sync_stats) / nk.clamp_min(1e-12)[:, None]
             # sum_p (x - mu_k)^2 = S2 - 2 mu_k S1 + P mu_k^2, computed around the batch mean for accuracy
-            shift = x3.detach().mean(dim=(0, 2))
+            # the shift must be the same on every DDP rank for the all-reduced sums to cancel it
+            total = allreduce_sum(x3.new_tensor(float(n * p)), self.sync_stats)
+            shift = allreduce_sum(x3.detach().sum(dim=(0, 2)), self.sync_stats) / total
             xc = x3 - shift[None, :, None]
             s1 = xc.sum(dim=2)  # (N, C)
             s2 = xc.pow(2).sum(dim=2)
