@@ -26,6 +26,9 @@ prior scale used in training. Eq. 9 writes a factor sqrt(T) and batch statistics
 both: sqrt(T) equals 1/sqrt(lambda_r) only for uniform priors and the embedder's training transform (eq. 8)
 has no such factor, and batch statistics would make one sample's output depend on the rest of the batch.
 With this reading, a sample whose posterior is one-hot on its true context gets exactly its CN output.
+Contexts belong to whole samples (an image's superclass or domain), so the CN+ posterior defaults to
+``posterior="sample"``: one posterior per sample from the joint log-density of all its positions;
+``"joint"`` (per position, as eq. 9 is written per activation) and ``"channel"`` are available.
 """
 from __future__ import annotations
 
