@@ -397,3 +397,13 @@ def test_gradcheck_float64(name, kw, monkeypatch):
     layer.eval()
     if name not in ("mn",):
         assert torch.autograd.gradcheck(lambda inp: layer(inp, context=ctx), (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_mn_fit_on_subsample_still_separates_modes():
+    torch.manual_seed(0)
+    layer = make_layer("mn", 1, num_components=2, affine=False, em_iters=5, fit_fraction=0.25)
+    x = torch.cat([torch.randn(16, 1, 4, 4) * 0.5 - 4, torch.randn(16, 1, 4, 4) * 0.5 + 4])
+    y = layer(x)
+    assert abs(float(y[:16].mean())) < 0.1 and abs(float(y[16:].mean())) < 0.1
+    with pytest.raises(ValueError, match="fit_fraction"):
+        make_layer("mn", 1, fit_fraction=0.0)

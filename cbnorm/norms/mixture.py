@@ -40,8 +40,9 @@ __all__ = ["MixtureNorm"]
 class MixtureNorm(NormBase):
     """MN. x (N, C, *S) or (N, L, D) with channel_last; ``num_components`` K; no context.
 
-    ``em_iters`` (2), ``kmeans_iters`` (0), ``queue_size`` T (10), ``zeta`` (0.9), ``fit_points`` (None =
-    all points), ``posterior`` ("joint" | "channel"). ``momentum`` is accepted for a uniform constructor but
+    ``em_iters`` (2), ``kmeans_iters`` (0), ``queue_size`` T (10), ``zeta`` (0.9), ``fit_fraction`` (share of
+    the points the GMM is fitted on; 1.0 = all, the paper uses >= 0.25), ``fit_points`` (cap on that number;
+    None = no cap), ``posterior`` ("joint" | "channel"). ``momentum`` is accepted for a uniform constructor but
     MN's inference statistics come from the queue.
     """
 
@@ -49,7 +50,7 @@ class MixtureNorm(NormBase):
     has_mixture = True
 
     def __init__(self, num_features: int, *, num_components: int = 3, em_iters: int = 2, kmeans_iters: int = 0,
-                 queue_size: int = 10, zeta: float = 0.9, fit_points: Optional[int] = None,
+                 queue_size: int = 10, zeta: float = 0.9, fit_points: Optional[int] = None, fit_fraction: float = 1.0,
                  posterior: str = "joint", eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, channel_last: bool = False) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
@@ -61,6 +62,9 @@ class MixtureNorm(NormBase):
             raise ValueError(f"zeta must be in (0, 1], got {zeta!r}")
         self.zeta = float(zeta)
         self.fit_points = None if fit_points is None else check_positive_int("fit_points", fit_points, k)
+        if not 0.0 < float(fit_fraction) <= 1.0:
+            raise ValueError(f"fit_fraction must be in (0, 1], got {fit_fraction!r}")
+        self.fit_fraction = float(fit_fraction)
         self.posterior = check_posterior(posterior, ("joint", "channel"))
         affine_params(self, (num_features,), affine)
         c = num_features
@@ -86,8 +90,11 @@ class MixtureNorm(NormBase):
             pts = pts.unsqueeze(0)  # (1, M, C)
         fit_on = pts
         m = pts.shape[1]
-        if self.fit_points is not None and m > self.fit_points:
-            idx = torch.randperm(m, device=pts.device)[: self.fit_points]
+        budget = max(self.num_components, int(round(m * self.fit_fraction)))
+        if self.fit_points is not None:
+            budget = min(budget, self.fit_points)
+        if budget < m:  # fit on a random subsample, evaluate posteriors on every point
+            idx = torch.randperm(m, device=pts.device)[:budget]
             fit_on = pts[:, idx]
         if m < self.num_components:
             raise ValueError(f"MixtureNorm needs at least num_components={self.num_components} points "
