@@ -19,7 +19,6 @@ import json
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

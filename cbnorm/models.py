@@ -12,7 +12,7 @@ Every model: ``forward(x, context=None)``; context ids are routed to the layers 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn

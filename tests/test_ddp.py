@@ -16,6 +16,14 @@ from cbnorm.runs import read_safetensors
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers use 1 thread each too: 2 processes on 2 cores
+    yield
+    torch.set_num_threads(before)
+
+
 N, K = 8, 3  # joint batch size, contexts
 
 
@@ -100,22 +108,18 @@ def compare_with_joint_batch(tmp_path, third=None):
 
 
 def test_synced_statistics_equal_joint_batch(tmp_path):
-    """bn and cn (per-context statistics): 2 ranks x 4 samples == 1 process x 8 samples, over 2 SGD steps:
-    running statistics, normalized outputs and (DDP-averaged) gradients."""
-    ref = compare_with_joint_batch(tmp_path)
+    """bn, cn (per-context statistics) and mode: 2 ranks x 4 samples == 1 process x 8 samples, over 2 SGD steps:
+    running statistics, normalized outputs and (DDP-averaged) gradients. (ModeNorm's variance is computed around
+    a shift that must be the same on every rank.)"""
+    ref = compare_with_joint_batch(tmp_path, "mode")
+    assert "state.third.running_weights" in ref and "out.third" in ref
     # and the statistics are not those of the half batch alone
     assert not torch.allclose(ref["state.bn.running_mean"], run_steps_half_alone()["state.bn.running_mean"])
 
 
-def test_mode_norm_synced_statistics_equal_joint_batch(tmp_path):
-    """ModeNorm too (its variance is computed around a shift that must be the same on every rank)."""
-    ref = compare_with_joint_batch(tmp_path, "mode")
-    assert "state.third.running_weights" in ref
-
-
 def run_steps_half_alone():
     torch.manual_seed(0)
-    return run_steps(Tiny(), 0, 2)  # no process group: rank 0's half only
+    return run_steps(Tiny("mode"), 0, 2)  # no process group: rank 0's half only
 
 
 def _free_port():
