@@ -31,11 +31,13 @@ __all__ = ["score", "load_split", "evaluate_run", "main"]
 @torch.no_grad()
 def score(model: nn.Module, images: Tensor, labels: Tensor, preprocessing: Mapping, context: Optional[Tensor] = None,
           batch_size: int = 1000, device: str | torch.device = "cpu", indices: Optional[Tensor] = None,
-          ) -> tuple[int, float, int]:
+          predict_context: bool = True) -> tuple[int, float, int]:
     """(correct, summed cross-entropy, count) of ``model`` in eval mode on uint8 ``images`` (N, H, W[, C]).
 
-    ``context`` (N,) long or None (inferred: CN+); ``indices`` restricts to those samples (a DDP shard).
+    ``context`` (N,) long or None (inferred: the model's context predictor when it has one, else CN+;
+    ``predict_context=False`` forces CN+ mixing); ``indices`` restricts to those samples (a DDP shard).
     """
+    kw = {} if getattr(model, "context_predictor", None) is None else {"predict_context": predict_context}
     was_training = model.training
     model.eval()
     idx = torch.arange(len(labels)) if indices is None else indices
@@ -47,7 +49,7 @@ def score(model: nn.Module, images: Tensor, labels: Tensor, preprocessing: Mappi
                                   int(preprocessing["channels"]), preprocessing["image_size"], device)
             y = labels[b].to(device)
             ctx = None if context is None else context[b].to(device)
-            out = model(x, context=ctx)
+            out = model(x, context=ctx, **kw)
             correct += int((out.argmax(1) == y).sum())
             loss += float(F.cross_entropy(out.float(), y, reduction="sum"))
             n += len(b)
@@ -90,7 +92,10 @@ def evaluate_run(run: Run | str, limit: Optional[int] = None, batch_size: int = 
     pre = run.config["preprocessing"]
     c, loss, n = score(run.model, images, labels, pre, None, batch_size, run.device)
     out: dict[str, Any] = {"test_acc": c / max(n, 1), "test_loss": loss / max(n, 1), "n": n,
-                           "test_acc_oracle": None, "test_acc_kmeans": None}
+                           "test_acc_oracle": None, "test_acc_kmeans": None, "test_acc_mixed": None}
+    if getattr(run.model, "context_predictor", None) is not None:
+        cm, _, _ = score(run.model, images, labels, pre, None, batch_size, run.device, predict_context=False)
+        out["test_acc_mixed"] = cm / max(n, 1)
     if run.uses_context and contexts is not None:
         key = "test_acc_oracle" if run.contexts.get("label_derived") else "test_acc_kmeans"
         c2, _, _ = score(run.model, images, labels, pre, contexts, batch_size, run.device)
@@ -125,7 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res = evaluate_run(run, a.limit, a.batch_size)
     mismatches = []
     rows = []
-    for key, label in (("test_acc", "inferred context"), ("test_acc_oracle", "oracle context"),
+    for key, label in (("test_acc", "inferred context"), ("test_acc_mixed", "CN+ mixing, no predictor"),
+                       ("test_acc_oracle", "oracle context"),
                        ("test_acc_kmeans", "k-means context")):
         if res[key] is None:
             continue

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .norms import NORMS, NormBase, accepted_kwargs, build_norm, resolve_name
 
-__all__ = ["ShallowCNN", "SmallViT", "build_model", "MODELS", "norm_layers_of"]
+__all__ = ["ShallowCNN", "SmallViT", "ContextPredictor", "build_model", "MODELS", "norm_layers_of"]
 
 CNN_BLOCKS = ("conv1", "conv2", "conv3", "conv4")
 
@@ -29,8 +29,32 @@ def norm_layers_of(model: nn.Module) -> dict[str, NormBase]:
     return {name: m for name, m in model.named_modules() if isinstance(m, NormBase)}
 
 
+class ContextPredictor(nn.Module):
+    """A small CNN that predicts a sample's context from the image: x (N, C, H, W) -> logits (N, K).
+
+    Trained jointly with the classifier (cross-entropy on the training contexts) so that, at test time, a
+    context model needs no label-derived context: ``model(x)`` in eval mode feeds the predicted context to
+    its context layers ("a context predicted by the model"; honest evaluation, see cbnorm.inference).
+    """
+
+    def __init__(self, in_channels: int, num_contexts: int, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 5, padding=2), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(2 * width, num_contexts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
 class _Routed(nn.Module):
-    """Base: passes ``context`` to every cbnorm layer that takes one; refuses it when none does."""
+    """Base: passes ``context`` to every cbnorm layer that takes one; refuses it when none does.
+
+    With a ``context_predictor`` (``predict_contexts=K``), ``forward(x)`` without ids in eval mode uses the
+    predicted context; ``return_context_logits=True`` also returns the predictor's logits (for its loss).
+    """
 
     def _norm(self, layer: NormBase, x: Tensor, context: Optional[Tensor]) -> Tensor:
         return layer(x, context=context if layer.uses_context else None)
@@ -42,6 +66,32 @@ class _Routed(nn.Module):
     def _check_context(self, context: Optional[Tensor]) -> None:
         if context is not None and not self.uses_context:
             raise ValueError("this model has no context layer; pass context=None")
+
+    def _make_predictor(self, in_channels: int, predict_contexts: Optional[int]) -> None:
+        if predict_contexts is None or predict_contexts == 0:
+            self.context_predictor = None
+            return
+        if isinstance(predict_contexts, bool) or not isinstance(predict_contexts, int) or predict_contexts < 1:
+            raise ValueError(f"predict_contexts must be a positive int (number of contexts), got {predict_contexts!r}")
+        if not self.uses_context:
+            raise ValueError("predict_contexts needs a context layer in the model (norm cn, cnx or cn-embed)")
+        self.context_predictor = ContextPredictor(in_channels, predict_contexts)
+
+    def _route(self, x: Tensor, context: Optional[Tensor], predict_context: bool = True
+               ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(context to use, predictor logits or None). ``predict_context=False`` leaves context=None (CN+)."""
+        self._check_context(context)
+        if getattr(self, "context_predictor", None) is None:
+            return context, None
+        logits = self.context_predictor(x)
+        if context is None and not self.training and predict_context:
+            context = logits.argmax(dim=1)
+        return context, logits
+
+    def _finish(self, out: Tensor, ctx_logits: Optional[Tensor], return_context_logits: bool):
+        if return_context_logits:
+            return out, ctx_logits
+        return out
 
 
 def _make_norm(name: str, c: int, kw: dict, channel_last: bool = False) -> NormBase:
@@ -56,7 +106,8 @@ class ShallowCNN(_Routed):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, *, width: float = 1.0, norm: str = "bn",
                  norm_layers: Sequence[str] = ("conv3",), norm_kwargs: Optional[dict] = None,
-                 input_norm: Optional[str] = None, base_norm: str = "bn") -> None:
+                 input_norm: Optional[str] = None, base_norm: str = "bn",
+                 predict_contexts: Optional[int] = None) -> None:
         super().__init__()
         if isinstance(norm_layers, str):
             norm_layers = (norm_layers,)
@@ -83,11 +134,13 @@ class ShallowCNN(_Routed):
         self.widths = widths
         self.in_channels = in_channels
         self.norm_layers = tuple(n for n in CNN_BLOCKS if n in norm_layers)
+        self._make_predictor(in_channels, predict_contexts)
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        self._check_context(context)
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, return_context_logits: bool = False,
+                predict_context: bool = True):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        context, ctx_logits = self._route(x, context, predict_context)
         if self.input_norm is not None:
             x = self._norm(self.input_norm, x, context)
         for i, name in enumerate(CNN_BLOCKS):
@@ -95,7 +148,7 @@ class ShallowCNN(_Routed):
             x = torch.relu(self._norm(block["norm"], block["conv"](x), context))
             if i < 3:
                 x = self.pool(x) if min(x.shape[-2:]) >= 3 else x
-        return self.head(x.mean(dim=(2, 3)))
+        return self._finish(self.head(x.mean(dim=(2, 3))), ctx_logits, return_context_logits)
 
 
 class SmallViT(_Routed):
@@ -103,7 +156,8 @@ class SmallViT(_Routed):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, *, image_size: int = 32, patch_size: int = 4,
                  dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0, patch_norm: str = "ln",
-                 norm_kwargs: Optional[dict] = None, dropout: float = 0.0) -> None:
+                 norm_kwargs: Optional[dict] = None, dropout: float = 0.0,
+                 predict_contexts: Optional[int] = None) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
@@ -118,16 +172,18 @@ class SmallViT(_Routed):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.image_size, self.in_channels = image_size, in_channels
+        self._make_predictor(in_channels, predict_contexts)
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        self._check_context(context)
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, return_context_logits: bool = False,
+                predict_context: bool = True):
         if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.image_size,) * 2:
             raise ValueError(f"x must be (N, {self.in_channels}, {self.image_size}, {self.image_size}), "
                              f"got shape {tuple(x.shape)}")
+        context, ctx_logits = self._route(x, context, predict_context)
         tokens = self.embed(x).flatten(2).transpose(1, 2)  # (N, L, D)
         tokens = self._norm(self.patch_norm, tokens, context)  # CN-Patches
         tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos
-        return self.head(self.norm(self.encoder(tokens)[:, 0]))
+        return self._finish(self.head(self.norm(self.encoder(tokens)[:, 0])), ctx_logits, return_context_logits)
 
 
 MODELS = {"shallow_cnn": ShallowCNN, "vit": SmallViT}

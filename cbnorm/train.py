@@ -11,8 +11,12 @@
   and gives ``num_contexts`` (and the priors lambda_k = share of training samples per context, unless
   ``--context-priors uniform``) to context layers (cn, cnx, cn-embed), which get the ids during training.
 * Per step: the loss (averaged over DDP ranks). Per epoch: train accuracy (train mode, on the training
-  batches), test accuracy with inferred contexts (``context=None``: CN+ mixing; the honest number), with the
-  true contexts where they derive from the labels ("oracle"), test loss, seconds per step, wall time.
+  batches), test accuracy with inferred contexts (``context=None``: the model's context predictor with
+  ``--context-head``, else CN+ mixing; the honest number, ``test_acc``), CN+ mixing beside the predictor
+  (``test_acc_mixed``), with the true contexts where they derive from the labels (``test_acc_oracle``: leaks
+  the label, never the headline), test loss, seconds per step, wall time.
+* ``--context-head``: a small CNN predicts the context from the image, trained with a second cross-entropy
+  on the training contexts; at test time its prediction replaces the true context (cbnorm.models).
 * Snapshots (float16) at step 0, every ``--snapshot-every`` steps and at the end, for the cluster-evolution view.
 * ``--resume`` continues from the last finished epoch (model, optimizer, RNG, metrics) and gives the same
   results as an uninterrupted run; arguments not given are taken from the stored run.
@@ -54,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "model_kwargs": None, "epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-4,
     "optimizer": "adamw", "momentum": 0.9, "seed": 0, "snapshot_every": 200, "limit_train": None,
     "limit_test": None, "eval_batch_size": 1000, "out": None, "resume": False, "device": "auto",
-    "threads": None, "quiet": False,
+    "threads": None, "quiet": False, "context_head": False,
 }
 #: options that describe the environment, not the experiment (not stored in config.json "training")
 _RUNTIME = ("out", "resume", "device", "threads", "quiet")
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-norm", help="norm on the image channels in front of the CNN (e.g. cn)")
     g.add_argument("--norm-kwargs", help='extra JSON keywords for the norm layers, e.g. \'{"update": '
                                          '"moving_average"}\'')
+    g.add_argument("--context-head", action="store_true",
+                   help="give a context model a small context predictor, trained on the contexts, used at test "
+                        "time instead of the (label-derived) true context")
     g.add_argument("--model-kwargs", help='extra JSON keywords for the model, e.g. \'{"dim": 64, "depth": 2}\'')
     t = p.add_argument_group("optimisation")
     t.add_argument("--epochs", type=int, help=f"({d['epochs']})")
@@ -283,6 +290,10 @@ def _prepare(a: dict, stored: Optional[dict]):
             raise ValueError(f"the vit model needs square images, got {h}x{w}")
         model_kwargs.update(image_size=h, patch_size=4 if h % 4 == 0 else (2 if h % 2 == 0 else 1))
         layers = ["patch_norm"]
+    if a.get("context_head"):
+        if not needs_ctx:
+            raise ValueError("--context-head needs a context norm (cn, cnx, cn-embed) as --norm or --input-norm")
+        model_kwargs["predict_contexts"] = int(k_ctx)
     model_kwargs.update(_json_opt(a["model_kwargs"], "model_kwargs"))
     config = {
         "format_version": FORMAT_VERSION, "task": "classify", "cbnorm_version": __version__,
@@ -332,7 +343,8 @@ def _summary(metrics: dict, params: int) -> dict:
     last = ep[-1] if ep else {}
     accs = [e["test_acc"] for e in ep]
     metrics.update(test_acc=last.get("test_acc"), test_acc_oracle=last.get("test_acc_oracle"),
-                   test_acc_kmeans=last.get("test_acc_kmeans"), train_acc=last.get("train_acc"),
+                   test_acc_kmeans=last.get("test_acc_kmeans"), test_acc_mixed=last.get("test_acc_mixed"),
+                   train_acc=last.get("train_acc"),
                    best_test_acc=max(accs) if accs else None, params=params, epochs_done=len(ep),
                    steps_done=last.get("step", 0))
     return metrics
@@ -395,6 +407,7 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
     params = count_parameters(model)
     optimizer = _make_optimizer(model, a)
     uses_ctx = bool(getattr(model, "uses_context", False))
+    has_predictor = getattr(model, "context_predictor", None) is not None
 
     metrics: dict[str, Any] = {"loss": [], "epochs": []}
     start_epoch, step, wall0 = 0, 0, 0.0
@@ -458,8 +471,12 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
         for b in range(steps_per_epoch):
             t0 = time.perf_counter()
             x, y, ctx = batch(order[b * local_bs:(b + 1) * local_bs])
-            logits = net(x, context=ctx)
-            loss = F.cross_entropy(logits, y)
+            if has_predictor:  # joint loss: classes + the context predictor (on the training contexts)
+                logits, ctx_logits = net(x, context=ctx, return_context_logits=True)
+                loss = F.cross_entropy(logits, y) + F.cross_entropy(ctx_logits, ctx)
+            else:
+                logits = net(x, context=ctx)
+                loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -482,6 +499,10 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
         c, l, n = dist.sum([c, l, n])
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_acc": c_train / max(n_train, 1),
                                   "test_acc": c / max(n, 1)}
+        if has_predictor:
+            record["test_acc_mixed"] = dist.sum([score(model, test_images, test_labels, pre, None,
+                                                       a["eval_batch_size"], device, shard,
+                                                       predict_context=False)[0]])[0] / max(n, 1)
         if oracle_key == "test_acc_oracle":
             co = dist.sum([score(model, test_images, test_labels, pre, test_ctx, a["eval_batch_size"], device,
                                  shard)[0]])[0]

@@ -4,12 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COMMON=(--dataset fashion-mnist --model shallow_cnn --width 0.25 --layers conv3 --epochs 2 --batch-size 128
-        --lr 2e-3 --weight-decay 1e-4 --optimizer adamw --seed 0 --snapshot-every 94 --threads "${THREADS:-2}" --quiet)
+        --lr 2e-3 --weight-decay 1e-4 --optimizer adamw --seed 0 --snapshot-every 94 --threads "${THREADS:-1}" --quiet)
 declare -A EXTRA=(
   [bn]="--norm bn" [ln]="--norm ln" [gn]="--norm gn"
   [mn]="--norm mn --components 3" [mode]="--norm mode --components 3" [acn]="--norm acn --components 3"
-  [cn]="--norm cn --contexts superclass" [cnx]="--norm cnx --contexts superclass"
-  [cn-embed]="--norm cn-embed --contexts superclass"
+  [cn]="--norm cn --contexts superclass --context-head" [cnx]="--norm cnx --contexts superclass --context-head"
+  [cn-embed]="--norm cn-embed --contexts superclass --context-head"
 )
 NAMES=("$@")
 [ ${#NAMES[@]} -eq 0 ] && NAMES=(bn ln gn mn mode acn cn cnx cn-embed)

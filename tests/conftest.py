@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("CBNORM_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("CBNORM_TEST_THREADS", "1")))
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -159,3 +159,23 @@ def test_vit_other_patch_norms(norm):
     x = torch.randn(4, 3, 8, 8)
     out = m(x, context=ctx(4) if m.uses_context else None)
     assert out.shape == (4, 5)
+
+
+def test_context_predictor_routes_predicted_context_in_eval():
+    from cbnorm.models import ShallowCNN
+
+    torch.manual_seed(0)
+    model = ShallowCNN(1, 10, width=0.25, norm="cnx", norm_kwargs={"num_contexts": 3}, predict_contexts=3)
+    x = torch.randn(5, 1, 28, 28)
+    ctx = torch.tensor([0, 1, 2, 0, 1])
+    logits, ctx_logits = model(x, context=ctx, return_context_logits=True)
+    assert logits.shape == (5, 10) and ctx_logits.shape == (5, 3)
+    model.eval()
+    predicted = model.context_predictor(x).argmax(1)
+    torch.testing.assert_close(model(x), model(x, context=predicted))  # eval: predicted context is used
+    torch.testing.assert_close(model(x, predict_context=False), model.eval()(x, predict_context=False))
+    model.train()
+    with pytest.raises(ValueError, match="needs context ids"):
+        model(x)  # training still needs the true contexts for the statistics
+    with pytest.raises(ValueError, match="predict_contexts needs a context layer"):
+        ShallowCNN(1, 10, width=0.25, norm="bn", predict_contexts=3)

@@ -156,3 +156,21 @@ def test_kmeans_contexts_and_acn(tmp_path):
     run = load_run(out)
     assert run.config["norm_kwargs"] == {"num_components": 2} and not run.uses_context
     assert run.metrics["test_acc_oracle"] is None
+
+
+def test_context_head_run_reports_predicted_mixed_and_oracle(fashion, tmp_path, capsys):
+    out = tmp_path / "cnh"
+    argv = ["--dataset", "fashion-mnist", "--norm", "cnx", "--contexts", "superclass", "--context-head",
+            "--width", "0.25", "--epochs", "1", "--batch-size", "64", "--snapshot-every", "0",
+            "--limit-train", "512", "--limit-test", "300", "--quiet", "--out", str(out)]
+    assert train_mod.main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("test_acc", "test_acc_mixed", "test_acc_oracle"):
+        assert 0.0 <= m[key] <= 1.0, key
+    run = load_run(out)
+    assert run.model.context_predictor is not None
+    res = evaluate.evaluate_run(run)
+    assert abs(res["test_acc"] - m["test_acc"]) < 1e-9 and abs(res["test_acc_mixed"] - m["test_acc_mixed"]) < 1e-9
+    with pytest.raises(ValueError, match="context-head needs a context norm"):
+        train({"norm": "bn", "context_head": True, "limit_train": 64, "limit_test": 32, "epochs": 1,
+               "out": str(tmp_path / "bad")})
