@@ -275,7 +275,7 @@ def test_mn_train_against_loop_given_posteriors(monkeypatch):
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
     m = 4 * 4
     resp = torch.softmax(torch.randn(m, 3, dtype=torch.float64) * 3, dim=1)
-    monkeypatch.setattr(layer, "fit_posteriors", lambda x3: resp)
+    monkeypatch.setattr(layer, "fit_posteriors", lambda x3: resp.view(4, 4, 3).permute(0, 2, 1))  # (N, K, P)
     y = layer(x)
     pts = np.concatenate(npoints(x))
     nu = resp.numpy()

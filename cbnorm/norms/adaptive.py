@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import NormBase, affine_params, check_positive_int, ema_update
-from .mixing import check_posterior, log_posteriors, mix_affine, normalizing_coefficients
+from .mixing import check_posterior, flat_posteriors, log_posteriors, mix_affine, normalizing_coefficients
 
 __all__ = ["AdaptiveContextNorm", "weighted_moments"]
 
@@ -39,25 +39,25 @@ __all__ = ["AdaptiveContextNorm", "weighted_moments"]
 def weighted_moments(x3: Tensor, resp: Tensor, posterior: str) -> tuple[Tensor, Tensor, Tensor]:
     """Posterior-weighted statistics (MN eq. 35-36): lambda (K,) or (K, C), mean (K, C), biased var (K, C).
 
-    x3 (N, C, P); resp (M, K) for "joint" or (C, M, K) for "channel" (M = N*P). Differentiable in x3.
-    Variance is computed around the detached batch mean to limit cancellation, never as an (M, K, C) tensor.
+    x3 (N, C, P); resp (N, K, P) for "joint" or (N, C, P, K) for "channel". Differentiable in x3.
+    Moments are taken around the detached batch mean (limits cancellation in E[x^2] - E[x]^2), with batched
+    matmuls on the channels-first layout, never an (M, K, C) tensor.
     """
     n, c, p = x3.shape
     shift = x3.detach().mean(dim=(0, 2))  # (C,)
     xc = x3 - shift[None, :, None]
     if posterior == "channel":
-        pts = xc.permute(1, 0, 2).reshape(c, n * p)  # (C, M)
-        nk = resp.sum(dim=1)  # (C, K)
-        w = resp / nk.clamp_min(1e-12)[:, None, :]
-        m1 = torch.einsum("cmk,cm->kc", w, pts)
-        m2 = torch.einsum("cmk,cm->kc", w, pts * pts)
-        lam = (nk / (n * p)).t()  # (K, C)
+        nk = resp.sum(dim=(0, 2))  # (C, K)
+        inv = torch.reciprocal(nk.clamp_min(1e-12))
+        m1 = (xc.unsqueeze(-1) * resp).sum(dim=(0, 2)) * inv  # (C, K)
+        m2 = (xc.square().unsqueeze(-1) * resp).sum(dim=(0, 2)) * inv
+        lam, m1, m2 = (nk / (n * p)).t(), m1.t(), m2.t()
     else:
-        pts = xc.transpose(1, 2).reshape(n * p, c)  # (M, C)
-        nk = resp.sum(dim=0)  # (K,)
-        w = resp / nk.clamp_min(1e-12)
-        m1 = w.t() @ pts
-        m2 = w.t() @ (pts * pts)
+        nk = resp.sum(dim=(0, 2))  # (K,)
+        rt = resp.transpose(1, 2)  # (N, P, K) view
+        inv = torch.reciprocal(nk.clamp_min(1e-12))[:, None]
+        m1 = torch.matmul(xc, rt).sum(0).t() * inv  # (K, C)
+        m2 = torch.matmul(xc * xc, rt).sum(0).t() * inv
         lam = nk / (n * p)
     var = (m2 - m1 * m1).clamp_min(0)
     return lam, m1 + shift, var
@@ -109,12 +109,13 @@ class AdaptiveContextNorm(NormBase):
             return lam.detach().clone(), mu.detach().clone(), var.detach().clone()
 
     def posteriors(self, x: Tensor) -> Tensor:
-        """tau (M, K) for "joint" or (C, M, K) for "channel", M = N * positions."""
+        """tau (M, K) for "joint" or (C, M, K) for "channel", M = N * positions (sample-major)."""
         self._check_input(x)
         with torch.no_grad():
             x3 = self._to_ncp(x).float()
             lam, mu, var = (t.float() for t in self.component_parameters())
-            return log_posteriors(x3, mu, var + self.eps, lam.log(), self.posterior).exp()
+            resp = log_posteriors(x3, mu, var + self.eps, lam.log(), self.posterior).exp()
+            return flat_posteriors(resp, self.posterior)
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
         lam, mu, var = (t.to(x3.dtype) for t in self.component_parameters())

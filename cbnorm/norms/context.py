@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ema_update
-from .mixing import check_posterior, log_posteriors, mix_affine, normalizing_coefficients
+from .mixing import check_posterior, flat_posteriors, log_posteriors, mix_affine, normalizing_coefficients
 
 __all__ = ["ContextNorm", "ContextNormX", "ContextNormEmbed"]
 
@@ -113,13 +113,14 @@ class _ContextBase(NormBase):
             f"mixed_inference=True for CN+ inference over all {self.num_contexts} contexts")
 
     def posteriors(self, x: Tensor) -> Tensor:
-        """CN+ posteriors over contexts: (N, K) for posterior="sample" (others as in mixing.log_posteriors)."""
+        """CN+ posteriors over contexts: (N, K) for posterior="sample", (N*P, K) "joint", (C, N*P, K) "channel"."""
         self._check_input(x)
         with torch.no_grad():
             x3 = self._to_ncp(x).float()
             mean, var = self.context_statistics()
-            return log_posteriors(x3, mean.float(), var.float() + self.eps,
+            resp = log_posteriors(x3, mean.float(), var.float() + self.eps,
                                   torch.log(self.priors.float()), self.posterior).exp()
+            return flat_posteriors(resp, self.posterior)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", num_contexts={self.num_contexts}, prior_scaling={self.prior_scaling}"

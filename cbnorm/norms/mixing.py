@@ -7,7 +7,7 @@ cluster-based-normalization.txt eq. 6, context-normalization.txt eq. 9)
 
 with per-component, per-channel coefficients A, B of shape (K, C). We never build an (M, K, C) tensor:
 ``y = x * (tau @ A) + tau @ B`` is two matmuls on (M, K) posteriors. Posteriors are computed in log space
-with the Gaussian normaliser (``cbnorm.gmm.component_log_prob``) and a softmax over the component axis.
+with the Gaussian normaliser and a softmax over the component axis, on the channels-first layout.
 
 ``posterior`` says what a "point" is:
 * ``"joint"``   one diagonal Gaussian over the C channels at each position (the MN paper's reading of
@@ -18,10 +18,12 @@ with the Gaussian normaliser (``cbnorm.gmm.component_log_prob``) and a softmax o
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .. import gmm
+_LOG_2PI = math.log(2 * math.pi)
 
 POSTERIORS = ("joint", "channel", "sample")
 
@@ -32,37 +34,63 @@ def check_posterior(posterior: str, allowed: tuple[str, ...] = POSTERIORS) -> st
     return posterior
 
 
+def joint_log_prob(x3: Tensor, means: Tensor, vars: Tensor) -> Tensor:
+    """log N(x_np | mu_k, diag var_k) over the C channels of every position: x3 (N, C, P) -> (N, K, P).
+
+    Matmul expansion sum_c x^2/var - 2 x mu/var + mu^2/var on the channels-first layout (no transposed
+    copy of x, no (N, K, C, P) tensor), after shifting by the mean of the component means so float32 stays
+    accurate far from 0; the Mahalanobis term is clamped at 0. Includes the Gaussian normaliser.
+    """
+    shift = means.mean(dim=0)  # (C,)
+    xs = x3 - shift[None, :, None]
+    mu = means - shift
+    prec = torch.reciprocal(vars)  # (K, C)
+    mp = mu * prec
+    maha = torch.matmul(prec, xs * xs) - 2.0 * torch.matmul(mp, xs) + (mu * mp).sum(-1)[None, :, None]
+    lognorm = -0.5 * (vars.shape[-1] * _LOG_2PI + torch.log(vars).sum(-1))  # (K,)
+    return lognorm[None, :, None] - 0.5 * maha.clamp_min(0.0)
+
+
 def log_posteriors(x3: Tensor, means: Tensor, vars: Tensor, log_weights: Tensor, posterior: str) -> Tensor:
-    """Log posteriors log tau_k(x) (eq. 31 / CB-Norm eq. 5) for x3 (N, C, P).
+    """Log posteriors log tau_k(x) (MN eq. 31 / CB-Norm eq. 5) for x3 (N, C, P), softmax over components.
 
     means, vars: (K, C); log_weights: (K,) or (K, C) (the latter only for ``posterior="channel"``).
-    Returns (N*P, K) for "joint", (C, N*P, K) for "channel", (N, K) for "sample".
+    Returns (N, K, P) for "joint", (N, C, P, K) for "channel", (N, K) for "sample".
     """
-    n, c, p = x3.shape
     if posterior == "channel":
-        pts = x3.permute(1, 0, 2).reshape(c, n * p, 1)
-        lp = gmm.component_log_prob(pts, means.t().unsqueeze(-1), vars.t().unsqueeze(-1))  # (C, M, K)
-        lw = log_weights.t().unsqueeze(1) if log_weights.dim() == 2 else log_weights
+        mu = means.t()[None, :, None, :]  # (1, C, 1, K)
+        var = vars.t()[None, :, None, :]
+        lp = -0.5 * ((x3.unsqueeze(-1) - mu).square() / var + torch.log(2 * math.pi * var))
+        lw = log_weights.t()[None, :, None, :] if log_weights.dim() == 2 else log_weights
         return torch.log_softmax(lp + lw, dim=-1)
-    pts = x3.transpose(1, 2).reshape(1, n * p, c)
-    lp = gmm.component_log_prob(pts, means.unsqueeze(0), vars.unsqueeze(0))[0]  # (M, K)
+    lp = joint_log_prob(x3, means, vars)  # (N, K, P)
     if posterior == "sample":
-        lp = lp.reshape(n, p, -1).sum(dim=1)
-    return torch.log_softmax(lp + log_weights, dim=-1)
+        return torch.log_softmax(lp.sum(dim=2) + log_weights, dim=-1)
+    return torch.log_softmax(lp + log_weights[None, :, None], dim=1)
+
+
+def flat_posteriors(resp: Tensor, posterior: str) -> Tensor:
+    """Public layout of posteriors: (M, K) for "joint" (M = N*P, sample-major), (C, M, K) for "channel",
+    (N, K) for "sample"."""
+    if posterior == "joint":
+        return resp.transpose(1, 2).reshape(-1, resp.shape[1])
+    if posterior == "channel":
+        n, c, p, k = resp.shape
+        return resp.permute(1, 0, 2, 3).reshape(c, n * p, k)
+    return resp
 
 
 def mix_affine(x3: Tensor, resp: Tensor, a: Tensor, b: Tensor, posterior: str) -> Tensor:
     """y = sum_k resp_k * (a_k * x + b_k) for x3 (N, C, P), resp as returned (exp'd) by log_posteriors."""
-    n, c, p = x3.shape
-    if posterior == "channel":  # resp (C, M, K)
-        coef_a = torch.einsum("cmk,kc->cm", resp, a).reshape(c, n, p).transpose(0, 1)
-        coef_b = torch.einsum("cmk,kc->cm", resp, b).reshape(c, n, p).transpose(0, 1)
+    if posterior == "channel":  # resp (N, C, P, K)
+        coef_a = (resp * a.t()[None, :, None, :]).sum(-1)
+        coef_b = (resp * b.t()[None, :, None, :]).sum(-1)
     elif posterior == "sample":  # resp (N, K)
         coef_a = (resp @ a).unsqueeze(-1)
         coef_b = (resp @ b).unsqueeze(-1)
-    else:  # resp (M, K)
-        coef_a = (resp @ a).reshape(n, p, c).transpose(1, 2)
-        coef_b = (resp @ b).reshape(n, p, c).transpose(1, 2)
+    else:  # resp (N, K, P): (C, K) @ (N, K, P) -> (N, C, P), channels-first like x3
+        coef_a = torch.matmul(a.t(), resp)
+        coef_b = torch.matmul(b.t(), resp)
     return torch.addcmul(coef_b, x3, coef_a)
 
 

@@ -81,30 +81,31 @@ class MixtureNorm(NormBase):
     # ------------------------------------------------------------------ training
     @torch.no_grad()
     def fit_posteriors(self, x3: Tensor) -> Tensor:
-        """GMM fit on the minibatch and posteriors nu of every point: (M, K) joint or (C, M, K) channel."""
+        """GMM fit on the minibatch and posteriors nu of every point: (N, K, P) joint or (N, C, P, K) channel."""
         n, c, p = x3.shape
-        pts = x3.detach().transpose(1, 2).reshape(n * p, c)
-        if self.posterior == "channel":
-            pts = pts.t().unsqueeze(-1)  # (C, M, 1): C independent 1-D mixtures in one call
-        else:
-            pts = pts.unsqueeze(0)  # (1, M, C)
-        fit_on = pts
-        m = pts.shape[1]
-        budget = max(self.num_components, int(round(m * self.fit_fraction)))
-        if self.fit_points is not None:
-            budget = min(budget, self.fit_points)
-        if budget < m:  # fit on a random subsample, evaluate posteriors on every point
-            idx = torch.randperm(m, device=pts.device)[:budget]
-            fit_on = pts[:, idx]
+        m = n * p
         if m < self.num_components:
             raise ValueError(f"MixtureNorm needs at least num_components={self.num_components} points "
                              f"(N x positions) per minibatch, got {m}")
+        budget = max(self.num_components, int(round(m * self.fit_fraction)))
+        if self.fit_points is not None:
+            budget = min(budget, self.fit_points)
+        if budget < m:  # fit on a random subsample (gathered, small), posteriors on every point below
+            idx = torch.randperm(m, device=x3.device)[:budget]
+            pts = x3[idx // p, :, idx % p]  # (budget, C)
+        else:
+            pts = x3.transpose(1, 2).reshape(m, c)
+        pts = pts.t().unsqueeze(-1) if self.posterior == "channel" else pts.unsqueeze(0)
         try:  # one host sync: a NaN/inf minibatch must not poison the inference queue
-            fitted = gmm.fit(fit_on, self.num_components, iters=self.em_iters, kmeans_iters=self.kmeans_iters)
+            fitted = gmm.fit(pts, self.num_components, iters=self.em_iters, kmeans_iters=self.kmeans_iters)
         except ValueError as err:
             raise ValueError(f"MixtureNorm: cannot fit a mixture to this minibatch: {err}") from None
-        resp = gmm.posteriors(fitted, pts)
-        return resp[0] if self.posterior == "joint" else resp
+        if self.posterior == "channel":  # (C, K, 1) -> (K, C)
+            means, vars = fitted.means[..., 0].t(), fitted.vars[..., 0].t()
+            logw = torch.log(fitted.weights).t()
+        else:
+            means, vars, logw = fitted.means[0], fitted.vars[0], torch.log(fitted.weights[0])
+        return log_posteriors(x3, means.to(x3.dtype), vars.to(x3.dtype), logw.to(x3.dtype), self.posterior).exp()
 
     @torch.no_grad()
     def _push(self, lam: Tensor, mean: Tensor, var: Tensor) -> None:
