@@ -20,7 +20,10 @@ here (a pickled or ``torch.save`` file renamed ``.safetensors`` is refused with 
 ``config.json`` keys::
 
     format_version   1
-    task             "classify"
+    task             "classify" | "daynight" (day<->night translators of cbnorm.train_daynight: no class_names;
+                     "contexts" {"names": ["day", "night"], "num_contexts": 2, ...}, "renderer" (the
+                     cbnorm.daynight.NightParams of the night context) and "translator" ("input" | "feature")
+                     are required; model "daynight_siamese" | "daynight_ae" of cbnorm.models.DAYNIGHT_MODELS)
     cbnorm_version   version of the library that wrote it (informative)
     model            {"name": "shallow_cnn" | "vit", "kwargs": architecture keywords (in_channels,
                       num_classes, width / image_size, patch_size, dim, ...); the norm keywords below are
@@ -67,12 +70,15 @@ __all__ = ["FORMAT_VERSION", "Run", "load_run", "save_run", "save_config", "save
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-TASKS = ("classify",)
+TASKS = ("classify", "daynight")
 CONFIG_NAME = "config.json"
 DEFAULT_FILES: dict[str, str] = {"weights": "model.safetensors", "metrics": "metrics.json",
                                  "snapshots": "snapshots", "resume": "resume.safetensors"}
 _SNAPSHOT_RE = re.compile(r"^step_(\d+)\.safetensors$")
 _REQUIRED_CONFIG = ("format_version", "task", "model", "norm", "layers", "class_names", "preprocessing")
+#: task "daynight" (cbnorm.train_daynight): no classes; contexts, renderer and translator instead
+_REQUIRED_DAYNIGHT = ("format_version", "task", "model", "norm", "layers", "contexts", "preprocessing", "renderer",
+                      "translator")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -241,7 +247,10 @@ def validate_config(config: Any) -> dict:
 
     if not isinstance(config, dict):
         raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
-    missing = [k for k in _REQUIRED_CONFIG if k not in config]
+    daynight = config.get("task") == "daynight"
+    if "task" in config and config["task"] not in TASKS:
+        raise ValueError(f"config.json has unknown task {config['task']!r}; supported: {list(TASKS)}")
+    missing = [k for k in (_REQUIRED_DAYNIGHT if daynight else _REQUIRED_CONFIG) if k not in config]
     if missing:
         raise ValueError(f"config.json is missing the keys {missing}")
     version = config["format_version"]
@@ -253,6 +262,8 @@ def validate_config(config: Any) -> dict:
     model = config["model"]
     if not isinstance(model, dict) or not isinstance(model.get("kwargs", {}), dict):
         raise ValueError("config.json 'model' must be {\"name\": ..., \"kwargs\": {...}}")
+    if daynight:
+        from .models import DAYNIGHT_MODELS as MODELS
     if model.get("name") not in MODELS:
         raise ValueError(f"config.json has unknown model {model.get('name')!r}; choose one of {sorted(MODELS)}")
     _norm_name(config["norm"], "norm")
@@ -265,8 +276,8 @@ def validate_config(config: Any) -> dict:
     layers = config["layers"]
     if not isinstance(layers, list) or not all(isinstance(s, str) for s in layers):
         raise ValueError(f"config.json 'layers' must be a list of layer names, got {layers!r}")
-    names = config["class_names"]
-    if not isinstance(names, list) or not names:
+    names = config.get("class_names")
+    if not daynight and (not isinstance(names, list) or not names):
         raise ValueError("config.json 'class_names' must be a non-empty list")
     pre = config["preprocessing"]
     try:
@@ -295,7 +306,38 @@ def validate_config(config: Any) -> dict:
         raise ValueError("config.json 'contexts' must be a JSON object or null")
     if ctx.get("label_derived") and not isinstance(ctx.get("label_to_context"), list):
         raise ValueError("config.json contexts.label_derived is true but contexts.label_to_context is not a list")
+    if daynight:
+        _validate_daynight(config)
     return config
+
+
+def _validate_daynight(config: dict) -> None:
+    """Task "daynight" (cbnorm.train_daynight / cbnorm.transfer): two contexts named day and night, a context
+    norm, 3 channels, valid renderer parameters, translator matching the model."""
+    from .daynight import CONTEXTS, NightParams
+    from .norms import NORMS
+
+    ctx = config["contexts"]
+    if not isinstance(ctx, dict) or ctx.get("names") != list(CONTEXTS) or ctx.get("num_contexts") != len(CONTEXTS):
+        raise ValueError(f"config.json contexts of a daynight run must be {{\"names\": {list(CONTEXTS)}, "
+                         f"\"num_contexts\": {len(CONTEXTS)}, ...}}, got {ctx!r}")
+    norm = _norm_name(config["norm"], "norm")
+    if not NORMS[norm].uses_context:
+        raise ValueError(f"config.json norm of a daynight run must be a context layer (cn, cnx, cn-embed), "
+                         f"got {config['norm']!r}")
+    k = (config.get("norm_kwargs") or {}).get("num_contexts", len(CONTEXTS))
+    if k != len(CONTEXTS):
+        raise ValueError(f"config.json norm_kwargs.num_contexts of a daynight run must be {len(CONTEXTS)}, got {k!r}")
+    if int(config["preprocessing"]["channels"]) != 3:
+        raise ValueError("config.json preprocessing.channels of a daynight run must be 3 (RGB)")
+    try:
+        NightParams.from_dict(config["renderer"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config.json renderer: {err}") from None
+    expected = {"daynight_siamese": "input", "daynight_ae": "feature"}[config["model"]["name"]]
+    if config["translator"] != expected:
+        raise ValueError(f"config.json translator must be {expected!r} for model {config['model']['name']!r}, "
+                         f"got {config['translator']!r}")
 
 
 def _model_kwargs(config: Mapping) -> dict:
@@ -303,7 +345,9 @@ def _model_kwargs(config: Mapping) -> dict:
     kw = dict(config["model"].get("kwargs") or {})
     norm = _norm_name(config["norm"], "norm")
     norm_kwargs = dict(config.get("norm_kwargs") or {})
-    if name == "shallow_cnn":
+    if config["task"] == "daynight":
+        kw.update({"input_norm" if name == "daynight_siamese" else "norm": norm}, norm_kwargs=norm_kwargs)
+    elif name == "shallow_cnn":
         kw.update(norm=norm, norm_layers=tuple(config["layers"]), norm_kwargs=norm_kwargs,
                   input_norm=config.get("input_norm"))
     elif name == "vit":
@@ -317,10 +361,12 @@ def _model_kwargs(config: Mapping) -> dict:
 
 def build_model_from_config(config: Mapping) -> nn.Module:
     """A fresh (randomly initialised) model of the architecture described by ``config``."""
-    from .models import build_model
+    from .models import DAYNIGHT_MODELS, build_model
 
     validate_config(config)
     try:
+        if config["task"] == "daynight":
+            return DAYNIGHT_MODELS[config["model"]["name"]](**_model_kwargs(config))
         return build_model(config["model"]["name"], **_model_kwargs(config))
     except (TypeError, ValueError) as err:
         raise ValueError(f"config.json describes a model that cannot be built: {err}") from None
@@ -541,7 +587,7 @@ class Run:
     # -------------------------------------------------------------- descriptors
     @property
     def class_names(self) -> list[str]:
-        return list(self.config["class_names"])
+        return list(self.config.get("class_names") or [])  # none for task "daynight"
 
     @property
     def contexts(self) -> dict:
