@@ -14,6 +14,10 @@
 
 The file name (or extension) plays no part: the format is recognised from the bytes.
 
+Truncation is detected by PIL's decoders as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default
+(False); this project never sets it. If some other code turns it on process-wide, PIL pads truncated files
+instead of failing, and we do not toggle the global back (other threads may rely on it).
+
 What comes back:
 
 * the EXIF orientation tag is applied (``ImageOps.exif_transpose``), so a portrait phone photo stands up;
@@ -40,7 +44,7 @@ import io
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["load_image", "to_rgb_array", "from_rgb_array", "alpha_of", "MAX_PIXELS", "describe"]
 
@@ -66,25 +70,22 @@ def load_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ValueError("The file is empty (0 bytes). Please upload an image file (PNG, JPEG, GIF, WebP, "
                          "TIFF, BMP).")
     try:
-        if True:  # PIL raises DecompressionBombError above 2x Image.MAX_IMAGE_PIXELS (caught below)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w < 1 or h < 1:
-                raise ValueError(f"The image has no pixels ({w} x {h}).")
-            if w * h > max_pixels:
-                raise ValueError(f"The image is too large: {w} x {h} pixels = {_mp(w * h)}, over the limit of "
-                                 f"{_mp(max_pixels)}. Please downscale it before uploading.")
-            frames = int(getattr(im, "n_frames", 1) or 1)
-            if frames > 1:
-                im.seek(0)  # animated GIF / APNG / WebP, multi-page TIFF: the first frame
-            if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone relaxed PIL's check process-wide; we do not
-                _check_complete(data, im)
-            im.load()
-            out = ImageOps.exif_transpose(im)
-            if out is im:
-                out = im.copy()
-            out.load()
-            out.format = im.format  # "PNG", "JPEG", ... (copies drop it)
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise ValueError(f"The image has no pixels ({w} x {h}).")
+        if w * h > max_pixels:
+            raise ValueError(f"The image is too large: {w} x {h} pixels = {_mp(w * h)}, over the limit of "
+                             f"{_mp(max_pixels)}. Please downscale it before uploading.")
+        frames = int(getattr(im, "n_frames", 1) or 1)
+        if frames > 1:
+            im.seek(0)  # animated GIF / APNG / WebP, multi-page TIFF: the first frame
+        im.load()
+        out = ImageOps.exif_transpose(im)
+        if out is im:
+            out = im.copy()
+        out.load()
+        out.format = im.format  # "PNG", "JPEG", ... (copies drop it)
     except ValueError as err:
         if str(err).startswith(("The image", "The file")):
             raise
@@ -105,17 +106,6 @@ def load_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if frames > 1:
         out.info["frames"] = frames
     return out
-
-
-def _check_complete(data: bytes, im: Image.Image) -> None:
-    """With ``ImageFile.LOAD_TRUNCATED_IMAGES`` on, decode a throwaway copy with it off to detect truncation."""
-    prev = ImageFile.LOAD_TRUNCATED_IMAGES
-    try:
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        probe = Image.open(io.BytesIO(data))
-        probe.load()
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = prev
 
 
 def describe(image: Image.Image) -> str:
