@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -46,6 +45,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cbnorm.daynight import (HOLDOUT_PHOTOS, TRAIN_PHOTOS, DayNightPairs, NightParams,  # noqa: E402
                              load_photo, photo_seed, render_night)
+from bench.speed import machine as speed_machine  # noqa: E402
 from cbnorm.runs import load_run  # noqa: E402
 from cbnorm.train_daynight import command_of  # noqa: E402
 from cbnorm.transfer import (histogram_match_array, lab_stats, reinhard_array, training_stats,  # noqa: E402
@@ -57,18 +57,7 @@ DIRECTIONS = (("day", "night"), ("night", "day"))
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
-            "platform": platform.platform(),
-            "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    return {**speed_machine("cpu"), "platform": platform.platform()}
 
 
 def scores(out: np.ndarray, gt: np.ndarray) -> dict:

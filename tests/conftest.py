@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+# one thread: the test models are tiny, and with 2 threads OpenMP spin-waits make them ~8x slower on shared cores
 torch.set_num_threads(int(os.environ.get("CBNORM_TEST_THREADS", "1")))
 
 CUDA = torch.cuda.is_available()

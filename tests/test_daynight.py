@@ -17,13 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"input": ROOT / "checkpoints" / "daynight-input", "feature": ROOT / "checkpoints" / "daynight-feature"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def photo():

@@ -5,14 +5,6 @@ import torch
 import cbnorm
 from cbnorm.models import CNN_BLOCKS, ShallowCNN, SmallViT, build_model, norm_layers_of
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and much faster when the 2 cores are shared (no OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 K = 3
 NORM_KW = {"num_components": 2, "num_contexts": K, "num_groups": 2}

@@ -14,14 +14,6 @@ from cbnorm import runs
 from cbnorm.runs import (build_model_from_config, load_resume_state, load_run, read_safetensors, save_resume_state,
                          save_run, save_snapshot)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and much faster when the 2 cores are shared (no OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 LABEL_TO_CONTEXT = [0, 1, 0, 1, 0, 2, 0, 2, 3, 2]
 
