@@ -190,3 +190,170 @@ def embed_snapshots(features: Sequence[np.ndarray], method: str = "pca", *, perp
     lo, hi = allc.min(0) - pad, allc.max(0) + pad
     return Embedding([np.asarray(c, dtype=np.float32) for c in coords], method, (float(lo[0]), float(hi[0])),
                      (float(lo[1]), float(hi[1])), info)
+
+
+# ============================================================================ app support
+# Small helpers behind the Streamlit app (pages stay free of numerical code): convergence measure, curve
+# smoothing, per-sample mixture components, and an aligned snapshot embedding computed one snapshot at a
+# time (so the app can cache each step and show progress).
+__all__ += ["steps_to_reach", "smooth", "sample_components", "reduce_features", "embed_step",
+            "embedding_limits", "embed_snapshots_warm"]
+
+
+def steps_to_reach(steps: Sequence[int], accuracies: Sequence[float], target: float) -> Optional[int]:
+    """First step whose accuracy is >= ``target``, else None — the MN paper's acceleration measure
+    ("steps to reach BatchNorm's best test accuracy", Tables 3 and 5) with ``target`` = BN's best.
+
+    ``steps`` and ``accuracies`` are matched curves (e.g. the per-epoch records of ``metrics.json``); they
+    are read in increasing step order."""
+    s = np.asarray(steps, dtype=np.int64).reshape(-1)
+    a = np.asarray(accuracies, dtype=np.float64).reshape(-1)
+    if s.shape != a.shape:
+        raise ValueError(f"steps and accuracies must have the same length, got {s.size} and {a.size}")
+    order = np.argsort(s, kind="stable")
+    hit = np.nonzero(a[order] >= float(target) - 1e-12)[0]
+    return int(s[order][hit[0]]) if hit.size else None
+
+
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` points (the first points average what exists so far)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    w = int(window)
+    if w < 1:
+        raise ValueError(f"window must be >= 1, got {window!r}")
+    if w == 1 or v.size == 0:
+        return v.copy()
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    idx = np.arange(1, v.size + 1)
+    lo = np.maximum(idx - w, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+@torch.no_grad()
+def sample_components(layer, x: Tensor) -> Optional[np.ndarray]:
+    """Mixture component (or context) of each sample under ``layer``'s own mixture: (N,) int64, or None.
+
+    ``x`` is the layer's input (N, C, *S) (or (N, L, D) for channel_last layers). The per-point posteriors
+    of ``layer.posteriors(x)`` are averaged over the sample's positions (and channels for
+    ``posterior="channel"``) and the argmax is taken; ModeNorm uses its gates. None when the layer has
+    neither (BatchNorm, MixtureNorm whose posteriors come from a per-minibatch fit, ...)."""
+    n = x.shape[0]
+    if hasattr(layer, "posteriors"):
+        post = layer.posteriors(x).float().cpu()
+        if post.dim() == 3:  # (C, N*P, K) -> mean over channels
+            post = post.mean(dim=0)
+        if post.shape[0] != n:  # (N*P, K), sample-major -> mean over positions
+            post = post.reshape(n, -1, post.shape[-1]).mean(dim=1)
+        return post.argmax(dim=1).numpy().astype(np.int64)
+    if hasattr(layer, "gates"):
+        x3 = layer._to_ncp(x).float()
+        return layer.gates(x3).argmax(dim=1).cpu().numpy().astype(np.int64)
+    return None
+
+
+def reduce_features(features: Sequence[np.ndarray], dims: int = 50, seed: int = 0) -> list[np.ndarray]:
+    """PCA to ``dims`` dimensions fitted on the LAST snapshot and applied to every snapshot (float64)."""
+    from sklearn.decomposition import PCA
+
+    if not features:
+        raise ValueError("no snapshots to reduce")
+    last = np.asarray(features[-1], dtype=np.float32)
+    d = int(min(dims, last.shape[1], last.shape[0]))
+    if d >= last.shape[1]:
+        return [np.ascontiguousarray(f, dtype=np.float64) for f in features]
+    pca = PCA(n_components=d, random_state=seed).fit(last)
+    return [np.ascontiguousarray(pca.transform(np.asarray(f, dtype=np.float32)), dtype=np.float64)
+            for f in features]
+
+
+def embed_step(x: np.ndarray, prev: Optional[np.ndarray] = None, method: str = "tsne", *,
+               perplexity: float = 30.0, learning_rate: float | str = "auto", n_neighbors: int = 15,
+               min_dist: float = 0.1, seed: int = 0, first_iters: int = 500, refine_iters: int = 150,
+               n_jobs: int = 1) -> tuple[np.ndarray, dict]:
+    """2-D embedding of one snapshot's (reduced) features ``x`` (N, D), warm-started from ``prev`` (N, 2).
+
+    t-SNE (openTSNE, Barnes-Hut): without ``prev``, PCA initialisation, a quarter of ``first_iters`` with
+    early exaggeration 12 then the rest; with ``prev``, ``refine_iters`` plain iterations from ``prev`` on
+    this snapshot's affinities. UMAP: spectral initialisation and umap's default epochs, or ``prev`` as
+    initialisation and ``refine_iters`` epochs. The result is rotated onto ``prev`` (orthogonal Procrustes),
+    so consecutive snapshots stay aligned. Returns (coords (N, 2) float32, info)."""
+    if method not in ("tsne", "umap"):
+        raise ValueError(f"method must be 'tsne' or 'umap' (PCA: embed_snapshots), got {method!r}")
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    n = x.shape[0]
+    if x.ndim != 2 or n < 5:
+        raise ValueError(f"x must be (N >= 5, D), got shape {x.shape}")
+    if prev is not None and np.shape(prev) != (n, 2):
+        raise ValueError(f"prev must be ({n}, 2), got {np.shape(prev)}")
+    info: dict = {}
+    if method == "tsne":
+        from openTSNE import TSNEEmbedding, affinity, initialization
+
+        perp = float(min(perplexity, max(2.0, (n - 1) / 3.0)))
+        aff = affinity.PerplexityBasedNN(x, perplexity=perp, method="exact" if n <= 3000 else "annoy",
+                                         n_jobs=n_jobs, random_state=seed, verbose=False)
+        lr = learning_rate
+        if prev is None:
+            init = initialization.pca(x, random_state=seed)
+            emb = TSNEEmbedding(init, aff, negative_gradient_method="auto", n_jobs=n_jobs, random_state=seed)
+            ee = max(1, int(first_iters) // 4)
+            emb = emb.optimize(n_iter=ee, exaggeration=12, momentum=0.5, learning_rate=lr)
+            emb = emb.optimize(n_iter=max(1, int(first_iters) - ee), momentum=0.8, learning_rate=lr)
+            info["iterations"] = int(first_iters)
+        else:
+            init = np.ascontiguousarray(prev, dtype=np.float64)
+            emb = TSNEEmbedding(init, aff, negative_gradient_method="auto", n_jobs=n_jobs, random_state=seed)
+            emb = emb.optimize(n_iter=max(1, int(refine_iters)), momentum=0.8, learning_rate=lr)
+            info["iterations"] = int(refine_iters)
+        out = np.asarray(emb, dtype=np.float64)
+        info["perplexity"] = perp
+    else:
+        import umap
+
+        kw = dict(n_neighbors=int(min(max(2, n_neighbors), n - 1)), min_dist=float(min_dist), random_state=seed,
+                  n_jobs=n_jobs)
+        if prev is None:
+            model = umap.UMAP(init="spectral", **kw)
+        else:
+            model = umap.UMAP(init=np.ascontiguousarray(prev, dtype=np.float32),
+                              n_epochs=max(1, int(refine_iters)), **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "n_jobs overridden by random_state" and friends
+            out = np.asarray(model.fit_transform(x), dtype=np.float64)
+        info["n_neighbors"] = kw["n_neighbors"]
+    if prev is not None:
+        out = _procrustes_onto(out, np.asarray(prev, dtype=np.float64))
+    return out.astype(np.float32), info
+
+
+def embedding_limits(coords: Sequence[np.ndarray], pad: float = 0.05) -> tuple[tuple[float, float],
+                                                                              tuple[float, float]]:
+    """Shared axis ranges (x, y) covering every snapshot's coordinates, padded by ``pad`` of the span."""
+    allc = np.concatenate([np.asarray(c, dtype=np.float64).reshape(-1, 2) for c in coords])
+    if allc.size == 0 or not np.isfinite(allc).all():
+        raise ValueError("coordinates must be finite and non-empty")
+    lo, hi = allc.min(0), allc.max(0)
+    p = pad * (hi - lo + 1e-9)
+    return (float(lo[0] - p[0]), float(hi[0] + p[0])), (float(lo[1] - p[1]), float(hi[1] + p[1]))
+
+
+def embed_snapshots_warm(features: Sequence[np.ndarray], method: str = "tsne", *, pca_dims: int = 50,
+                         callback=None, **kw) -> Embedding:
+    """Like :func:`embed_snapshots`, but t-SNE/UMAP run in full only on the first snapshot and every later
+    one is refined from the previous embedding (:func:`embed_step`), which is several times faster and keeps
+    the evolution aligned. ``callback(i, total)`` is called after each snapshot. PCA: as embed_snapshots."""
+    if method == "pca":
+        emb = embed_snapshots(features, "pca", seed=kw.get("seed", 0))
+        if callback is not None:
+            callback(len(features), len(features))
+        return emb
+    reduced = reduce_features(features, pca_dims, kw.get("seed", 0))
+    coords: list[np.ndarray] = []
+    info: dict = {}
+    for i, r in enumerate(reduced):
+        c, info = embed_step(r, coords[-1] if coords else None, method, **kw)
+        coords.append(c)
+        if callback is not None:
+            callback(i + 1, len(reduced))
+    xlim, ylim = embedding_limits(coords)
+    return Embedding(coords, method, xlim, ylim, info)

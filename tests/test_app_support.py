@@ -1,0 +1,75 @@
+"""The small analysis helpers the app relies on (appended to cbnorm.analysis)."""
+import numpy as np
+import pytest
+import torch
+
+import cbnorm
+from cbnorm import analysis
+
+
+def test_steps_to_reach_first_step_at_or_above_target():
+    steps, accs = [100, 200, 300, 400], [0.5, 0.7, 0.69, 0.8]
+    assert analysis.steps_to_reach(steps, accs, 0.7) == 200
+    assert analysis.steps_to_reach(steps, accs, 0.5) == 100
+    assert analysis.steps_to_reach(steps, accs, 0.81) is None
+    # unordered curves are read by step; exactly equal counts as reached
+    assert analysis.steps_to_reach([300, 100, 200], [0.9, 0.1, 0.9], 0.9) == 200
+    with pytest.raises(ValueError, match="same length"):
+        analysis.steps_to_reach([1, 2], [0.1], 0.5)
+
+
+def test_smooth_is_a_trailing_mean():
+    v = np.array([1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(analysis.smooth(v, 2), [1.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(analysis.smooth(v, 1), v)
+    np.testing.assert_allclose(analysis.smooth(v, 10), np.cumsum(v) / np.arange(1, 5))
+    with pytest.raises(ValueError):
+        analysis.smooth(v, 0)
+
+
+def test_sample_components_joint_channel_and_without_mixture():
+    torch.manual_seed(0)
+    acn = cbnorm.build_norm("acn", 3, num_components=2).eval()
+    with torch.no_grad():
+        acn.mean.copy_(torch.tensor([[-5.0, -5.0, -5.0], [5.0, 5.0, 5.0]]))
+    x = torch.cat([torch.randn(4, 3, 2, 2) - 5, torch.randn(3, 3, 2, 2) + 5])
+    comp = analysis.sample_components(acn, x)
+    assert comp.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    acn_c = cbnorm.build_norm("acn", 3, num_components=2, posterior="channel").eval()
+    with torch.no_grad():
+        acn_c.mean.copy_(torch.tensor([[-5.0, -5.0, -5.0], [5.0, 5.0, 5.0]]))
+    assert analysis.sample_components(acn_c, x).tolist() == [0, 0, 0, 0, 1, 1, 1]
+    mode = cbnorm.build_norm("mode", 3, num_components=2).eval()
+    assert analysis.sample_components(mode, x).shape == (7,)
+    assert analysis.sample_components(cbnorm.build_norm("bn", 3).eval(), x) is None
+
+
+def test_embed_step_tsne_warm_start_stays_aligned():
+    rng = np.random.default_rng(0)
+    centers = np.array([[8.0] * 5, [-8.0] * 5, [8.0, -8.0, 8.0, -8.0, 8.0]])
+    lab = np.repeat(np.arange(3), 20)
+    x = centers[lab] + rng.normal(size=(60, 5))
+    first, info = analysis.embed_step(x, None, "tsne", perplexity=10, first_iters=200)
+    assert first.shape == (60, 2) and first.dtype == np.float32 and info["iterations"] == 200
+    second, _ = analysis.embed_step(x + 0.01 * rng.normal(size=x.shape), first, "tsne", perplexity=10,
+                                    refine_iters=30)
+    # a warm-started refinement of nearly the same data stays near the previous layout
+    span = np.ptp(first, axis=0).max()
+    assert np.abs(second - first).mean() < 0.2 * span
+    with pytest.raises(ValueError, match="prev"):
+        analysis.embed_step(x, first[:10], "tsne")
+    with pytest.raises(ValueError, match="method"):
+        analysis.embed_step(x, None, "pca")
+
+
+def test_embed_snapshots_warm_pca_and_limits():
+    rng = np.random.default_rng(1)
+    feats = [rng.normal(size=(30, 6)).astype(np.float32) for _ in range(3)]
+    calls = []
+    emb = analysis.embed_snapshots_warm(feats, "pca", callback=lambda i, n: calls.append((i, n)))
+    assert len(emb.coords) == 3 and "explained_variance_pct" in emb.info and calls[-1] == (3, 3)
+    (x0, x1), (y0, y1) = analysis.embedding_limits(emb.coords)
+    allc = np.concatenate(emb.coords)
+    assert x0 < allc[:, 0].min() and x1 > allc[:, 0].max() and y0 < allc[:, 1].min() and y1 > allc[:, 1].max()
+    red = analysis.reduce_features(feats, dims=4)
+    assert [r.shape for r in red] == [(30, 4)] * 3 and red[0].dtype == np.float64
