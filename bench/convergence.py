@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.speed import machine  # noqa: E402
-from cbnorm import data  # noqa: E402
+from cbnorm import analysis, data  # noqa: E402
 from cbnorm.models import ShallowCNN  # noqa: E402
 
 NORMS = {"bn": {}, "ln": {}, "gn": {}, "mn": {"num_components": 3}, "mode": {"num_components": 3},
@@ -36,11 +36,8 @@ NORMS = {"bn": {}, "ln": {}, "gn": {}, "mn": {"num_components": 3}, "mode": {"nu
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    """First step whose accuracy is >= target (the MN paper's acceleration measure), else None."""
-    for step, acc in curve:
-        if acc >= target - 1e-12:
-            return step
-    return None
+    """First step of ``curve`` [(step, acc)] at or above ``target`` (cbnorm.analysis.steps_to_reach)."""
+    return analysis.steps_to_reach([st for st, _ in curve], [a for _, a in curve], target)
 
 
 def tensors(ds: data.ArrayDataset, mean: float, std: float):
