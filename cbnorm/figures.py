@@ -1,0 +1,302 @@
+"""Plotly figure builders for the app (pages only lay them out).
+
+Every builder takes numpy arrays (passed to Plotly as arrays, which it ships as typed binary arrays) and
+returns a ``plotly.graph_objects.Figure`` with axis titles and a legend. ``figure_frame`` turns any figure's
+traces into a long table for the CSV download buttons.
+
+* ``histogram_grid``: per-channel histograms (density) with a mixture overlaid — each component's weighted
+  density dashed in its own colour, the mixture density solid (MN paper Fig. 1, CB-Norm paper Fig. 4) and,
+  optionally, the N(0, 1) density dotted as the target of a normalizer.
+* ``curves_figure``: lines (accuracy / error / loss against epochs or steps) for several runs.
+* ``embedding_figure`` / ``embedding_animation``: 2-D projections of activations (Scattergl, one trace per
+  colour group, fixed axis ranges); the animation has one frame per snapshot and its own play button/slider.
+* ``distributions_figure``: side-by-side histograms of several layers' outputs with N(0, 1) overlaid.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+__all__ = ["COLORS", "color", "histogram_grid", "curves_figure", "embedding_figure", "embedding_animation",
+           "distributions_figure", "figure_frame", "frame_csv", "normal_pdf"]
+
+#: categorical colours: Plotly's 10, then Dark24 for more groups
+COLORS: list[str] = list(qualitative.Plotly) + list(qualitative.Dark24)
+MIXTURE_COLOR = "#222222"
+NORMAL_COLOR = "#7f7f7f"
+HIST_COLOR = "rgba(99, 110, 250, 0.45)"
+
+
+def color(i: int) -> str:
+    return COLORS[int(i) % len(COLORS)]
+
+
+def normal_pdf(x: np.ndarray) -> np.ndarray:
+    """Density of N(0, 1) at ``x``."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _grid_shape(n: int, cols: int) -> tuple[int, int]:
+    cols = max(1, min(int(cols), n))
+    return int(math.ceil(n / cols)), cols
+
+
+def _density(values: np.ndarray, bins: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Histogram as a density: bin centres, heights, bin width."""
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    heights, edges = np.histogram(values, bins=bins, range=(lo, hi), density=True)
+    return 0.5 * (edges[:-1] + edges[1:]), heights, float(edges[1] - edges[0])
+
+
+def _mixture_curves(grid: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from .analysis import mixture_curves
+
+    comps, total = mixture_curves(grid, w[None], m[None], v[None])
+    return comps[0], total[0]
+
+
+def histogram_grid(values: np.ndarray, channels: Sequence[int], *,
+                   mixture: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
+                   component_names: Optional[Sequence[str]] = None, mixture_name: str = "mixture",
+                   reference_normal: bool = False, subtitles: Optional[Sequence[str]] = None, bins: int = 40,
+                   cols: int = 4, title: str = "", x_title: str = "activation", points: int = 200,
+                   height_per_row: int = 210) -> go.Figure:
+    """Grid of per-channel histograms (density) of ``values`` (G, M), one panel per entry of ``channels``.
+
+    ``mixture`` = (weights, means, variances), each (G, K): component k's weighted density w_k N(m_k, v_k)
+    is drawn dashed in colour k, the mixture (their sum) solid. ``reference_normal`` adds N(0, 1) dotted.
+    The legend shows each kind of line once (clicking it toggles that line in every panel)."""
+    values = np.asarray(values, dtype=np.float64)
+    g = values.shape[0]
+    if g != len(channels):
+        raise ValueError(f"values has {g} rows but {len(channels)} channels were named")
+    rows, ncols = _grid_shape(g, cols)
+    titles = [subtitles[i] if subtitles else f"channel {int(c)}" for i, c in enumerate(channels)]
+    two_lines = any("<br>" in t for t in titles)
+    height = max(320, 60 + (height_per_row + (25 if two_lines else 0)) * rows)
+    fig = make_subplots(rows=rows, cols=ncols, subplot_titles=titles, horizontal_spacing=0.06,
+                        vertical_spacing=min(0.3, (110 if two_lines else 75) / height))
+    for i in range(g):
+        r, c = i // ncols + 1, i % ncols + 1
+        row = values[i][np.isfinite(values[i])]
+        lo, hi = (float(row.min()), float(row.max())) if row.size else (-1.0, 1.0)
+        if reference_normal:
+            lo, hi = min(lo, -3.0), max(hi, 3.0)
+        if mixture is not None:  # show every component that carries weight, even far from the data
+            w, m, v = (np.asarray(a, dtype=np.float64)[i] for a in mixture)
+            keep = (w >= 0.01) & np.isfinite(m) & np.isfinite(v)
+            if keep.any():
+                sd = np.sqrt(np.maximum(v[keep], 0.0))
+                lo, hi = min(lo, float((m[keep] - 2.5 * sd).min())), max(hi, float((m[keep] + 2.5 * sd).max()))
+        centers, heights, width = _density(row, bins, lo, hi)
+        first = i == 0
+        fig.add_trace(go.Bar(x=centers, y=heights, width=width, marker_color=HIST_COLOR, name="histogram",
+                             legendgroup="histogram", showlegend=first, marker_line_width=0,
+                             hovertemplate="value %{x:.3g}<br>density %{y:.3g}<extra>channel " + str(int(channels[i]))
+                             + "</extra>"), row=r, col=c)
+        grid = np.linspace(lo, hi, points)
+        if mixture is not None:
+            w, m, v = (np.asarray(a, dtype=np.float64)[i] for a in mixture)
+            comps, total = _mixture_curves(grid, w, m, v)
+            for k in range(comps.shape[0]):
+                name = component_names[k] if component_names and k < len(component_names) else f"component {k + 1}"
+                fig.add_trace(go.Scatter(x=grid, y=comps[k], mode="lines", name=name, legendgroup=f"comp{k}",
+                                         showlegend=first, line=dict(color=color(k), dash="dash", width=1.6),
+                                         hovertemplate=f"{name} (weight {w[k]:.2f})<br>%{{x:.3g}}: %{{y:.3g}}"
+                                                       "<extra></extra>"), row=r, col=c)
+            fig.add_trace(go.Scatter(x=grid, y=total, mode="lines", name=mixture_name, legendgroup="mixture",
+                                     showlegend=first, line=dict(color=MIXTURE_COLOR, width=2.2),
+                                     hovertemplate=mixture_name + "<br>%{x:.3g}: %{y:.3g}<extra></extra>"),
+                          row=r, col=c)
+        if reference_normal:
+            fig.add_trace(go.Scatter(x=grid, y=normal_pdf(grid), mode="lines", name="N(0, 1)", legendgroup="normal",
+                                     showlegend=first, line=dict(color=NORMAL_COLOR, dash="dot", width=1.6),
+                                     hoverinfo="skip"), row=r, col=c)
+    fig.update_layout(title=title or None, height=height, bargap=0,
+                      margin=dict(l=40, r=10, t=(70 if title else 40) + (30 if two_lines else 0), b=40),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0 + (55 if two_lines else 30) / height, x=0))
+    fig.update_xaxes(title_text=x_title, title_font_size=11, row=rows)
+    fig.update_yaxes(title_text="density", title_font_size=11, col=1)
+    fig.update_annotations(font_size=12)
+    return fig
+
+
+def curves_figure(series: Sequence[dict], *, x_title: str, y_title: str, title: str = "",
+                  y_range: Optional[Sequence[float]] = None, height: int = 420) -> go.Figure:
+    """Lines for several runs. ``series``: dicts with ``name``, ``x``, ``y`` (arrays) and optional ``color``
+    index, ``dash``, ``markers`` (bool), ``group`` (legend group), ``showlegend``."""
+    fig = go.Figure()
+    for i, s in enumerate(series):
+        x, y = np.asarray(s["x"]), np.asarray(s["y"], dtype=np.float64)
+        fig.add_trace(go.Scatter(
+            x=x, y=y, name=s["name"], mode="lines+markers" if s.get("markers") else "lines",
+            legendgroup=s.get("group", s["name"]), showlegend=s.get("showlegend", True),
+            line=dict(color=color(s.get("color", i)), dash=s.get("dash", "solid"), width=s.get("width", 2)),
+            marker=dict(size=7),
+            hovertemplate=s["name"] + "<br>" + x_title + " %{x}<br>" + y_title + " %{y:.4g}<extra></extra>"))
+    fig.update_layout(title=title or None, height=height, margin=dict(l=50, r=10, t=50 if title else 20, b=45),
+                      xaxis_title=x_title, yaxis_title=y_title, hovermode="closest",
+                      legend=dict(title_text="run"))
+    if y_range is not None:
+        fig.update_yaxes(range=list(y_range))
+    return fig
+
+
+def _group_traces(coords: np.ndarray, groups: np.ndarray, group_names: Sequence[str], hover: Optional[np.ndarray],
+                  marker_size: float) -> list[go.Scattergl]:
+    traces = []
+    for k, name in enumerate(group_names):
+        sel = np.nonzero(groups == k)[0]
+        traces.append(go.Scattergl(
+            x=coords[sel, 0], y=coords[sel, 1], mode="markers", name=str(name), legendgroup=str(name),
+            marker=dict(color=color(k), size=marker_size, opacity=0.8),
+            text=None if hover is None else hover[sel],
+            hovertemplate=("%{text}<extra>" + str(name) + "</extra>") if hover is not None else
+            (str(name) + "<extra></extra>")))
+    return traces
+
+
+def _axes_titles(info: Optional[dict], method: str) -> tuple[str, str]:
+    label = {"pca": "PC", "tsne": "t-SNE ", "umap": "UMAP "}.get(method, "dim ")
+    pct = (info or {}).get("explained_variance_pct")
+    if method == "pca" and pct:
+        return f"PC1 ({pct[0]:.1f}% of variance)", f"PC2 ({pct[1]:.1f}% of variance)"
+    return f"{label}1", f"{label}2"
+
+
+def embedding_figure(coords: np.ndarray, groups: np.ndarray, group_names: Sequence[str], *,
+                     xlim: Sequence[float], ylim: Sequence[float], method: str = "pca", info: Optional[dict] = None,
+                     title: str = "", legend_title: str = "", hover: Optional[np.ndarray] = None,
+                     marker_size: float = 5, height: int = 560) -> go.Figure:
+    """One snapshot's 2-D projection (N, 2), one Scattergl trace per group, fixed axis ranges."""
+    coords = np.asarray(coords, dtype=np.float32)
+    groups = np.asarray(groups)
+    fig = go.Figure(_group_traces(coords, groups, group_names, hover, marker_size))
+    xt, yt = _axes_titles(info, method)
+    fig.update_layout(title=title or None, height=height, margin=dict(l=50, r=10, t=50 if title else 20, b=45),
+                      xaxis=dict(range=list(xlim), title=xt, autorange=False, zeroline=False),
+                      yaxis=dict(range=list(ylim), title=yt, autorange=False, zeroline=False),
+                      legend=dict(title_text=legend_title, itemsizing="constant"))
+    return fig
+
+
+def embedding_animation(coords: Sequence[np.ndarray], groups: Sequence[np.ndarray], group_names: Sequence[str],
+                        steps: Sequence[int], *, xlim: Sequence[float], ylim: Sequence[float], method: str = "pca",
+                        info: Optional[dict] = None, title: str = "", legend_title: str = "",
+                        hover: Optional[np.ndarray] = None, marker_size: float = 5, frame_ms: int = 700,
+                        height: int = 600) -> go.Figure:
+    """Plotly animation over snapshots: one frame per step (same traces = groups in each frame), fixed axes,
+    a play/pause button and a step slider. ``groups`` holds one (N,) array per snapshot (a colouring may
+    change with training, e.g. predictions)."""
+    if not (len(coords) == len(groups) == len(steps)) or not coords:
+        raise ValueError(f"coords, groups and steps must have the same non-zero length, got "
+                         f"{len(coords)}, {len(groups)}, {len(steps)}")
+    frames = []
+    for c, g, s in zip(coords, groups, steps):
+        frames.append(go.Frame(data=_group_traces(np.asarray(c, dtype=np.float32), np.asarray(g), group_names,
+                                                  hover, marker_size), name=f"step {int(s)}"))
+    fig = go.Figure(data=frames[0].data, frames=frames)
+    xt, yt = _axes_titles(info, method)
+    play = dict(frame=dict(duration=frame_ms, redraw=True), fromcurrent=True, transition=dict(duration=0))
+    fig.update_layout(
+        title=title or None, height=height, margin=dict(l=50, r=10, t=50 if title else 20, b=130),
+        xaxis=dict(range=list(xlim), title=xt, autorange=False, zeroline=False),
+        yaxis=dict(range=list(ylim), title=yt, autorange=False, zeroline=False),
+        legend=dict(title_text=legend_title, itemsizing="constant"),
+        updatemenus=[dict(type="buttons", direction="left", x=0.12, y=0, xanchor="right", yanchor="top",
+                          pad=dict(r=10, t=80), showactive=False,
+                          buttons=[dict(label="▶ play", method="animate", args=[None, play]),
+                                   dict(label="❚❚ pause", method="animate",
+                                        args=[[None], dict(frame=dict(duration=0, redraw=False), mode="immediate")])])],
+        sliders=[dict(active=0, x=0.12, y=0, len=0.88, xanchor="left", yanchor="top", pad=dict(b=10, t=55),
+                      currentvalue=dict(prefix="training step ", font=dict(size=13), xanchor="right"),
+                      steps=[dict(label=str(int(s)), method="animate",
+                                  args=[[f"step {int(s)}"], dict(mode="immediate", frame=dict(duration=0, redraw=True),
+                                                                 transition=dict(duration=0))])
+                             for s in steps])])
+    return fig
+
+
+def distributions_figure(values: Sequence[np.ndarray], names: Sequence[str], *, bins: int = 60,
+                         x_range: Optional[Sequence[float]] = None, subtitles: Optional[Sequence[str]] = None,
+                         cols: int = 3, reference_normal: bool = True, x_title: str = "output value",
+                         height_per_row: int = 280) -> go.Figure:
+    """Side-by-side histograms (density) of several 1-D samples (one panel each, shared x range), each
+    with the N(0, 1) density dotted for reference."""
+    n = len(values)
+    if n == 0 or n != len(names):
+        raise ValueError(f"need one name per sample, got {n} samples and {len(names)} names")
+    arrs = [np.asarray(v, dtype=np.float64).reshape(-1) for v in values]
+    arrs = [a[np.isfinite(a)] for a in arrs]
+    if x_range is None:
+        nonempty = [a for a in arrs if a.size]
+        lo = min([float(np.quantile(a, 0.001)) for a in nonempty] + [-3.0])
+        hi = max([float(np.quantile(a, 0.999)) for a in nonempty] + [3.0])
+        x_range = (lo, hi)
+    lo, hi = float(x_range[0]), float(x_range[1])
+    rows, ncols = _grid_shape(n, cols)
+    fig = make_subplots(rows=rows, cols=ncols, subplot_titles=list(subtitles or names), shared_xaxes=False,
+                        horizontal_spacing=0.06, vertical_spacing=min(0.15, 0.6 / max(rows, 1)))
+    grid = np.linspace(lo, hi, 200)
+    for i, (a, name) in enumerate(zip(arrs, names)):
+        r, c = i // ncols + 1, i % ncols + 1
+        centers, heights, width = _density(np.clip(a, lo, hi), bins, lo, hi)
+        fig.add_trace(go.Bar(x=centers, y=heights, width=width, name=str(name), marker_color=color(i),
+                             opacity=0.65, marker_line_width=0, showlegend=False,
+                             hovertemplate=str(name) + "<br>value %{x:.3g}<br>density %{y:.3g}<extra></extra>"),
+                      row=r, col=c)
+        if reference_normal:
+            fig.add_trace(go.Scatter(x=grid, y=normal_pdf(grid), mode="lines", name="N(0, 1)", legendgroup="normal",
+                                     showlegend=i == 0, line=dict(color=NORMAL_COLOR, dash="dot", width=1.6),
+                                     hoverinfo="skip"), row=r, col=c)
+        fig.update_xaxes(range=[lo, hi], row=r, col=c)
+    fig.update_layout(height=max(320, 60 + height_per_row * rows), bargap=0, margin=dict(l=40, r=10, t=50, b=40),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02 + 0.1 / max(rows, 1), x=0))
+    fig.update_xaxes(title_text=x_title, title_font_size=11, row=rows)
+    fig.update_yaxes(title_text="density", title_font_size=11, col=1)
+    return fig
+
+
+def figure_frame(fig: go.Figure):
+    """The data of every trace (and of every animation frame) as one long pandas DataFrame:
+    columns frame, trace, panel (x axis id), x, y (+ text when the trace has hover text)."""
+    import pandas as pd
+
+    parts = []
+
+    def add(traces, frame_name):
+        for t in traces:
+            x = getattr(t, "x", None)
+            y = getattr(t, "y", None)
+            if x is None or y is None:
+                continue
+            x, y = np.asarray(x), np.asarray(y)
+            n = min(len(x), len(y))
+            d = {"frame": frame_name, "trace": t.name or "", "panel": getattr(t, "xaxis", None) or "x",
+                 "x": x[:n], "y": y[:n]}
+            text = getattr(t, "text", None)
+            if text is not None and not isinstance(text, str) and len(text) >= n:
+                d["text"] = np.asarray(text)[:n]
+            parts.append(pd.DataFrame(d))
+
+    if fig.frames:
+        for fr in fig.frames:
+            add(fr.data, fr.name)
+    else:
+        add(fig.data, "")
+    if not parts:
+        return pd.DataFrame(columns=["frame", "trace", "panel", "x", "y"])
+    out = pd.concat(parts, ignore_index=True)
+    return out.drop(columns=["frame"]) if not fig.frames else out
+
+
+def frame_csv(df) -> bytes:
+    """CSV bytes of a DataFrame (for st.download_button)."""
+    return df.to_csv(index=False).encode("utf-8")
