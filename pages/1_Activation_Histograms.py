@@ -1,0 +1,88 @@
+"""Activation histograms: a layer's input and output per channel, with mixtures and normality numbers."""
+import streamlit as st
+
+from cbnorm import app_state as S
+from cbnorm import figures as F
+
+st.title("Activation histograms")
+st.caption("What enters and leaves one normalization layer on a minibatch of test images, channel by channel "
+           "(as in Fig. 1 of the MN paper and Fig. 4 of the CB-Norm paper).")
+
+sel = S.selection()
+with S.guard("Activation histograms"):
+    if not sel["run"]:
+        st.warning("No run to show: see the Home page.")
+        st.stop()
+    run = S.run_by_name(sel["run"])
+    layer = sel["layer"] or S.studied_layer(run)
+    info = S.layer_info(run, layer)
+
+    c1, c2, c3, c4 = st.columns([3, 2, 3, 3])
+    size = c1.select_slider("Minibatch size", options=[16, 32, 64, 128, 256, 512, 1024], value=256, key="hist_size",
+                            help="Number of test images drawn (with the sidebar's seed) and run through the model")
+    c2.button("Resample", on_click=S.next_seed, icon=":material/casino:",
+              help="Draw another minibatch (adds 1 to the seed in the sidebar)")
+    context_mode = "predicted"
+    if run.uses_context and run.contexts.get("label_derived"):
+        context_mode = c3.radio(
+            "Context given to context layers", ["predicted", "true"], horizontal=True, key="hist_context",
+            format_func=lambda m: {"predicted": "inferred (honest)", "true": "true superclass (oracle)"}[m],
+            help="Inferred: the model's context predictor (or CN+ mixing) decides, as at test time. True: the "
+                 "superclass derived from the label, which a real test image does not come with.")
+    k = c4.slider("K: fitted components", 1, 6, 3, key="hist_k",
+                  help="Components of the GMM fitted per channel with cbnorm.gmm: on the input of layers without "
+                       "their own mixture (BN, LN, GN), and on every output")
+
+    n_channels = info["num_features"]
+    c5, c6 = st.columns([2, 5])
+    mode = c5.radio("Channels", ["random", "choose"], horizontal=True, key="hist_ch_mode",
+                    format_func=lambda m: {"random": "random subset", "choose": "choose"}[m])
+    if mode == "random":
+        count = c6.slider("How many channels", 1, min(16, n_channels), min(8, n_channels), key="hist_count",
+                          help="A random subset of the layer's channels, drawn with the seed")
+        channels = S.pick_channels(n_channels, count, sel["seed"])
+    else:
+        channels = c6.multiselect("Channels to show", list(range(n_channels)), default=list(range(min(4, n_channels))),
+                                  max_selections=16, key="hist_channels")
+        if not channels:
+            st.info("Choose at least one channel.")
+            st.stop()
+
+    with st.spinner(f"Running {run.path.name} on {size} test images and fitting mixtures…"):
+        panel = S.histogram_panel(str(run.path), S.device(), layer, size, sel["seed"], context_mode,
+                                  tuple(int(c) for c in channels), k)
+    context_note = {"predicted": " · context inferred by the model", "true": " · true superclass given (oracle)"}
+    st.caption(f"Run **{run.path.name}** ({run.norm}) · layer `{layer}` ({info['class']}) · {size} test images, seed "
+               f"{sel['seed']} · {panel['points_per_channel']:,} values per channel (images × positions)"
+               f"{context_note[context_mode] if run.uses_context else ''} · device {S.device_label()}")
+    if panel["subsampled"]:
+        st.info(f"Each channel's values were subsampled to {S.MAX_VALUES:,} points for the histograms and fits.")
+
+    st.subheader("Input of the layer")
+    st.caption(f"Overlaid: {panel['source_in']} — each component's weighted density dashed in its own colour, "
+               "the mixture density solid.")
+    fig_in = F.histogram_grid(panel["input"], panel["channels"], mixture=panel["mix_in"],
+                              component_names=panel["names_in"], x_title="input activation")
+    st.plotly_chart(fig_in, key="hist_in_chart", config={"displaylogo": False})
+    S.download_figure(fig_in, f"{run.path.name}_{layer}_input_histograms.csv", key="hist_in_dl")
+
+    st.subheader("Output of the layer")
+    cols = st.columns(3)
+    for col, m in zip(cols, S.stats_summary(panel)):
+        col.metric(m["label"], m["value"], m["delta"], delta_color="inverse", help=m["help"])
+    st.caption(f"Overlaid: N(0, 1) dotted (what a normalizer aims at) and a {len(panel['names_out'])}-component GMM "
+               "fit of the output (components dashed, mixture solid). Panel titles: skewness, excess kurtosis and "
+               "Kolmogorov-Smirnov distance to N(0, 1).")
+    fig_out = F.histogram_grid(panel["output"], panel["channels"], mixture=panel["mix_out"],
+                               component_names=panel["names_out"], mixture_name="fitted mixture",
+                               reference_normal=True, subtitles=S.subtitle_stats(panel), x_title="output value")
+    st.plotly_chart(fig_out, key="hist_out_chart", config={"displaylogo": False})
+    S.download_figure(fig_out, f"{run.path.name}_{layer}_output_histograms.csv", key="hist_out_dl")
+
+    st.subheader("Normality per channel")
+    table = S.stats_table(panel)
+    st.dataframe(table, hide_index=True, key="hist_stats",
+                 column_config={c: st.column_config.NumberColumn(format="%.3f", help=S.STATS_HELP.get(c))
+                                for c in table.columns if c != "channel"})
+    st.caption("Skewness and excess kurtosis are 0 for a Gaussian; KS is the Kolmogorov-Smirnov statistic and W1 "
+               "the 1-Wasserstein distance between the channel's output values and N(0, 1).")
