@@ -124,6 +124,7 @@ class AdaptiveContextNorm(NormBase):
             with torch.no_grad():
                 resp = log_posteriors(x3, mu, var + self.eps, log_lam, self.posterior).exp()
             lam_b, mu_b, var_b = weighted_moments(x3, resp, self.posterior)
+            self._refuse_nonfinite(lam_b, mu_b, var_b)
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 f = self._ema_factor()

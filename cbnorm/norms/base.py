@@ -152,6 +152,22 @@ class NormBase(nn.Module):
         return context.to(device=x.device, dtype=torch.long)
 
     # ----------------------------------------------------------------- running
+    def _refuse_nonfinite(self, *stats: Tensor) -> None:
+        """Train mode, before any buffer is touched: ``ValueError`` when a minibatch statistic is NaN or inf.
+
+        That happens for NaN/inf input and for finite activations so large (|x| > ~1e19 in float32) that
+        their squares overflow; updating the running statistics / queue with them would lose all training so
+        far. Statistics are checked in the dtype of the layer's buffers (float64 input whose variance does not
+        fit the float32 running variance is refused too). One host sync per training step, on the small
+        statistics after any DDP all-reduce, so every rank agrees.
+        """
+        store = next((b.dtype for b in self.buffers() if b.is_floating_point()), torch.float32)
+        if not bool(torch.stack([torch.isfinite(s.detach().to(store)).all() for s in stats]).all()):
+            raise ValueError(
+                f"{type(self).__name__}: this minibatch gives non-finite statistics (NaN or inf in the input, or "
+                f"activations too large for {store} statistics, |x| > ~1e19); refusing to update the running "
+                f"statistics with it")
+
     def _ema_factor(self) -> float:
         """Weight of the new batch in the running average (after incrementing num_batches_tracked)."""
         if self.momentum is None:

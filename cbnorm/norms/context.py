@@ -57,12 +57,13 @@ class _ContextBase(NormBase):
         if priors is None:
             lam = torch.full((num_contexts,), 1.0 / num_contexts)
         else:
-            lam = torch.as_tensor(priors, dtype=torch.float32).flatten()
-            if lam.numel() != num_contexts:
-                raise ValueError(f"priors must have num_contexts={num_contexts} entries, got {lam.numel()}")
-            if not torch.isfinite(lam).all() or (lam <= 0).any():
+            # checked on the host, so the layer can also be built on the "meta" device (sizes without memory)
+            host = torch.as_tensor(priors, dtype=torch.float32, device="cpu").flatten()
+            if host.numel() != num_contexts:
+                raise ValueError(f"priors must have num_contexts={num_contexts} entries, got {host.numel()}")
+            if not torch.isfinite(host).all() or (host <= 0).any():
                 raise ValueError("priors must be positive and finite (proportion of samples per context)")
-            lam = lam / lam.sum()
+            lam = (host / host.sum()).to(torch.empty(0).device)
         self.register_buffer("priors", lam)
         self.prior_scaling = bool(prior_scaling)
         self.mixed_inference = bool(mixed_inference)
@@ -163,6 +164,7 @@ class ContextNorm(_ContextBase):
         ok = (samples >= 2)[:, None]  # a context with 0 or 1 sample falls back to running statistics
         mean = torch.where(ok, mean_b, self.running_mean.to(x3.dtype))
         var = torch.where(ok, var_b, self.running_var.to(x3.dtype))
+        self._refuse_nonfinite(mean_b.masked_fill(~ok, 0), var_b.masked_fill(~ok, 1))
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             f = self._ema_factor()

@@ -163,6 +163,7 @@ class MixtureNorm(NormBase):
         if self.training:
             resp = self.fit_posteriors(x3).to(x3.dtype)
             lam, mean, var = weighted_moments(x3, resp, self.posterior)  # eq. 35-36
+            self._refuse_nonfinite(lam, mean, var)  # finite but huge input can overflow the fit
             self.num_batches_tracked.add_(1)
             self._push(lam, mean, var)
             scale = torch.rsqrt(lam.clamp_min(1e-12))

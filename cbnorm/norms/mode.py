@@ -69,6 +69,7 @@ class ModeNorm(NormBase):
             mc = mean - shift
             sq = allreduce_sum(g.t() @ s2 - 2 * mc * (g.t() @ s1), self.sync_stats) + nk[:, None] * mc * mc
             var = (sq / nk.clamp_min(1e-12)[:, None]).clamp_min(0)
+            self._refuse_nonfinite(mean, var, nk)
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 f = self._ema_factor()
