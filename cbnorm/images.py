@@ -4,7 +4,8 @@
 ``ValueError`` with a message meant for the user (the app shows it with ``st.error``):
 
 * empty input, bytes that are not an image (text, a zip, ...), a file that is cut short (truncated PNG or
-  JPEG), a file PIL cannot decode;
+  JPEG), a file PIL cannot decode (whatever exception its plugin raises on hostile bytes: ``struct.error``
+  from a cut GIF frame table, ``NotImplementedError`` from a DDS with unknown flags, ...);
 * a decompression bomb: more than ``max_pixels`` pixels (default 50 megapixels). The size is read from the
   file's header *before* any pixel is decoded, so a tiny file that claims 100000 x 100000 pixels costs
   nothing. PIL's own guard (``Image.MAX_IMAGE_PIXELS``, ~89 MP by default, which *warns* between 1x and
@@ -103,6 +104,9 @@ def load_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
                              "cannot be decoded.") from None
         raise ValueError(f"The image file is corrupt or unsupported and cannot be decoded ({msg or type(err).__name__}).") \
             from None
+    except Exception as err:  # PIL's plugins raise more on hostile bytes (struct.error, NotImplementedError, ...)
+        raise ValueError(f"The image file is corrupt or unsupported and cannot be decoded "
+                         f"({type(err).__name__}: {err}).") from None
     if frames > 1:
         out.info["frames"] = frames
     return out
