@@ -83,6 +83,17 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+#: the largest model a config may describe (parameters + buffers, counted on the "meta" device before any
+#: memory is allocated): a tampered width / num_classes / dim cannot make load_run allocate terabytes
+MAX_MODEL_ELEMENTS = 100_000_000
+#: deepest ViT a config may describe (its layers are built one by one, even on the "meta" device)
+MAX_VIT_DEPTH = 256
+#: larger files are refused before they are read (a model at MAX_MODEL_ELEMENTS in float32, with AdamW's
+#: two moments in resume.safetensors, is ~1.2 GB)
+MAX_SAFETENSORS_BYTES = 16 * MAX_MODEL_ELEMENTS + (64 << 20)
+MAX_JSON_BYTES = 256 << 20
+#: image sides / channels a config may ask inputs to be resized to
+MAX_IMAGE_SIDE, MAX_CHANNELS = 16384, 64
 
 PathLike = str | os.PathLike
 
@@ -93,6 +104,9 @@ def read_json(path: Path, what: Optional[str] = None) -> Any:
     what = what or path.name
     if not path.is_file():
         raise ValueError(f"{what} is missing: expected a file at {path}")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{what} at {path} is {size} bytes, over the limit of {MAX_JSON_BYTES} for a JSON file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -102,6 +116,8 @@ def read_json(path: Path, what: Optional[str] = None) -> Any:
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} at {path} is malformed JSON: {err.msg} at line {err.lineno} "
                          f"column {err.colno}") from None
+    except RecursionError:
+        raise ValueError(f"{what} at {path} is malformed: its JSON is nested too deeply") from None
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -165,6 +181,10 @@ def read_safetensors(path: PathLike, what: Optional[str] = None, device: str | t
     what = what or path.name
     if not path.is_file():
         raise ValueError(f"{what} is missing: expected a file at {path}")
+    size = path.stat().st_size
+    if size > MAX_SAFETENSORS_BYTES:
+        raise ValueError(f"{what} at {path} is {size} bytes, over the limit of {MAX_SAFETENSORS_BYTES} "
+                         f"(cbnorm.runs.MAX_SAFETENSORS_BYTES); refusing to read it")
     data = path.read_bytes()
     foreign = None if data[8:9] == b"{" else _sniff_foreign(data[:64])  # safetensors: JSON header at byte 8
     if foreign:
@@ -196,10 +216,13 @@ def read_safetensors(path: PathLike, what: Optional[str] = None, device: str | t
             continue
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            numel = math.prod(int(s) for s in shape)
+            if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)
+                    and type(begin) is int and type(end) is int):
+                raise TypeError("shape and data_offsets must hold non-negative integers")
+            numel = math.prod(shape)
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{what} at {path} is corrupt: bad header entry for tensor {key!r}") from None
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise ValueError(f"{what} at {path}: tensor {key!r} has unsupported dtype {dtype!r}")
         if end - begin != numel * _ITEMSIZE[dtype] or begin < 0:
             raise ValueError(f"{what} at {path} is corrupt: tensor {key!r} of shape {shape} ({dtype}) has byte "
@@ -264,7 +287,7 @@ def validate_config(config: Any) -> dict:
         raise ValueError("config.json 'model' must be {\"name\": ..., \"kwargs\": {...}}")
     if daynight:
         from .models import DAYNIGHT_MODELS as MODELS
-    if model.get("name") not in MODELS:
+    if not isinstance(model.get("name"), str) or model["name"] not in MODELS:
         raise ValueError(f"config.json has unknown model {model.get('name')!r}; choose one of {sorted(MODELS)}")
     _norm_name(config["norm"], "norm")
     if config.get("input_norm") is not None:
@@ -285,13 +308,15 @@ def validate_config(config: Any) -> dict:
         h, w = (int(s) for s in pre["image_size"])
         mean = np.asarray(pre["mean"], dtype=np.float64).reshape(-1)
         std = np.asarray(pre["std"], dtype=np.float64).reshape(-1)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise ValueError("config.json 'preprocessing' must hold channels, image_size [H, W], mean and std "
                          "lists") from None
     if c < 1 or h < 1 or w < 1 or mean.shape != (c,) or std.shape != (c,) or not (std > 0).all() \
-            or not np.isfinite(mean).all():
+            or not np.isfinite(mean).all() or not np.isfinite(std).all() or c > MAX_CHANNELS \
+            or max(h, w) > MAX_IMAGE_SIDE:
         raise ValueError(f"config.json 'preprocessing' is inconsistent: channels={c}, image_size={[h, w]}, "
-                         f"mean={mean.tolist()}, std={std.tolist()} (one positive std per channel)")
+                         f"mean={mean.tolist()}, std={std.tolist()} (one positive finite std per channel, at most "
+                         f"{MAX_CHANNELS} channels and {MAX_IMAGE_SIDE} pixels a side)")
     files = config.get("files", DEFAULT_FILES)
     if not isinstance(files, dict):
         raise ValueError("config.json 'files' must be a JSON object of relative paths")
@@ -364,11 +389,23 @@ def build_model_from_config(config: Mapping) -> nn.Module:
     from .models import DAYNIGHT_MODELS, build_model
 
     validate_config(config)
-    try:
+    depth = (config["model"].get("kwargs") or {}).get("depth", 0)
+    if config["model"]["name"] == "vit" and isinstance(depth, int) and depth > MAX_VIT_DEPTH:
+        raise ValueError(f"config.json describes a ViT of depth {depth}, over the limit of {MAX_VIT_DEPTH}")
+
+    def build() -> nn.Module:
         if config["task"] == "daynight":
             return DAYNIGHT_MODELS[config["model"]["name"]](**_model_kwargs(config))
         return build_model(config["model"]["name"], **_model_kwargs(config))
-    except (TypeError, ValueError) as err:
+
+    try:
+        with torch.device("meta"):  # sizes first, no memory: a tampered config cannot allocate terabytes
+            size = sum(t.numel() for t in build().state_dict().values())
+        if size > MAX_MODEL_ELEMENTS:
+            raise ValueError(f"it has {size:,} parameters and buffers, over the limit of {MAX_MODEL_ELEMENTS:,} "
+                             f"(cbnorm.runs.MAX_MODEL_ELEMENTS; a tampered width, num_classes or dim?)")
+        return build()
+    except Exception as err:  # an untrusted config: any failure of a constructor means it is invalid
         raise ValueError(f"config.json describes a model that cannot be built: {err}") from None
 
 
@@ -408,6 +445,10 @@ def _match_state(model: nn.Module, tensors: Mapping[str, Tensor], what: str, con
 
 def _load_into(model: nn.Module, tensors: Mapping[str, Tensor], what: str, config: Mapping) -> nn.Module:
     _match_state(model, tensors, what, config)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{what} holds NaN or inf values in {len(bad)} tensor(s) ({bad[:5]}): a diverged or "
+                         f"tampered file")
     state = model.state_dict()
     with torch.no_grad():
         for k, v in tensors.items():
@@ -706,7 +747,7 @@ def load_run(path: PathLike, device: str | torch.device = "cpu") -> Run:
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} is not a directory (a run is a directory holding config.json, "
                          f"metrics.json and model.safetensors)")
-    config = validate_config(read_json(run_dir / CONFIG_NAME, "config.json"))
+    config = validate_config(read_json(_inside(run_dir, CONFIG_NAME, "config.json"), "config.json"))
     files = {**DEFAULT_FILES, **(config.get("files") or {})}
     weights_path = _inside(run_dir, files["weights"], "files.weights")
     metrics_path = _inside(run_dir, files["metrics"], "files.metrics")
