@@ -292,10 +292,10 @@ def test_compare_defaults_and_changes(app, app_runs):
     assert "input value" in charts(app)[2]["layout"]["xaxis"]["title"]["text"]
 
 
-def test_day_night_placeholder(app):
+def test_day_night_page_renders(app):
     app.switch_page(DAYNIGHT).run()
     no_problem(app)
-    assert "Coming soon" in texts(app)
+    assert "Day ↔ night transfer" in [t.value for t in app.title]  # the page itself: tests/test_app_daynight.py
 
 
 # ----------------------------------------------------------------------------------------------- failures

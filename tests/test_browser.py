@@ -24,7 +24,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 #: url path -> (name, number of Plotly figures the page shows with its defaults)
 PAGES = {"": ("home", 0), "histograms": ("histograms", 2), "evolution": ("evolution", 2),
-         "day-night": ("day_night", 0), "compare": ("compare", 3)}
+         "day-night": ("day_night", 1), "compare": ("compare", 3)}
 ERROR_SELECTOR = "[data-testid='stException'], [data-testid='stAlertContentError']"
 
 
