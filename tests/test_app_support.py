@@ -73,3 +73,13 @@ def test_embed_snapshots_warm_pca_and_limits():
     assert x0 < allc[:, 0].min() and x1 > allc[:, 0].max() and y0 < allc[:, 1].min() and y1 > allc[:, 1].max()
     red = analysis.reduce_features(feats, dims=4)
     assert [r.shape for r in red] == [(30, 4)] * 3 and red[0].dtype == np.float64
+
+
+def test_fit_reducer_matches_reduce_features():
+    rng = np.random.default_rng(2)
+    feats = [rng.normal(size=(40, 12)).astype(np.float32) for _ in range(3)]
+    red = analysis.reduce_features(feats, dims=5)
+    reducer = analysis.fit_reducer(feats[-1], dims=5)
+    for f, r in zip(feats, red):
+        np.testing.assert_allclose(reducer(f), r, rtol=1e-5, atol=1e-6)
+    assert analysis.fit_reducer(feats[-1], dims=50)(feats[0]).shape == (40, 12)
