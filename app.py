@@ -17,6 +17,7 @@ S.set_app_dir(HERE)
 
 st.set_page_config(page_title="cbnorm · normalizers at work", page_icon=":material/stacked_bar_chart:",
                    layout="wide")
+S.umap_warmup()  # compile UMAP once per process, in the background, long before the evolution page needs it
 
 PAGES = {
     "hist": "pages/1_Activation_Histograms.py",
@@ -105,8 +106,12 @@ def home() -> None:
         "animation to watch classes separate as training goes on.")
     st.page_link(PAGES["daynight"], label="Day ↔ night transfer", icon=":material/dark_mode:")
     st.markdown(
-        "Turning a day photo into a night one (and back) by normalizing with one context's learned statistics "
-        "and de-normalizing with the other's. This page is a placeholder until that feature lands.")
+        "The \"American night\" experiment of the Context Normalization paper: a photo is normalized with the day "
+        "context's parameters and de-normalized with the night context's (or back), with a learned input-level "
+        "context norm, an autoencoder with context norms inside, or plain per-context statistics. Pick a bundled "
+        "photo or upload one, set the strength, compare input and output side by side, inspect each context's "
+        "parameters, fit contexts from your own day and night photos, and read the measured quality on held-out "
+        "photos.")
     st.page_link(PAGES["compare"], label="Compare normalizers", icon=":material/compare_arrows:")
     st.markdown(
         "Runs side by side: test error and loss against epochs or steps; a table of final and best accuracy, "

@@ -416,8 +416,8 @@ class EvolutionParams:
     learning_rate: float | str = "auto"
     n_neighbors: int = 15
     min_dist: float = 0.1
-    refine_iters: int = 150
-    first_iters: int = 500
+    refine_iters: int = 100
+    first_iters: int = 400
     max_snapshots: int = 0  # 0 = every snapshot
 
     def key(self) -> tuple:
@@ -470,11 +470,12 @@ def _feature_args(p: EvolutionParams) -> tuple:
     return (p.run, device(), p.layer, p.size, p.seed, p.which, p.pool)
 
 
-@st.cache_data(max_entries=16, ttl=TTL, show_spinner=False)
-def _reduced(run_path: str, dev: str, layer: str, size: int, seed: int, which: str, pool: bool,
-             steps: tuple[int, ...]) -> list[np.ndarray]:
-    feats = [snapshot_features(run_path, dev, s, layer, size, seed, which, pool)["features"] for s in steps]
-    return analysis.reduce_features(feats, 50, seed)
+@st.cache_resource(max_entries=16, ttl=TTL, show_spinner=False)
+def _reducer(run_path: str, dev: str, layer: str, size: int, seed: int, which: str, pool: bool, last_step: int
+             ) -> analysis.Reducer:
+    """PCA to 50 dimensions fitted on the last snapshot's features (t-SNE / UMAP input)."""
+    last = snapshot_features(run_path, dev, last_step, layer, size, seed, which, pool)["features"]
+    return analysis.fit_reducer(last, 50, seed)
 
 
 @st.cache_data(max_entries=256, ttl=TTL, show_spinner=False)
@@ -482,10 +483,35 @@ def _embedding_at(key: tuple, steps: tuple[int, ...], i: int) -> tuple[np.ndarra
     """Snapshot i's 2-D embedding, warm-started from snapshot i-1's (itself cached)."""
     p = EvolutionParams(*key)
     prev = _embedding_at(key, steps, i - 1)[0] if i > 0 else None
-    red = _reduced(*_feature_args(p), steps)
-    return analysis.embed_step(red[i], prev, p.method, perplexity=p.perplexity, learning_rate=p.learning_rate,
+    run_path, dev, layer, size, seed, which, pool = _feature_args(p)
+    reduce = _reducer(run_path, dev, layer, size, seed, which, pool, steps[-1])
+    x = reduce(snapshot_features(run_path, dev, steps[i], layer, size, seed, which, pool)["features"])
+    return analysis.embed_step(x, prev, p.method, perplexity=p.perplexity, learning_rate=p.learning_rate,
                                n_neighbors=p.n_neighbors, min_dist=p.min_dist, seed=p.seed,
                                first_iters=p.first_iters, refine_iters=p.refine_iters)
+
+
+def _prefetch_features(p: EvolutionParams, steps: Sequence[int]) -> threading.Thread:
+    """Compute (and cache) the features of ``steps`` in a background thread, so that the model runs of the
+    next snapshots overlap the projection of the current one (torch and openTSNE release the GIL). The main
+    thread asks the same cache and waits on its per-key lock when a snapshot is still being computed."""
+    from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+
+    run_path, dev, layer, size, seed, which, pool = _feature_args(p)
+
+    def work():
+        for s in steps:
+            try:
+                snapshot_features(run_path, dev, s, layer, size, seed, which, pool)
+            except Exception:  # noqa: BLE001 - the main thread recomputes and reports it
+                return
+
+    t = threading.Thread(target=work, name="cbnorm-prefetch", daemon=True)
+    ctx = get_script_run_ctx(suppress_warning=True)
+    if ctx is not None:
+        add_script_run_ctx(t, ctx)
+    t.start()
+    return t
 
 
 @st.cache_data(max_entries=32, ttl=TTL, show_spinner=False)
@@ -497,7 +523,7 @@ def _pca_embedding(key: tuple, steps: tuple[int, ...]) -> tuple[list[np.ndarray]
     return emb.coords, emb.info
 
 
-@st.cache_resource(show_spinner=False)
+@st.cache_resource(max_entries=1, ttl=7 * 24 * 3600, show_spinner=False)
 def umap_warmup() -> threading.Thread:
     """Compile UMAP's numba code once per process, in a background thread (started on first call)."""
     def work():
@@ -520,33 +546,36 @@ def umap_warmup() -> threading.Thread:
 def evolution(p: EvolutionParams, progress: Optional[Callable[[float, str], None]] = None) -> dict:
     """The projection of every (chosen) snapshot, with colourings. Each stage is cached separately (features
     per snapshot; t-SNE/UMAP per snapshot, each warm-started from the previous), so a change of colour or
-    snapshot reuses everything and a new perplexity reuses the features. ``progress(fraction, text)``."""
+    snapshot reuses everything and a new perplexity reuses the features. For t-SNE/UMAP the features of the
+    next snapshots are computed in the background while the current one is projected.
+    ``progress(fraction, text)`` reports each stage."""
     run = get_run(p.run, device())
     steps = tuple(evolution_steps(run, p.max_snapshots))
     sample = evolution_sample(p.run, device(), p.size, p.seed)
     say = progress or (lambda f, t: None)
-    feats = []
     n = len(steps)
-    embed_share = 0.15 if p.method == "pca" else 0.75
-    for i, s in enumerate(steps):
-        say((1 - embed_share) * i / n, f"activations at step {s} ({i + 1}/{n})")
-        feats.append(snapshot_features(p.run, device(), s, p.layer, p.size, p.seed, p.which, p.pool))
+    fa = _feature_args(p)
     if p.method == "pca":
-        say(1 - embed_share, "PCA")
+        for i, s in enumerate(steps):
+            say(0.85 * i / n, f"activations at step {s} ({i + 1}/{n})")
+            snapshot_features(fa[0], fa[1], s, *fa[2:])
+        say(0.85, "PCA")
         coords, info = _pca_embedding(p.key(), steps)
     elif p.method in ("tsne", "umap"):
+        name = {"tsne": "t-SNE", "umap": "UMAP"}[p.method]
         if p.method == "umap":
-            say(1 - embed_share, "waiting for UMAP's one-time compilation")
+            say(0.0, "waiting for UMAP's one-time compilation")
             umap_warmup().join()
-        coords = []
-        info = {}
+        prefetch = _prefetch_features(p, (steps[-1],) + steps[:-1])
+        coords, info = [], {}
         for i, s in enumerate(steps):
-            say((1 - embed_share) + embed_share * i / n, f"{p.method.upper().replace('TSNE', 't-SNE')} at step {s} "
-                f"({i + 1}/{n})")
+            say(i / n, f"{name} at step {s} ({i + 1}/{n}): activations, then projection")
             c, info = _embedding_at(p.key(), steps, i)
             coords.append(c)
+        prefetch.join()
     else:
         raise ValueError(f"method must be pca, tsne or umap, got {p.method!r}")
+    feats = [snapshot_features(fa[0], fa[1], s, *fa[2:]) for s in steps]
     say(1.0, "done")
     xlim, ylim = analysis.embedding_limits(coords)
     return {"steps": list(steps), "coords": coords, "xlim": xlim, "ylim": ylim, "info": info,

@@ -17,7 +17,6 @@ with S.guard("Cluster evolution"):
     layer = sel["layer"] or S.studied_layer(run)
     info = S.layer_info(run, layer)
     all_steps = S.evolution_steps(run)
-    S.umap_warmup()  # compiles UMAP once per process, in the background
     ss = st.session_state
 
     with st.form("evo_form"):
@@ -39,10 +38,10 @@ with S.guard("Cluster evolution"):
                                     "structure, high values global structure (TensorBoard's projector: 2–100)")
         lr = t2.select_slider("t-SNE learning rate", options=["auto", 10, 50, 100, 200, 500, 1000], value="auto",
                               key="evo_lr", help="Step size of the optimisation; auto = N / exaggeration (openTSNE)")
-        refine = t3.slider("Iterations per later snapshot", 25, 500, 150, step=25, key="evo_refine",
+        refine = t3.slider("Iterations per later snapshot", 25, 500, 100, step=25, key="evo_refine",
                            help="t-SNE iterations (UMAP epochs) for each snapshot after the first, started from the "
-                                "previous layout (the first gets a full run of 500 iterations). More = each frame "
-                                "closer to its own optimum, slower.")
+                                "previous layout (the first snapshot gets a full run: 400 t-SNE iterations, UMAP's "
+                                "default epochs). More = each frame closer to its own optimum, slower.")
         u1, u2, u3 = st.columns(3)
         neighbors = u1.slider("UMAP neighbours", 5, 50, 15, key="evo_neighbors",
                               help="Size of the local neighbourhood UMAP preserves: small = local detail, large = "
