@@ -138,7 +138,11 @@ class NormBase(nn.Module):
         if context is None:
             return None
         if not isinstance(context, Tensor):
-            context = torch.as_tensor(context)
+            try:
+                context = torch.as_tensor(context)
+            except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # [None, ...], "day", 2**70, ...
+                raise TypeError(f"context must be an integer (long) tensor of ids (N,), got "
+                                f"{type(context).__name__} that torch cannot read as one ({err})") from None
         if context.is_floating_point() or context.dtype == torch.bool or context.is_complex():
             raise TypeError(f"context must be an integer (long) tensor of ids, got dtype {context.dtype}")
         if context.dim() != 1 or context.shape[0] != x.shape[0]:
