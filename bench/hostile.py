@@ -10,7 +10,9 @@ Three doors, each with fixed hand-made cases and ``--cases`` seeded random ones:
 * every layer of ``cbnorm.NORMS`` (and the variants moving_average / channel posteriors / tokens), train and
   eval mode, fresh or warmed up: tensors of rank 1..5, N in {0, 1, 2, 7}, matching or wrong C, NaN, +-inf,
   huge, tiny, zeros, float16 / bfloat16 / float32 / float64 and integer / bool / complex dtypes, non-tensors,
-  and context ids in and out of range, of the wrong length, float, bool, 2-D, lists, strings;
+  and context ids in and out of range, of the wrong length, float, bool, 2-D, lists, strings (random cases
+  come in three kinds: "chaos", any argument hostile; "values", a well-formed call with hostile values;
+  "well_formed", finite values from 1e-30 to 1e15, which must be accepted);
 * ``cbnorm.load_run``: pickled files renamed ``.safetensors``, truncated files, headers claiming huge sizes,
   mismatched architectures, tampered configs (unknown norms, absurd widths), paths escaping the run directory
   (``..``, absolute, symbolic links), malformed metrics, empty directories; plus random mutations of
@@ -389,19 +391,32 @@ def check_layer_call(layer: cbnorm.NormBase, x: Any, context: Any, *, seed: int 
     return "accepted"
 
 
-def random_layer_case(r: random.Random) -> dict:
-    """One random layer case as plain choices (the keywords of run_layer_case)."""
-    label = r.choice(list(LAYER_SPECS))
+LAYER_CASE_KINDS = ("chaos", "values", "well_formed")
+
+
+def random_layer_case(r: random.Random, kind: str = "chaos") -> dict:
+    """One random layer case as plain choices (the keywords of run_layer_case). ``kind``: "chaos" (any
+    argument may be hostile: shapes, dtypes, non-tensors, contexts, values), "values" (a well-formed call
+    with hostile values: NaN, +-inf, 1e30, zeros, constants, any float dtype) or "well_formed" (finite values
+    from 1e-30 to 1e15: must be accepted)."""
+    label = r.choice(sorted(LAYER_SPECS))
+    name, spec = LAYER_SPECS[label]
     c = r.choice([2, 3, 4])
-    spec = LAYER_SPECS[label][1]
-    rank = r.choice([1, 2, 3, 3, 4, 4, 5]) if not spec.get("channel_last") else r.choice([2, 3, 3, 3, 4])
-    return dict(
-        label=label, c=c, warm=r.random() < 0.6, train=r.random() < 0.5, rank=rank, n=r.choice([0, 1, 2, 7, 7]),
-        c_in=c if r.random() < 0.85 else c + r.choice([-1, 1]), dims=tuple(r.randint(1, 3) for _ in range(3)),
-        dtype=r.choice(FLOAT_DTYPES * 4 + OTHER_DTYPES), scale=r.choice(SCALES), offset=r.choice([0.0, 3.0]),
-        inject=tuple((r.choice(["nan", "inf", "-inf"]), r.random()) for _ in range(r.choice([0, 0, 0, 1, 3]))),
-        constant=r.random() < 0.1, x_kind=r.choice(["tensor"] * 17 + ["list", "ndarray", "none"]),
-        context_kind=r.choice(("auto",) * 8 + CONTEXT_KINDS), seed=r.randrange(2**31))
+    case = dict(label=label, c=c, warm=r.random() < 0.6, train=r.random() < 0.5,
+                rank=3 if spec.get("channel_last") else r.randint(2, 5), n=7, c_in=c,
+                dims=tuple(r.randint(1, 3) for _ in range(3)), dtype=r.choice(FLOAT_DTYPES),
+                scale=r.choice([1e-30, 1e-8, 1.0, 1e4, 1e15]), offset=r.choice([0.0, 3.0]), seed=r.randrange(2**31))
+    if kind == "well_formed":
+        return case
+    case.update(n=r.choice([7, 2, 1]), scale=r.choice(SCALES), constant=r.random() < 0.15,
+                inject=tuple((r.choice(["nan", "inf", "-inf"]), r.random()) for _ in range(r.choice([0, 1, 1, 3]))),
+                context_kind=r.choice(["auto", "valid"]) if name in ("cn", "cnx", "cn-embed") else "auto")
+    if kind == "values":
+        return case
+    case.update(rank=r.randint(1, 5), n=r.choice([0, 1, 2, 7]), c_in=r.choice([c, c - 1, c + 1]),
+                dtype=r.choice(FLOAT_DTYPES + OTHER_DTYPES),
+                x_kind=r.choice(["tensor", "tensor", "list", "ndarray", "none"]), context_kind=r.choice(CONTEXT_KINDS))
+    return case
 
 
 def run_layer_case(*, label: str, c: int, warm: bool, train: bool, seed: int = 0, **input_kw) -> str:
@@ -860,8 +875,15 @@ def bench_images(tally: Tally, cases: int, seed: int) -> None:
 def bench_layers(tally: Tally, cases: int, seed: int) -> None:
     r = random.Random(seed)
     for i in range(cases):
-        case = random_layer_case(r)
-        tally.run(f"layers/{case['label']}", lambda: run_layer_case(**case), json.dumps(case, default=str))
+        kind = LAYER_CASE_KINDS[i % 3]
+        case = random_layer_case(r, kind)
+
+        def one() -> str:
+            outcome = run_layer_case(**case)
+            if kind == "well_formed" and outcome != "accepted":
+                raise ContractViolation("a well-formed call with finite values was refused")
+            return outcome
+        tally.run(f"layers/random_{kind}", one, json.dumps(case, default=str))
     for label in LAYER_SPECS:  # the named hostile inputs, on every layer and mode
         for train in (True, False):
             c = 4
