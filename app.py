@@ -130,9 +130,8 @@ def sidebar() -> None:
     the widgets ("w_run", ...) are re-seeded from them on each run, so the choice survives page switches."""
     ss = st.session_state
     with st.sidebar:
-        if st.button("Reload runs", icon=":material/refresh:",
-                     help="Forget every cached run, activation and projection and read the runs directory again"):
-            S.clear_caches()
+        st.button("Reload runs", icon=":material/refresh:", on_click=S.clear_caches,
+                  help="Forget every cached run, activation and projection and read the runs directory again")
         ss.setdefault("seed", 0)
         with S.guard("Runs"):
             runs = S.classify_runs()
@@ -169,10 +168,10 @@ def sidebar() -> None:
 
 nav = st.navigation([
     st.Page(home, title="Home", icon=":material/home:", default=True),
-    st.Page(PAGES["hist"], title="Activation histograms", icon=":material/bar_chart:", url_path="histograms"),
-    st.Page(PAGES["evo"], title="Cluster evolution", icon=":material/scatter_plot:", url_path="evolution"),
-    st.Page(PAGES["daynight"], title="Day ↔ night transfer", icon=":material/dark_mode:", url_path="day-night"),
-    st.Page(PAGES["compare"], title="Compare normalizers", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page(PAGES["hist"], title="Activation histograms", icon=":material/bar_chart:"),
+    st.Page(PAGES["evo"], title="Cluster evolution", icon=":material/scatter_plot:"),
+    st.Page(PAGES["daynight"], title="Day ↔ night transfer", icon=":material/dark_mode:"),
+    st.Page(PAGES["compare"], title="Compare normalizers", icon=":material/compare_arrows:"),
 ])
 sidebar()
 nav.run()

@@ -70,11 +70,27 @@ def device_label() -> str:
     return f"CPU ({torch.get_num_threads()} torch threads)"
 
 
+# ============================================================================ page frame
+def page_setup() -> None:
+    """Call first in every page script. With a ``pages/`` folder next to app.py, Streamlit starts each server
+    process in its legacy multipage mode and runs a deep-linked page (e.g. a browser tab reloading
+    /Cluster_Evolution after a restart) on its own, without app.py's frame (page config, sidebar, selection),
+    until some session has run app.py's ``st.navigation``. Switch the process to app.py's navigation and
+    rerun, so the page runs inside the frame."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 # ============================================================================ errors
 @contextmanager
 def guard(what: str = ""):
     """Show any exception raised inside as ``st.error`` with its message (never a traceback); Streamlit's
-    own control flow (st.stop, st.rerun) passes through. The traceback goes to the server log."""
+    own control flow (st.stop, st.rerun) passes through. The traceback goes to the server log.
+    Also puts a page opened on its own back into app.py's frame (:func:`page_setup`)."""
+    page_setup()
     try:
         yield
     except Exception as err:  # noqa: BLE001 - the app must stay up and say what went wrong
@@ -202,6 +218,11 @@ def layer_info(run: Run, name: str) -> dict:
             "uses_context": bool(getattr(m, "uses_context", False)), "num_components": k,
             "channel_last": bool(getattr(m, "channel_last", False)), "num_features": int(m.num_features),
             "has_components": hasattr(m, "posteriors") or hasattr(m, "gates")}
+
+
+def set_flag(name: str) -> None:
+    """Button callback: set ``st.session_state[name] = True`` (read, and cleared, by the page)."""
+    st.session_state[name] = True
 
 
 def next_seed() -> None:

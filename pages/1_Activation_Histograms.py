@@ -4,6 +4,8 @@ import streamlit as st
 from cbnorm import app_state as S
 from cbnorm import figures as F
 
+S.page_setup()  # inside app.py's frame, also when the page is opened directly
+
 st.title("Activation histograms")
 st.caption("What enters and leaves one normalization layer on a minibatch of test images, channel by channel "
            "(as in Fig. 1 of the MN paper and Fig. 4 of the CB-Norm paper).")

@@ -4,6 +4,8 @@ import streamlit as st
 from cbnorm import app_state as S
 from cbnorm import figures as F
 
+S.page_setup()  # inside app.py's frame, also when the page is opened directly
+
 st.title("Cluster evolution")
 st.caption("How the representation at one layer organizes itself during training (as in Fig. 3/11/16 of the "
            "CB-Norm paper): the same test images at every snapshot, projected to 2-D.")
@@ -52,14 +54,15 @@ with S.guard("Cluster evolution"):
         if len(all_steps) > 2:
             max_snaps = u3.slider("Snapshots", 2, len(all_steps), len(all_steps), key="evo_snaps",
                                   help="How many snapshots to project (evenly spread; first and last always included)")
-        submitted = st.form_submit_button("Run projection", type="primary", icon=":material/play_arrow:")
+        st.form_submit_button("Run projection", type="primary", icon=":material/play_arrow:", on_click=S.set_flag,
+                              args=("evo_submitted",))
 
     params = S.EvolutionParams(run=str(run.path), layer=layer, size=int(size), seed=sel["seed"], which=which,
                                pool=bool(pool), method=method, perplexity=float(perplexity), learning_rate=lr,
                                n_neighbors=int(neighbors), min_dist=float(min_dist), refine_iters=int(refine),
                                max_snapshots=int(max_snaps))
     shown = ss.get("evo_params")
-    if submitted:
+    if ss.pop("evo_submitted", False):
         shown = params
     elif shown is None or (shown.run, shown.layer) != (params.run, params.layer):
         shown = params if params.method == "pca" else None  # PCA is quick enough to run without asking

@@ -4,6 +4,8 @@ import streamlit as st
 from cbnorm import app_state as S
 from cbnorm import figures as F
 
+S.page_setup()  # inside app.py's frame, also when the page is opened directly
+
 st.title("Compare normalizers")
 st.caption("Chosen runs side by side: how fast and how far they learn, what they cost, and what their studied "
            "layers output on the same images.")

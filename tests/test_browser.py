@@ -22,9 +22,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-#: url path -> (name, number of Plotly figures the page shows with its defaults)
-PAGES = {"": ("home", 0), "histograms": ("histograms", 2), "evolution": ("evolution", 2),
-         "day-night": ("day_night", 1), "compare": ("compare", 3)}
+#: url path -> (name, number of Plotly figures the page shows with its defaults). The first visit is a deep
+#: link on a fresh server: the page must still run inside app.py's frame (sidebar with the run picker).
+PAGES = {"Activation_Histograms": ("histograms", 2), "": ("home", 0), "Cluster_Evolution": ("evolution", 2),
+         "Day_Night_Transfer": ("day_night", 1), "Compare_Normalizers": ("compare", 3)}
 ERROR_SELECTOR = "[data-testid='stException'], [data-testid='stAlertContentError']"
 
 
@@ -94,7 +95,10 @@ def visit(base_url: str, shots: Path, timeout_ms: int = 120_000, width: int = 12
                         timeout=timeout_ms)
                 seconds = time.perf_counter() - t0
                 errors = [e.inner_text()[:500] for e in page.query_selector_all(ERROR_SELECTOR)]
+                errors += [d.inner_text()[:200] for d in page.query_selector_all("[role='dialog']")
+                           if "not found" in d.inner_text().lower()]
                 figs = page.eval_on_selector_all(".js-plotly-plot", "els => els.length")
+                framed = page.query_selector("[data-testid='stSidebar'] [data-testid='stSelectbox']") is not None
                 # the app scrolls inside its main block: grow the viewport to the content for a whole-page shot
                 height = page.evaluate("() => { const m = document.querySelector(\"[data-testid='stMain']\");"
                                        " return m ? m.scrollHeight : document.body.scrollHeight; }")
@@ -104,7 +108,7 @@ def visit(base_url: str, shots: Path, timeout_ms: int = 120_000, width: int = 12
                 page.screenshot(path=str(shot), full_page=True)
                 page.set_viewport_size({"width": width, "height": 900})
                 report[name] = {"figures": figs, "errors": errors, "seconds": seconds, "screenshot": str(shot),
-                                "expected_figures": n_figs}
+                                "expected_figures": n_figs, "framed": framed}
         finally:
             browser.close()
     return report
@@ -126,6 +130,7 @@ def test_every_page_in_chromium(app_runs, tmp_path_factory):
     for name, r in report.items():
         assert not r["errors"], f"{name}: error box shown: {r['errors']}"
         assert r["figures"] >= r["expected_figures"], f"{name}: {r['figures']} figures, expected {r['expected_figures']}"
+        assert r["framed"], f"{name}: shown without app.py's sidebar (run picker)"
         assert Path(r["screenshot"]).stat().st_size > 5_000
 
 
