@@ -362,7 +362,10 @@ def histogram_panel(run_path: str, dev: str, layer: str, size: int, seed: int, c
         source = f"the layer's own {info['class']} parameters"
         names = component_names(run, info, w.shape[1])
         if info["kind"] == "mn":
-            source += " (inference mixture of the queued minibatch fits, eq. 38)"
+            module_k = int(info["num_components"] or 1)
+            names = [f"fit {i // module_k + 1} · component {i % module_k + 1}" for i in range(w.shape[1])]
+            source += (f" — the inference mixture of eq. 38 over the {w.shape[1] // module_k} queued minibatch "
+                       f"fits of {module_k} components each")
     else:
         kk = int(min(k, vin.shape[1]))
         w, m, v = analysis.fit_channel_mixtures(vin, kk, seed=seed)

@@ -67,12 +67,13 @@ def histogram_grid(values: np.ndarray, channels: Sequence[int], *,
                    component_names: Optional[Sequence[str]] = None, mixture_name: str = "mixture",
                    reference_normal: bool = False, subtitles: Optional[Sequence[str]] = None, bins: int = 40,
                    cols: int = 4, title: str = "", x_title: str = "activation", points: int = 200,
-                   height_per_row: int = 210) -> go.Figure:
+                   height_per_row: int = 210, max_legend_components: int = 8) -> go.Figure:
     """Grid of per-channel histograms (density) of ``values`` (G, M), one panel per entry of ``channels``.
 
     ``mixture`` = (weights, means, variances), each (G, K): component k's weighted density w_k N(m_k, v_k)
     is drawn dashed in colour k, the mixture (their sum) solid. ``reference_normal`` adds N(0, 1) dotted.
-    The legend shows each kind of line once (clicking it toggles that line in every panel)."""
+    The legend shows each kind of line once (clicking it toggles that line in every panel); with more than
+    ``max_legend_components`` components (MN's queue of T fits x K) they share one legend entry."""
     values = np.asarray(values, dtype=np.float64)
     g = values.shape[0]
     if g != len(channels):
@@ -105,10 +106,14 @@ def histogram_grid(values: np.ndarray, channels: Sequence[int], *,
         if mixture is not None:
             w, m, v = (np.asarray(a, dtype=np.float64)[i] for a in mixture)
             comps, total = _mixture_curves(grid, w, m, v)
+            many = comps.shape[0] > max_legend_components  # one legend entry for all of them
             for k in range(comps.shape[0]):
                 name = component_names[k] if component_names and k < len(component_names) else f"component {k + 1}"
-                fig.add_trace(go.Scatter(x=grid, y=comps[k], mode="lines", name=name, legendgroup=f"comp{k}",
-                                         showlegend=first, line=dict(color=color(k), dash="dash", width=1.6),
+                fig.add_trace(go.Scatter(x=grid, y=comps[k], mode="lines",
+                                         name=f"{comps.shape[0]} components" if many else name, meta=name,
+                                         legendgroup="components" if many else f"comp{k}",
+                                         showlegend=first and (not many or k == 0),
+                                         line=dict(color=color(k), dash="dash", width=1.6),
                                          hovertemplate=f"{name} (weight {w[k]:.2f})<br>%{{x:.3g}}: %{{y:.3g}}"
                                                        "<extra></extra>"), row=r, col=c)
             fig.add_trace(go.Scatter(x=grid, y=total, mode="lines", name=mixture_name, legendgroup="mixture",
@@ -266,7 +271,8 @@ def distributions_figure(values: Sequence[np.ndarray], names: Sequence[str], *, 
 
 def figure_frame(fig: go.Figure):
     """The data of every trace (and of every animation frame) as one long pandas DataFrame:
-    columns frame, trace, panel (x axis id), x, y (+ text when the trace has hover text)."""
+    columns frame, trace (its ``meta`` when that is a string, else its name), panel (x axis id), x, y
+    (+ text when the trace has hover text)."""
     import pandas as pd
 
     parts = []
@@ -279,7 +285,8 @@ def figure_frame(fig: go.Figure):
                 continue
             x, y = np.asarray(x), np.asarray(y)
             n = min(len(x), len(y))
-            d = {"frame": frame_name, "trace": t.name or "", "panel": getattr(t, "xaxis", None) or "x",
+            label = t.meta if isinstance(getattr(t, "meta", None), str) else (t.name or "")
+            d = {"frame": frame_name, "trace": label, "panel": getattr(t, "xaxis", None) or "x",
                  "x": x[:n], "y": y[:n]}
             text = getattr(t, "text", None)
             if text is not None and not isinstance(text, str) and len(text) >= n:
