@@ -62,11 +62,11 @@ def home() -> None:
             st.subheader("Loaded runs")
             pct = lambda label, help: st.column_config.NumberColumn(label, format="percent", help=help)  # noqa: E731
             st.dataframe(
-                [{"run": r["name"], "norm": r["norm"], "dataset": r["dataset"],
+                [{"run": r["name"], "norm": r["norm"], "test_acc": r["test_acc"], "oracle": r["test_acc_oracle"],
+                  "mixed": r["test_acc_mixed"], "best": r["best_test_acc"], "dataset": r["dataset"],
                   "model": f"{r['model']} ({', '.join(r['layers'])})", "contexts": r["contexts"],
-                  "test_acc": r["test_acc"], "oracle": r["test_acc_oracle"], "mixed": r["test_acc_mixed"],
-                  "best": r["best_test_acc"], "epochs": r["epochs"], "steps": r["steps"],
-                  "snapshots": r["snapshots"], "params": r["params"]} for r in classify],
+                  "epochs": r["epochs"], "steps": r["steps"], "snapshots": r["snapshots"], "params": r["params"]}
+                 for r in classify],
                 hide_index=True, key="home_runs",
                 column_config={
                     "model": st.column_config.TextColumn("model (studied layers)"),

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -548,10 +549,12 @@ def _pca_embedding(key: tuple, steps: tuple[int, ...]) -> tuple[list[np.ndarray]
 
 
 @st.cache_resource(max_entries=1, ttl=7 * 24 * 3600, show_spinner=False)
-def umap_warmup() -> threading.Thread:
-    """Compile UMAP's numba code once per process, in a background thread (started on first call)."""
+def umap_warmup(delay_s: float = 3.0) -> threading.Thread:
+    """Compile UMAP's numba code once per process, in a background thread (started on first call, after
+    ``delay_s`` so that the first page render does not share the CPU with the compiler)."""
     def work():
         try:
+            time.sleep(delay_s)
             import umap
 
             rng = np.random.default_rng(0)

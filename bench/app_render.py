@@ -1,0 +1,168 @@
+"""How long the app takes on this machine: each page's first render and each main action, measured with
+Streamlit's AppTest (the scripts' own run time: model runs, fits, projections and figure building), then
+each page's first visit in Chromium on a fresh server (until the script is idle and the figures are drawn;
+skipped without /usr/bin/chromium or with --no-browser). Runs on the committed checkpoints/ (or $CBNORM_RUNS).
+
+    python bench/app_render.py [--points 2000] [--out bench/results/app_render.json]
+
+One process, one session, pages visited in a user's order (Home first, so loading the runs is counted
+there). The headline is the cluster-evolution page with t-SNE on 2,000 test images over every snapshot:
+cold (nothing cached) against the goal of 20 s, then cached (colour change, snapshot slider, re-running the
+same projection) against the goal of 1 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HIST, EVO, COMPARE = ("pages/1_Activation_Histograms.py", "pages/2_Cluster_Evolution.py",
+                      "pages/4_Compare_Normalizers.py")
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "loadavg_start": os.getloadavg()[0]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--points", type=int, default=2000, help="test images of the t-SNE evolution (2000)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "app_render.json"))
+    ap.add_argument("--no-browser", action="store_true",
+                    help="skip the second part: each page's first render in Chromium (fresh server)")
+    a = ap.parse_args(argv)
+
+    import faulthandler
+
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    faulthandler.dump_traceback_later(400, exit=False)  # show where a stalled run is stuck
+
+    info = machine()
+    timings: list[dict] = []
+
+    def timed(what: str, page: str, fn, goal: float | None = None, **extra):
+        t0 = time.perf_counter()
+        at = fn()
+        dt = time.perf_counter() - t0
+        problems = [e.value for e in at.exception] + [e.value for e in at.error]
+        row = {"page": page, "action": what, "seconds": round(dt, 3), **extra}
+        if goal is not None:
+            row["goal_s"] = goal
+            row["meets_goal"] = dt < goal
+        if problems:
+            row["problems"] = [str(p)[:300] for p in problems]
+        timings.append(row)
+        print(f"{page:12s} {what:60s} {dt:8.2f} s" + (f"  (goal {goal} s)" if goal else "")
+              + (f"  PROBLEMS {problems}" if problems else ""), flush=True)
+        return at
+
+    def click(at, label):
+        next(b for b in at.button if b.label == label).click()
+        return at.run()
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    timed("first render (loads every run; starts UMAP's background compilation)", "home", at.run)
+    timed("rerun (cached)", "home", at.run)
+    from cbnorm import app_state
+
+    t0 = time.perf_counter()
+    app_state.umap_warmup().join()  # measured apart: a one-time cost per process, paid in the background
+    timings.append({"page": "(process)", "action": "UMAP warm-up finishes (background thread, once per process)",
+                    "seconds": round(time.perf_counter() - t0, 3), "note": "time waited after Home's first render"})
+    print(f"UMAP warm-up waited {timings[-1]['seconds']} s", flush=True)
+
+    timed("first render (defaults: 256 images, 8 channels)", "histograms", lambda: at.switch_page(HIST).run())
+    at.slider(key="hist_k").set_value(2)
+    timed("change K (refit the output mixtures)", "histograms", at.run)
+    timed("resample the minibatch (new seed)", "histograms", lambda: click(at, "Resample"))
+    at.select_slider(key="hist_size").set_value(1024)
+    timed("minibatch of 1024 images", "histograms", at.run)
+    at.slider(key="hist_count").set_value(16)
+    timed("16 channels", "histograms", at.run)
+
+    timed("first render (defaults: PCA, 1,000 images, every snapshot)", "evolution", lambda: at.switch_page(EVO).run())
+    at.radio(key="evo_colour").set_value(at.radio(key="evo_colour").options[-1])
+    timed("change colouring (cached)", "evolution", at.run)
+    n_snap = len(at.select_slider(key="evo_step").options)
+    at.radio(key="evo_method").set_value("tsne")
+    at.slider(key="evo_size").set_value(a.points)
+    timed(f"t-SNE on {a.points:,} images x {n_snap} snapshots, cold", "evolution", lambda: click(at, "Run projection"),
+          goal=20.0, points=a.points, snapshots=n_snap)
+    at.radio(key="evo_colour").set_value(at.radio(key="evo_colour").options[0])
+    timed("t-SNE: change colouring (cached)", "evolution", at.run, goal=1.0)
+    at.select_slider(key="evo_step").set_value(at.select_slider(key="evo_step").options[0])
+    timed("t-SNE: move the snapshot slider (cached)", "evolution", at.run, goal=1.0)
+    timed("t-SNE: run the same projection again (cached)", "evolution", lambda: click(at, "Run projection"), goal=1.0)
+    at.slider(key="evo_perplexity").set_value(50)
+    timed(f"t-SNE perplexity 50 (features cached, projection recomputed)", "evolution",
+          lambda: click(at, "Run projection"))
+    at.radio(key="evo_method").set_value("umap")
+    timed(f"UMAP on {a.points:,} images x {n_snap} snapshots, cold (compiled in the background)", "evolution",
+          lambda: click(at, "Run projection"))
+    at.radio(key="evo_method").set_value("pca")
+    timed(f"PCA on {a.points:,} images (features cached)", "evolution", lambda: click(at, "Run projection"))
+
+    timed("first render (every run, live panel 128 images)", "compare", lambda: at.switch_page(COMPARE).run())
+    at.radio(key="cmp_x").set_value("epoch")
+    timed("x axis: epochs", "compare", at.run)
+    at.select_slider(key="cmp_size").set_value(512)
+    timed("live panel with 512 images", "compare", at.run)
+
+    if not a.no_browser and Path("/usr/bin/chromium").exists():
+        # the same pages in a real browser, on a fresh server: until the script is idle and the figures drawn
+        import tempfile
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_browser import free_port, start_server, stop_server, visit
+
+        port = free_port()
+        runs = Path(os.environ.get("CBNORM_RUNS") or ROOT / "checkpoints")
+        t0 = time.perf_counter()
+        proc = start_server(runs.resolve(), port)
+        timings.append({"page": "(browser)", "action": "streamlit server start until healthy",
+                        "seconds": round(time.perf_counter() - t0, 3)})
+        try:
+            with tempfile.TemporaryDirectory() as shots:
+                for name, r in visit(f"http://127.0.0.1:{port}", Path(shots)).items():
+                    timings.append({"page": name, "action": "browser: first visit until idle with figures drawn "
+                                    "(fresh server; histograms first, as a deep link)",
+                                    "seconds": round(r["seconds"], 3), "figures": r["figures"]})
+                    print(f"{name:12s} browser first visit {r['seconds']:8.2f} s", flush=True)
+        finally:
+            stop_server(proc)
+
+    info["loadavg_end"] = os.getloadavg()[0]
+    result = {"benchmark": "app page renders and actions: AppTest (script time) and Chromium (until drawn)",
+              "runs": str(os.environ.get("CBNORM_RUNS") or ROOT / "checkpoints"), "machine": info, "timings": timings,
+              "note": "One process and session in a user's order; cold = nothing cached in the process. Other jobs "
+                      "may share the CPU: see loadavg."}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
