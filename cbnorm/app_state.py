@@ -237,6 +237,16 @@ def selection() -> dict:
     return {"run": ss.get("run"), "layer": ss.get("layer"), "seed": int(ss.get("seed", 0) or 0)}
 
 
+def selected_layer(sel: dict) -> tuple[Run, str, dict]:
+    """(run, layer name, layer info) of the sidebar selection; warns and stops the page when no run exists."""
+    if not sel["run"]:
+        st.warning("No run to show: see the Home page.")
+        st.stop()
+    run = run_by_name(sel["run"])
+    layer = sel["layer"] or studied_layer(run)
+    return run, layer, layer_info(run, layer)
+
+
 # ============================================================================ data
 @st.cache_resource(max_entries=4, ttl=TTL, show_spinner="Loading the test set…")
 def test_data(name: str):

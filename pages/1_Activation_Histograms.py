@@ -12,12 +12,7 @@ st.caption("What enters and leaves one normalization layer on a minibatch of tes
 
 sel = S.selection()
 with S.guard("Activation histograms"):
-    if not sel["run"]:
-        st.warning("No run to show: see the Home page.")
-        st.stop()
-    run = S.run_by_name(sel["run"])
-    layer = sel["layer"] or S.studied_layer(run)
-    info = S.layer_info(run, layer)
+    run, layer, info = S.selected_layer(sel)
 
     c1, c2, c3, c4 = st.columns([3, 2, 3, 3])
     size = c1.select_slider("Minibatch size", options=[16, 32, 64, 128, 256, 512, 1024], value=256, key="hist_size",

@@ -12,12 +12,7 @@ st.caption("How the representation at one layer organizes itself during training
 
 sel = S.selection()
 with S.guard("Cluster evolution"):
-    if not sel["run"]:
-        st.warning("No run to show: see the Home page.")
-        st.stop()
-    run = S.run_by_name(sel["run"])
-    layer = sel["layer"] or S.studied_layer(run)
-    info = S.layer_info(run, layer)
+    run, layer, info = S.selected_layer(sel)
     all_steps = S.evolution_steps(run)
     ss = st.session_state
 
