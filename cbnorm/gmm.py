@@ -433,9 +433,13 @@ def _sufficient_stats(feats: Tensor, resp: Tensor, w: Tensor | None, d: int):
 def _m_step(feats: Tensor, resp: Tensor, w: Tensor | None, prev_means: Tensor, prev_vars: Tensor,
             reg_covar: float):
     """Maximisation step (sklearn's diag estimator); empty components keep their previous mean/variance."""
-    d = prev_means.shape[-1]
-    m = feats.shape[-1]
-    sxx, sx, nk = _sufficient_stats(feats, resp, w, d)
+    stats = _sufficient_stats(feats, resp, w, prev_means.shape[-1])
+    return _m_step_from_stats(*stats, feats.shape[-1], prev_means, prev_vars, reg_covar)
+
+
+def _m_step_from_stats(sxx: Tensor, sx: Tensor, nk: Tensor, m: int, prev_means: Tensor, prev_vars: Tensor,
+                       reg_covar: float):
+    """The M-step from sufficient statistics (G,K,D), (G,K,D), (G,K) over m points."""
     total = nk.sum(-1, keepdim=True)  # (G, 1): total point weight
     eps = torch.finfo(nk.dtype).eps
     alive = nk > (10.0 * eps / m) * total  # (G, K); relative to the mean point weight
@@ -564,13 +568,12 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
         centers = torch.where(alive, sx / torch.where(alive, nk.unsqueeze(-1), torch.ones_like(sx)), centers)
 
     # 2. Initial GMM from hard assignments; an empty cluster keeps its center and the group's variance.
-    ones = torch.ones((g, 1, m), dtype=dtype, device=x.device)
-    sxx_all, sx_all, n_all = _sufficient_stats(feats, ones, w, d)
-    n_all = n_all.clamp_min(torch.finfo(dtype).tiny).unsqueeze(-1)
-    mean_all = sx_all / n_all
-    group_vars = (sxx_all / n_all - mean_all * mean_all).clamp_min_(0.0).add_(reg_covar)  # (G, 1, D)
-    resp = _hard_resp(_nearest(xt, centers), k, dtype)
-    mix, means, vars = _m_step(feats, resp, w, centers, group_vars.expand(g, k, d), reg_covar)
+    #    The clusters partition the points, so the group's statistics are the sums of the clusters' ones.
+    sxx, sx, nk = _sufficient_stats(feats, _hard_resp(_nearest(xt, centers), k, dtype), w, d)
+    n_all = nk.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny).unsqueeze(-1)  # (G, 1, 1)
+    mean_all = sx.sum(1, keepdim=True) / n_all
+    group_vars = (sxx.sum(1, keepdim=True) / n_all - mean_all * mean_all).clamp_min_(0.0).add_(reg_covar)
+    mix, means, vars = _m_step_from_stats(sxx, sx, nk, m, centers, group_vars.expand(g, k, d), reg_covar)
 
     # 3. EM.
     for _ in range(iters):

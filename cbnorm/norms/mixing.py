@@ -9,6 +9,14 @@ with per-component, per-channel coefficients A, B of shape (K, C). We never buil
 ``y = x * (tau @ A) + tau @ B`` is two matmuls on (M, K) posteriors. Posteriors are computed in log space
 with the Gaussian normaliser and a softmax over the component axis, on the channels-first layout.
 
+Two formulations of the same numbers (``_compiling()`` picks one; both are tested against each other):
+* eager: batched matmuls ``torch.bmm(W.expand(N, K, C), x3)`` — an explicit bmm over the N samples, because
+  ``torch.matmul((K, C), (N, C, P))`` folds a transposed copy of x3 in forward and backward (2.3x slower
+  for fwd+bwd at N=256, C=128, P=64, K=3 on one CPU thread);
+* under ``torch.compile``: broadcast reductions over an (N, K, C, P) expression, which inductor fuses into
+  one loop over the data without materialising it (ACN fwd+bwd at the shape above: 4.3x BatchNorm eager,
+  1.25x compiled). In eager mode that expression would be an (M, K, C) temporary, so it is never used there.
+
 ``posterior`` says what a "point" is:
 * ``"joint"``   one diagonal Gaussian over the C channels at each position (the MN paper's reading of
                 "dimension D"; default);
@@ -34,6 +42,16 @@ def check_posterior(posterior: str, allowed: tuple[str, ...] = POSTERIORS) -> st
     return posterior
 
 
+def _compiling() -> bool:
+    """True while dynamo traces (torch.compile): use the fusable broadcast formulation."""
+    return torch.compiler.is_compiling()
+
+
+def _batched_left(w: Tensor, x3: Tensor) -> Tensor:
+    """(R, S) @ (N, S, P) -> (N, R, P) as one explicit bmm over N (no transposed copy of x3)."""
+    return torch.bmm(w.expand(x3.shape[0], *w.shape), x3)
+
+
 def joint_log_prob(x3: Tensor, means: Tensor, vars: Tensor) -> Tensor:
     """log N(x_np | mu_k, diag var_k) over the C channels of every position: x3 (N, C, P) -> (N, K, P).
 
@@ -41,13 +59,16 @@ def joint_log_prob(x3: Tensor, means: Tensor, vars: Tensor) -> Tensor:
     copy of x, no (N, K, C, P) tensor), after shifting by the mean of the component means so float32 stays
     accurate far from 0; the Mahalanobis term is clamped at 0. Includes the Gaussian normaliser.
     """
+    prec = torch.reciprocal(vars)  # (K, C)
+    lognorm = -0.5 * (vars.shape[-1] * _LOG_2PI + torch.log(vars).sum(-1))  # (K,)
+    if _compiling():  # exact squared distances; fused by inductor, never materialised
+        d = x3[:, None, :, :] - means[None, :, :, None]  # (N, K, C, P) expression
+        return lognorm[None, :, None] - 0.5 * (d * d * prec[None, :, :, None]).sum(dim=2)
     shift = means.mean(dim=0)  # (C,)
     xs = x3 - shift[None, :, None]
     mu = means - shift
-    prec = torch.reciprocal(vars)  # (K, C)
     mp = mu * prec
-    maha = torch.matmul(prec, xs * xs) - 2.0 * torch.matmul(mp, xs) + (mu * mp).sum(-1)[None, :, None]
-    lognorm = -0.5 * (vars.shape[-1] * _LOG_2PI + torch.log(vars).sum(-1))  # (K,)
+    maha = _batched_left(prec, xs * xs) - 2.0 * _batched_left(mp, xs) + (mu * mp).sum(-1)[None, :, None]
     return lognorm[None, :, None] - 0.5 * maha.clamp_min(0.0)
 
 
@@ -88,9 +109,12 @@ def mix_affine(x3: Tensor, resp: Tensor, a: Tensor, b: Tensor, posterior: str) -
     elif posterior == "sample":  # resp (N, K)
         coef_a = (resp @ a).unsqueeze(-1)
         coef_b = (resp @ b).unsqueeze(-1)
+    elif _compiling():  # fused by inductor: sum over K of an (N, K, C, P) expression
+        r = resp[:, :, None, :]
+        return (r * (a[None, :, :, None] * x3[:, None, :, :] + b[None, :, :, None])).sum(dim=1)
     else:  # resp (N, K, P): (C, K) @ (N, K, P) -> (N, C, P), channels-first like x3
-        coef_a = torch.matmul(a.t(), resp)
-        coef_b = torch.matmul(b.t(), resp)
+        coef_a = _batched_left(a.t(), resp)
+        coef_b = _batched_left(b.t(), resp)
     return torch.addcmul(coef_b, x3, coef_a)
 
 
