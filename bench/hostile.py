@@ -561,6 +561,12 @@ def _nan_running_var(d: Path, tmp: Path) -> None:
     runs._save_safetensors(d / "model.safetensors", tensors, meta)
 
 
+def _negative_running_var(d: Path, tmp: Path) -> None:
+    tensors, meta = runs.read_safetensors(d / "model.safetensors")
+    tensors["blocks.conv3.norm.running_var"][0, 1] = -2.0
+    runs._save_safetensors(d / "model.safetensors", tensors, meta)
+
+
 def _swap_shapes(d: Path, tmp: Path) -> None:
     tensors, meta = runs.read_safetensors(d / "model.safetensors")
     tensors["head.weight"] = tensors["head.weight"].t().contiguous()  # same bytes, transposed shape
@@ -637,6 +643,7 @@ RUN_CASES: dict[str, dict[str, Callable[[Path, Path], None]]] = {
                                                                                  "image_size": 8})),
         "transposed_tensor": _swap_shapes,
         "nan_in_weights": _nan_running_var,
+        "negative_running_var": _negative_running_var,
     },
     "config": {
         "unknown_norm": _cfg_case(lambda c: c.update(norm="supernorm")),

@@ -148,12 +148,114 @@ def bench_network(device: str, reps: int, k: int = 3) -> list[dict]:
     return out
 
 
+def interleaved(fns: dict, device: str, reps: int) -> dict:
+    """Median ms of each zero-argument function, run round-robin ``reps`` times after one warm-up each."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            times[k].append(timed(f, device))
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+COMPILED = ["mn", "mn-fit25", "acn", "mode", "cn", "cnx"]
+
+
+def bench_compiled(device: str, reps: int, shapes: list[tuple], k: int = 3) -> list[dict]:
+    """torch.compile (inductor) of each goal layer against eager and compiled nn.BatchNorm2d, K = 3."""
+    out = []
+    for shape in shapes:
+        n, c = shape[:2]
+        x = torch.randn(*shape, device=device, requires_grad=True)
+        ctx = torch.arange(n, device=device) % k
+        bn = make("bn-torch", c, k, device)
+        fns = {"bn": step_fn(bn, x, ctx), "bn_compiled": step_fn(torch.compile(bn), x, ctx)}
+        compile_s = {}
+        for name in COMPILED:
+            t = time.perf_counter()
+            fns[name] = step_fn(torch.compile(make(name, c, k, device)), x, ctx)
+            fns[name]()  # compiles
+            compile_s[name] = time.perf_counter() - t
+        ms = interleaved(fns, device, reps)
+        for name in COMPILED:
+            rec = {"layer": name, "shape": list(shape), "K": k, "compiled_ms": ms[name], "bn_ms": ms["bn"],
+                   "compiled_bn_ms": ms["bn_compiled"], "ratio_to_bn": ms[name] / ms["bn"],
+                   "ratio_to_compiled_bn": ms[name] / ms["bn_compiled"], "compile_s": compile_s[name]}
+            out.append(rec)
+            print(f"compiled {name:9s} {str(shape):18s} {rec['ratio_to_bn']:6.2f}x eager BN, "
+                  f"{rec['ratio_to_compiled_bn']:.2f}x compiled BN (compile {compile_s[name]:.0f} s)", flush=True)
+    return out
+
+
+def bench_levers(device: str, reps: int, compiled: bool = True) -> list[dict]:
+    """Each speed lever A/B on N=256, C=128, 8x8, K=3: the plain formulation (still in the library or
+    written out here) against the one the layers use, forward+backward, interleaved."""
+    from cbnorm import gmm
+    from cbnorm.norms import mixing
+    from cbnorm.norms.adaptive import posterior_batch_norm, weighted_moments
+
+    n, c, p, k = 256, 128, 64, 3
+    g = torch.Generator(device=device).manual_seed(0)
+    x3 = torch.randn(n, c, p, device=device, generator=g).requires_grad_()
+    w = torch.randn(k, c, device=device, generator=g).requires_grad_()
+    resp = torch.softmax(torch.randn(n, k, p, device=device, generator=g), dim=1)
+    gain = torch.ones(c, device=device, requires_grad=True)
+    bias = torch.zeros(c, device=device, requires_grad=True)
+
+    def back(y):
+        y.sum().backward()
+
+    def plain_moments():
+        lam, mean, var = weighted_moments(x3, resp, "joint")
+        a, b = mixing.normalizing_coefficients(mean, var, 1e-5, torch.rsqrt(lam)[:, None], gain, bias)
+        back(mixing.mix_affine(x3, resp, a, b, "joint"))
+
+    pts = x3.detach().transpose(1, 2).reshape(n * p, c)[None]  # (1, M, C) contiguous
+    pts_t = x3.detach().transpose(0, 1).reshape(c, n * p)  # (C, M) contiguous
+    sub = torch.randperm(n * p, device=device, generator=g)[: n * p // 4].sort().values
+
+    def bn_path(distributed: bool):
+        layer = cbnorm.build_norm("bn", c).to(device)
+        layer._distributed = lambda: distributed
+        x4 = x3.detach().reshape(n, c, 8, 8).requires_grad_()
+        return lambda: back(layer(x4))
+
+    pairs = [
+        ("bmm over N instead of matmul((K, C), (N, C, P))", "matmul", lambda: back(torch.matmul(w, x3)),
+         "bmm", lambda: back(mixing._batched_left(w, x3))),
+        ("hand-written backward of MN eq. 34-36", "autograd", plain_moments,
+         "posterior_batch_norm", lambda: back(posterior_batch_norm(x3, resp, gain, bias, 1e-5)[0])),
+        ("GMM fit on the (C, M) layout, no input check (MN)", "(M, C) + check", lambda: gmm.fit(pts, k),
+         "(C, M)", lambda: gmm.fit(pts_t.t()[None], k, check_finite=False)),
+        ("fit on 25% of the points (MN fit_fraction)", "all points", lambda: gmm.fit(pts_t.t()[None], k, check_finite=False),
+         "25%", lambda: gmm.fit(pts_t.index_select(1, sub).t()[None], k, check_finite=False)),
+        ("BatchNorm: native kernels outside DDP", "all-reduce path", bn_path(True), "native", bn_path(False)),
+    ]
+    if compiled:
+        acn = make("acn", c, k, device)
+        acn_compiled = torch.compile(acn)
+        x4 = x3.detach().reshape(n, c, 8, 8).requires_grad_()
+        pairs.append(("torch.compile of ACN (broadcast formulation, fused)", "eager", lambda: back(acn(x4)),
+                      "compiled", lambda: back(acn_compiled(x4))))
+    out = []
+    for lever, a_name, a_fn, b_name, b_fn in pairs:
+        ms = interleaved({a_name: a_fn, b_name: b_fn}, device, reps)
+        rec = {"lever": lever, "before": a_name, "after": b_name, "before_ms": ms[a_name], "after_ms": ms[b_name],
+               "speedup": ms[a_name] / ms[b_name]}
+        out.append(rec)
+        print(f"lever {lever:52s} {rec['before_ms']:7.2f} -> {rec['after_ms']:7.2f} ms ({rec['speedup']:.2f}x)",
+              flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="one shape, K=3 only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -161,7 +263,10 @@ def main(argv=None) -> None:
     shapes = SHAPES[:1] if a.quick else SHAPES
     result = {"machine": machine(a.device), "method": "forward+backward, interleaved with nn.BatchNorm2d, "
               f"median of {a.reps} per-repetition ratios", "layers": bench_layers(a.device, a.reps, ks, shapes),
-              "network": bench_network(a.device, a.reps)}
+              "network": bench_network(a.device, a.reps),
+              "levers": bench_levers(a.device, a.reps, compiled=not a.no_compile)}
+    if not a.no_compile:
+        result["compiled"] = bench_compiled(a.device, a.reps, shapes)
     result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out = Path(a.out or f"bench/results/speed{'' if a.device == 'cpu' else '_' + a.device.replace(':', '')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -443,12 +443,21 @@ def _match_state(model: nn.Module, tensors: Mapping[str, Tensor], what: str, con
         raise ValueError(f"{what} does not match the architecture in config.json ({arch}): " + "; ".join(parts))
 
 
+#: state entries that a layer can only ever hold >= 0 (variances, mixture weights, counters)
+NONNEGATIVE_STATE = frozenset({"running_var", "queue_vars", "running_weights", "queue_weights",
+                               "num_batches_tracked", "queue_count", "queue_ptr", "priors"})
+
+
 def _load_into(model: nn.Module, tensors: Mapping[str, Tensor], what: str, config: Mapping) -> nn.Module:
     _match_state(model, tensors, what, config)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"{what} holds NaN or inf values in {len(bad)} tensor(s) ({bad[:5]}): a diverged or "
                          f"tampered file")
+    neg = [k for k, v in tensors.items() if k.rsplit(".", 1)[-1] in NONNEGATIVE_STATE and bool((v < 0).any())]
+    if neg:
+        raise ValueError(f"{what} holds negative values in {len(neg)} tensor(s) ({neg[:5]}) that are variances, "
+                         f"mixture weights or counters: a tampered file")
     state = model.state_dict()
     with torch.no_grad():
         for k, v in tensors.items():

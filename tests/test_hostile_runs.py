@@ -40,6 +40,7 @@ MESSAGES = {
     "overlapping_tensors": "corrupt",
     "transposed_tensor": r"head\.weight: \(\d+, 4\) in the file, \(4, \d+\) in the model",
     "nan_in_weights": r"NaN or inf values in 1 tensor\(s\) \(\['blocks\.conv3\.norm\.running_var'\]\)",
+    "negative_running_var": r"negative values in 1 tensor\(s\) \(\['blocks\.conv3\.norm\.running_var'\]\)",
     "width_50": "over the limit of 100,000,000",
     "width_1e9": "cannot be built",
     "width_inf": "cannot be built",

@@ -200,6 +200,11 @@ def test_huge_and_tiny_activations_are_finite(name):
         assert torch.isfinite(call(layer, x)).all()
         layer.eval()
         assert torch.isfinite(call(layer, x)).all()
+    # eval: one sample's activations so large that their squares overflow float32 (train refuses them)
+    x = torch.randn(12, 4, 3, 3)
+    x[0] *= 1e20
+    y = call(layer.eval(), x)
+    assert torch.isfinite(y).all(), f"{name}: activations of 1e20 in eval give non-finite output"
 
 
 def test_context_with_one_sample_uses_running_stats():

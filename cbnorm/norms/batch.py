@@ -48,15 +48,18 @@ class BatchNorm(NormBase):
             if not self.training:
                 return F.batch_norm(x3, self.running_mean.to(x3.dtype), self.running_var.to(x3.dtype), weight,
                                     bias, False, 0.0, self.eps)
+            # the kernel's own batch statistics (mean, 1/sqrt(var + eps)); buffers are updated here, after the
+            # non-finite check, not by the kernel (var_mean over (0, 2) alone costs as much as the whole step)
+            y, mean, invstd = torch.native_batch_norm(x3, weight, bias, None, None, True, 0.0, self.eps)
             with torch.no_grad():
-                var, mean = torch.var_mean(x3, dim=(0, 2), unbiased=False)
+                var = (invstd.double().pow(-2) - self.eps).clamp_min(0).to(mean.dtype)
                 self._refuse_nonfinite(mean, var)  # before any buffer changes
                 count = x3.shape[0] * x3.shape[2]
                 self.num_batches_tracked.add_(1)
                 f = self._ema_factor()
                 ema_update(self.running_mean, mean, f)
                 ema_update(self.running_var, var * (count / max(count - 1, 1)), f)
-            return F.batch_norm(x3, None, None, weight, bias, True, 0.0, self.eps)
+            return y
         if self.training:  # DDP: statistics from differentiable all-reduced sums (SyncBatchNorm)
             count = allreduce_sum(x3.new_tensor(float(x3.shape[0] * x3.shape[2])), self.sync_stats)
             mean = allreduce_sum(x3.sum(dim=(0, 2)), self.sync_stats) / count

@@ -57,19 +57,21 @@ def joint_log_prob(x3: Tensor, means: Tensor, vars: Tensor) -> Tensor:
 
     Matmul expansion sum_c x^2/var - 2 x mu/var + mu^2/var on the channels-first layout (no transposed
     copy of x, no (N, K, C, P) tensor), after shifting by the mean of the component means so float32 stays
-    accurate far from 0; the Mahalanobis term is clamped at 0. Includes the Gaussian normaliser.
+    accurate far from 0; the Mahalanobis term is clamped to [0, finfo.max] (so activations whose squares
+    overflow give a very unlikely point, never NaN posteriors). Includes the Gaussian normaliser.
     """
     prec = torch.reciprocal(vars)  # (K, C)
     lognorm = -0.5 * (vars.shape[-1] * _LOG_2PI + torch.log(vars).sum(-1))  # (K,)
+    big = torch.finfo(x3.dtype).max  # |x| > ~1e19 overflows x^2 in float32: cap, never inf - inf = NaN
     if _compiling():  # exact squared distances; fused by inductor, never materialised
         d = x3[:, None, :, :] - means[None, :, :, None]  # (N, K, C, P) expression
-        return lognorm[None, :, None] - 0.5 * (d * d * prec[None, :, :, None]).sum(dim=2)
+        return lognorm[None, :, None] - 0.5 * (d * d * prec[None, :, :, None]).sum(dim=2).clamp_max(big)
     shift = means.mean(dim=0)  # (C,)
     xs = x3 - shift[None, :, None]
     mu = means - shift
     mp = mu * prec
     maha = _batched_left(prec, xs * xs) - 2.0 * _batched_left(mp, xs) + (mu * mp).sum(-1)[None, :, None]
-    return lognorm[None, :, None] - 0.5 * maha.clamp_min(0.0)
+    return lognorm[None, :, None] - 0.5 * maha.clamp(0.0, big)
 
 
 def log_posteriors(x3: Tensor, means: Tensor, vars: Tensor, log_weights: Tensor, posterior: str) -> Tensor:
@@ -81,12 +83,13 @@ def log_posteriors(x3: Tensor, means: Tensor, vars: Tensor, log_weights: Tensor,
     if posterior == "channel":
         mu = means.t()[None, :, None, :]  # (1, C, 1, K)
         var = vars.t()[None, :, None, :]
-        lp = -0.5 * ((x3.unsqueeze(-1) - mu).square() / var + torch.log(2 * math.pi * var))
+        lp = -0.5 * ((x3.unsqueeze(-1) - mu).square() / var).clamp_max(torch.finfo(x3.dtype).max) \
+            - 0.5 * torch.log(2 * math.pi * var)
         lw = log_weights.t()[None, :, None, :] if log_weights.dim() == 2 else log_weights
         return torch.log_softmax(lp + lw, dim=-1)
     lp = joint_log_prob(x3, means, vars)  # (N, K, P)
-    if posterior == "sample":
-        return torch.log_softmax(lp.sum(dim=2) + log_weights, dim=-1)
+    if posterior == "sample":  # the sum over positions can overflow to -inf for huge x: keep it finite
+        return torch.log_softmax(lp.sum(dim=2).clamp_min(torch.finfo(x3.dtype).min) + log_weights, dim=-1)
     return torch.log_softmax(lp + log_weights[None, :, None], dim=1)
 
 
