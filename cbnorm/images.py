@@ -22,6 +22,8 @@ instead of failing, and we do not toggle the global back (other threads may rely
 What comes back:
 
 * the EXIF orientation tag is applied (``ImageOps.exif_transpose``), so a portrait phone photo stands up;
+  the tag's value (2..8) is then kept in ``image.info["orientation_applied"]`` (``ORIENTATIONS`` says what
+  it did);
 * of an animated or multi-frame file (GIF, APNG, WebP, multi-page TIFF) only the first frame is kept;
 * the image keeps its PIL mode (RGB, RGBA, L, LA, P, PA, CMYK, I;16, I, F, 1, ...) and size; it is fully
   loaded and detached from the bytes.
@@ -47,10 +49,15 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["load_image", "to_rgb_array", "from_rgb_array", "alpha_of", "MAX_PIXELS", "describe"]
+__all__ = ["load_image", "to_rgb_array", "from_rgb_array", "alpha_of", "MAX_PIXELS", "ORIENTATIONS", "describe"]
 
 #: default pixel limit of :func:`load_image` (50 megapixels)
 MAX_PIXELS = 50_000_000
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+#: what each EXIF orientation value asks of a viewer (:func:`load_image` does it)
+ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180°", 4: "mirrored top-bottom",
+                5: "mirrored along the main diagonal", 6: "rotated 90° clockwise",
+                7: "mirrored along the anti-diagonal", 8: "rotated 90° counter-clockwise"}
 
 
 def _mp(n: float) -> str:
@@ -82,9 +89,11 @@ def load_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         if frames > 1:
             im.seek(0)  # animated GIF / APNG / WebP, multi-page TIFF: the first frame
         im.load()
+        orientation = im.getexif().get(_ORIENTATION)
         out = ImageOps.exif_transpose(im)
         if out is im:
             out = im.copy()
+            orientation = None  # nothing was applied
         out.load()
         out.format = im.format  # "PNG", "JPEG", ... (copies drop it)
     except ValueError as err:
@@ -109,6 +118,8 @@ def load_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
                          f"({type(err).__name__}: {err}).") from None
     if frames > 1:
         out.info["frames"] = frames
+    if isinstance(orientation, int) and 2 <= orientation <= 8:
+        out.info["orientation_applied"] = orientation
     return out
 
 
