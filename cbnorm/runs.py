@@ -448,7 +448,22 @@ NONNEGATIVE_STATE = frozenset({"running_var", "queue_vars", "running_weights", "
                                "num_batches_tracked", "queue_count", "queue_ptr", "priors"})
 
 
+#: buffers added to a layer after runs were first saved, with the value a file without them implies
+#: (ACN's data_initialized: a saved model has been trained or initialised already)
+LEGACY_BUFFERS = {"data_initialized": 1}
+
+
+def _with_legacy_buffers(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    out = dict(tensors)
+    for k, v in _state_tensors(model).items():
+        leaf = k.rsplit(".", 1)[-1]
+        if k not in out and leaf in LEGACY_BUFFERS:
+            out[k] = torch.full_like(v, LEGACY_BUFFERS[leaf], device="cpu")
+    return out
+
+
 def _load_into(model: nn.Module, tensors: Mapping[str, Tensor], what: str, config: Mapping) -> nn.Module:
+    tensors = _with_legacy_buffers(model, tensors)
     _match_state(model, tensors, what, config)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:

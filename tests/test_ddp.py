@@ -156,3 +156,34 @@ def test_trainer_under_two_ranks_follows_single_process(tmp_path):
     ws, _ = read_safetensors(single / "model.safetensors")
     for k in ws:
         torch.testing.assert_close(wd[k].float(), ws[k].float(), rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def _acn_init_worker(rank, world, init_file, out_dir):
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        layer = cbnorm.build_norm("acn", 4, num_components=2)
+        g = torch.Generator().manual_seed(rank)  # each rank sees different data in its first step
+        layer(torch.randn(6, 4, 3, 3, generator=g) * (1 + rank) + 5 * rank)
+        save_file({k: v.detach().contiguous() for k, v in layer.state_dict().items()},
+                  os.path.join(out_dir, f"acn{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_acn_data_init_is_broadcast_from_rank_0(tmp_path):
+    """ACN's data-dependent initialisation fits on each rank's own minibatch; every rank must start from the
+    same components (rank 0's), or DDP would train different models."""
+    mp.spawn(_acn_init_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    s0, _ = read_safetensors(tmp_path / "acn0.safetensors")
+    s1, _ = read_safetensors(tmp_path / "acn1.safetensors")
+    assert int(s0["data_initialized"]) == int(s1["data_initialized"]) == 1
+    for key in ("logits", "mean", "log_var"):
+        torch.testing.assert_close(s1[key], s0[key], msg=lambda m: f"{key}: {m}")
+    torch.manual_seed(0)
+    alone = cbnorm.build_norm("acn", 4, num_components=2)  # rank 0's data, one process
+    alone(torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(s0["mean"], alone.mean.detach())

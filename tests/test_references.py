@@ -226,6 +226,7 @@ def test_acn_moving_average_against_loop():
     torch.manual_seed(0)
     layer = make_layer("acn", 2, num_components=2, update="moving_average", momentum=0.25).double()
     x = torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    layer.initialize_from(layer._to_ncp(x))  # what the first training step does (init="data")
     lam0, mu0, var0 = (t.numpy().copy() for t in layer.component_parameters())
     y = layer(x)
     pts = np.concatenate(npoints(x))
@@ -407,3 +408,52 @@ def test_mn_fit_on_subsample_still_separates_modes():
     assert abs(float(y[:16].mean())) < 0.1 and abs(float(y[16:].mean())) < 0.1
     with pytest.raises(ValueError, match="fit_fraction"):
         make_layer("mn", 1, fit_fraction=0.0)
+
+
+# ----------------------------------------------------------------------------- ACN initialisation
+def acn_far_from_zero_batch(seed=0):
+    """Two modes centred near -10 (as the committed conv3 activations are), 3 channels."""
+    g = torch.Generator().manual_seed(seed)
+    left = torch.randn(32, 3, 4, 4, generator=g) * 0.5 - 12
+    right = torch.randn(32, 3, 4, 4, generator=g) * 0.5 - 8
+    return torch.cat([left, right])
+
+
+@pytest.mark.parametrize("update", ["weight", "moving_average"])
+def test_acn_data_init_puts_components_on_the_data(update):
+    x = acn_far_from_zero_batch()
+    torch.manual_seed(0)
+    data = make_layer("acn", 3, num_components=2, update=update, affine=False)
+    torch.manual_seed(0)
+    rand = make_layer("acn", 3, num_components=2, update=update, affine=False, init="random")
+    y = data(x).detach()
+    lam, mu, var = data.mixture_parameters()
+    assert int(data.data_initialized) == 1
+    got = sorted(float(m) for m in mu.mean(1))
+    assert abs(got[0] + 12) < 0.3 and abs(got[1] + 8) < 0.3, f"component means {got}, modes at -12 and -8"
+    torch.testing.assert_close(lam, torch.full((2,), 0.5), atol=0.05, rtol=0)
+    assert float(var.max()) < 1.0  # each mode's own spread (0.25), not the pooled one (4.25)
+    # normalized: each mode centred and scaled by its own component (eq. 19: std sqrt(2) with lambda = 1/2)
+    assert abs(float(y.mean())) < 0.1 and abs(float(y[:32].std()) - math.sqrt(2)) < 0.3
+    if update == "weight":  # (moving_average normalizes with batch statistics in train mode either way)
+        yr = rand(x).detach()  # random means near 0: the activations are not centred
+        assert abs(float(yr.mean())) > 1.0
+
+
+def test_acn_data_init_happens_once_and_survives_state_dict():
+    x = acn_far_from_zero_batch()
+    layer = make_layer("acn", 3, num_components=2)
+    layer(x)
+    mu = layer.mean.detach().clone()
+    layer(x + 100.0)  # a later step never re-initialises (only gradients move the parameters)
+    torch.testing.assert_close(layer.mean.detach(), mu)
+    fresh = make_layer("acn", 3, num_components=2)
+    fresh.load_state_dict(layer.state_dict())
+    fresh(x - 50.0)
+    torch.testing.assert_close(fresh.mean.detach(), mu)  # a loaded, trained layer is not re-initialised
+    untrained = make_layer("acn", 3, num_components=2)
+    fresh.load_state_dict(untrained.state_dict())  # data_initialized = 0 again: the next step fits
+    fresh(x)
+    assert int(fresh.data_initialized) == 1 and abs(float(fresh.mean.mean()) + 10) < 1
+    with pytest.raises(ValueError, match="init must be"):
+        make_layer("acn", 3, init="kmeans")

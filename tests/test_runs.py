@@ -327,3 +327,18 @@ def test_refuses_symlink_escaping_the_run_dir(run_dir, tmp_path):
     (run_dir / "snapshots" / "step_000099.safetensors").symlink_to(outside)
     with pytest.raises(ValueError, match="snapshot step_000099.safetensors .* outside the run directory"):
         load_run(run_dir)
+
+
+def test_run_saved_before_acn_data_initialized_existed_loads_as_initialised():
+    """Runs written before ACN got its ``data_initialized`` buffer load, and are not re-initialised."""
+    from torch import nn
+
+    old = nn.Sequential(cbnorm.build_norm("acn", 3, num_components=2))
+    old(torch.randn(8, 3, 2, 2) - 10)
+    tensors = {k: v for k, v in runs._state_tensors(old).items() if not k.endswith("data_initialized")}
+    new = nn.Sequential(cbnorm.build_norm("acn", 3, num_components=2))
+    runs._load_into(new, tensors, "legacy file", {})
+    assert int(new[0].data_initialized) == 1
+    before = new[0].mean.detach().clone()
+    new(torch.randn(8, 3, 2, 2) + 40)
+    torch.testing.assert_close(new[0].mean.detach(), before)

@@ -137,14 +137,19 @@ class AdaptiveContextNorm(NormBase):
     """ACN / UCB-Norm / UAN. x (N, C, *S) or (N, L, D) with channel_last; no context.
 
     ``num_components`` K; ``update`` in {"weight", "moving_average"}; ``posterior`` in {"joint", "channel"};
-    ``init_std``: spread of the random initial means (components must start apart to specialise).
+    ``init``: "data" (default) sets lambda, mu, sigma^2 from a GMM fitted (k-means++ and EM, ``cbnorm.gmm``)
+    to the first training minibatch, so the components start where the activations are (with random
+    N(0, init_std^2) means, activations centred far from 0 — conv outputs near -10 — fall on one component
+    whose mean never catches up, and the layer barely normalizes); "random" keeps the random means, unit
+    variances and uniform weights. The buffer ``data_initialized`` records that it happened (it is saved,
+    so a loaded or resumed model is never re-initialised); under DDP rank 0's fit is broadcast.
     """
 
     names = ("acn", "ucb", "uan", "ucb-norm")
     has_mixture = True
 
     def __init__(self, num_features: int, *, num_components: int = 3, update: str = "weight",
-                 posterior: str = "joint", init_std: float = 1.0, eps: float = 1e-5,
+                 posterior: str = "joint", init: str = "data", init_std: float = 1.0, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
         self.num_components = check_positive_int("num_components", num_components)
@@ -152,7 +157,12 @@ class AdaptiveContextNorm(NormBase):
             raise ValueError(f"update must be 'weight' or 'moving_average', got {update!r}")
         self.update = update
         self.posterior = check_posterior(posterior, ("joint", "channel"))
+        if init not in ("data", "random"):
+            raise ValueError(f"init must be 'data' or 'random', got {init!r}")
+        self.init = init
         affine_params(self, (num_features,), affine)
+        self.register_buffer("data_initialized", torch.tensor(int(init == "random"), dtype=torch.long))
+        self._init_checked = init == "random"
         k, c = num_components, num_features
         init_mean = torch.randn(k, c) * init_std if k > 1 else torch.zeros(k, c)
         if update == "weight":
@@ -166,6 +176,48 @@ class AdaptiveContextNorm(NormBase):
 
     def _needs_batch_statistics(self) -> bool:
         return self.update == "moving_average"
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_checked = False  # look at the loaded data_initialized on the next training step
+
+    @torch.no_grad()
+    def initialize_from(self, x3: Tensor) -> None:
+        """Set (lambda, mu, sigma^2) from a GMM fitted to the points of x3 (N, C, P) (at most 8192 of them)."""
+        from .. import gmm
+
+        n, c, p = x3.shape
+        k = self.num_components
+        pts_t = x3.detach().transpose(0, 1).reshape(c, n * p)
+        if n * p > 8192:
+            pts_t = pts_t.index_select(1, torch.randperm(n * p, device=x3.device)[:8192].sort().values)
+        if pts_t.shape[1] < k:
+            raise ValueError(f"AdaptiveContextNorm(init='data') needs at least num_components={k} points "
+                             f"(N x positions) in its first training minibatch, got {pts_t.shape[1]}")
+        try:
+            if self.posterior == "channel":  # C independent 1-D fits; lambda shared: averaged over channels
+                fitted = gmm.fit(pts_t.unsqueeze(-1), k, iters=3)
+                weights, means, vars = fitted.weights.mean(0), fitted.means[..., 0].t(), fitted.vars[..., 0].t()
+            else:
+                fitted = gmm.fit(pts_t.t().unsqueeze(0), k, iters=3)
+                weights, means, vars = fitted.weights[0], fitted.means[0], fitted.vars[0]
+        except ValueError as err:
+            raise ValueError(f"AdaptiveContextNorm: cannot initialise from this minibatch: {err}") from None
+        weights = weights / weights.sum()
+        vars = vars.clamp_min(self.eps)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            for t in (weights, means, vars):  # every rank starts from rank 0's components
+                torch.distributed.broadcast(t, src=0)
+        if self.update == "weight":
+            self.logits.copy_(torch.log(weights))
+            self.mean.copy_(means)
+            self.log_var.copy_(torch.log(vars))
+        else:
+            self.running_weights.copy_(weights)
+            self.running_mean.copy_(means)
+            self.running_var.copy_(vars)
+        self.data_initialized.fill_(1)
 
     def component_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
         """(lambda (K,), mu (K, C), sigma^2 (K, C)), differentiable for update='weight'."""
@@ -188,6 +240,10 @@ class AdaptiveContextNorm(NormBase):
             return flat_posteriors(resp, self.posterior)
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        if self.training and not self._init_checked:
+            if not int(self.data_initialized):
+                self.initialize_from(x3)
+            self._init_checked = True
         lam, mu, var = (t.to(x3.dtype) for t in self.component_parameters())
         log_lam = torch.log(lam)
         gain = None if self.weight is None else self.weight.to(x3.dtype)
@@ -220,4 +276,4 @@ class AdaptiveContextNorm(NormBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", num_components={self.num_components}, update={self.update!r}"
-                                       f", posterior={self.posterior!r}")
+                                       f", posterior={self.posterior!r}, init={self.init!r}")
