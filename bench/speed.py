@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -221,11 +222,22 @@ def bench_levers(device: str, reps: int, compiled: bool = True) -> list[dict]:
         x4 = x3.detach().reshape(n, c, 8, 8).requires_grad_()
         return lambda: back(layer(x4))
 
+    means = torch.randn(k, c, device=device, generator=g).requires_grad_()
+    vars_ = (torch.rand(k, c, device=device, generator=g) + 0.5).requires_grad_()
+    logw = torch.full((k,), -math.log(k), device=device, requires_grad=True)
+    wa = torch.randn(k, c, device=device, generator=g).requires_grad_()
+
+    def plain_mixture():
+        resp = mixing.log_posteriors(x3, means, vars_, logw, "joint").exp()
+        back(mixing.mix_affine(x3, resp, wa, w, "joint"))
+
     pairs = [
         ("bmm over N instead of matmul((K, C), (N, C, P))", "matmul", lambda: back(torch.matmul(w, x3)),
          "bmm", lambda: back(mixing._batched_left(w, x3))),
         ("hand-written backward of MN eq. 34-36", "autograd", plain_moments,
          "posterior_batch_norm", lambda: back(posterior_batch_norm(x3, resp, gain, bias, 1e-5)[0])),
+        ("hand-written backward of ACN's posterior mixing (eq. 19)", "autograd", plain_mixture,
+         "joint_mixture_transform", lambda: back(mixing.joint_mixture_transform(x3, means, vars_, logw, wa, w))),
         ("GMM fit on the (C, M) layout, no input check (MN)", "(M, C) + check", lambda: gmm.fit(pts, k),
          "(C, M)", lambda: gmm.fit(pts_t.t()[None], k, check_finite=False)),
         ("fit on 25% of the points (MN fit_fraction)", "all points", lambda: gmm.fit(pts_t.t()[None], k, check_finite=False),

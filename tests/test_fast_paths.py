@@ -119,3 +119,49 @@ def test_batchnorm_native_path_equals_allreduce_path(monkeypatch):
     fast.eval(), slow.eval()
     x = torch.randn(2, 5, 3, 3, generator=g)
     torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
+
+
+def composed_joint_mixture(x3, means, vars_, logw, a, b):
+    return mixing.mix_affine(x3, mixing.log_posteriors(x3, means, vars_, logw, "joint").exp(), a, b, "joint")
+
+
+@pytest.mark.parametrize("offset", [0.0, 40.0])
+def test_joint_mixture_transform_matches_autograd_composition(offset):
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(6, 5, 7, generator=g) * 2 + offset).requires_grad_()
+    means = (torch.randn(3, 5, generator=g) * 2 + offset).requires_grad_()
+    vars_ = (torch.rand(3, 5, generator=g) * 3 + 0.5).requires_grad_()
+    logw = torch.log_softmax(torch.randn(3, generator=g), 0).detach().requires_grad_()
+    a, b = torch.randn(3, 5, generator=g).requires_grad_(), torch.randn(3, 5, generator=g).requires_grad_()
+    w = torch.randn(6, 5, 7, generator=g)
+    inputs = (x, means, vars_, logw, a, b)
+    outs = []
+    for fn in (mixing.joint_mixture_transform, composed_joint_mixture):
+        y = fn(*inputs)
+        outs.append((y, *torch.autograd.grad((y * w).sum(), inputs)))
+    for name, ours, ref in zip(("y", "x", "means", "vars", "log_weights", "a", "b"), *outs):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_joint_mixture_transform_gradcheck_float64():
+    g = torch.Generator().manual_seed(5)
+    d = dict(dtype=torch.float64)
+    x = torch.randn(3, 4, 5, generator=g, **d).requires_grad_()
+    means = torch.randn(2, 4, generator=g, **d).requires_grad_()
+    vars_ = (torch.rand(2, 4, generator=g, **d) + 0.5).requires_grad_()
+    logw = torch.log(torch.tensor([0.3, 0.7], **d)).requires_grad_()
+    a, b = torch.randn(2, 4, generator=g, **d).requires_grad_(), torch.randn(2, 4, generator=g, **d).requires_grad_()
+    assert torch.autograd.gradcheck(mixing.joint_mixture_transform, (x, means, vars_, logw, a, b),
+                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_joint_mixture_transform_huge_activation_is_finite_with_finite_gradients():
+    x = torch.randn(4, 3, 2)
+    x[0, :, 0] = 1e20  # squares overflow float32
+    x.requires_grad_()
+    means, vars_ = torch.randn(2, 3, requires_grad=True), torch.ones(2, 3, requires_grad=True)
+    a, b = torch.ones(2, 3, requires_grad=True), torch.zeros(2, 3, requires_grad=True)
+    y = mixing.joint_mixture_transform(x, means, vars_, torch.log(torch.tensor([0.5, 0.5])), a, b)
+    assert torch.isfinite(y).all()
+    y[1:].sum().backward()  # the other samples' gradients are untouched by the capped one
+    assert torch.isfinite(means.grad).all() and torch.isfinite(vars_.grad).all() and torch.isfinite(x.grad).all()

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import NormBase, affine_params, check_positive_int, ema_update
-from .mixing import check_posterior, flat_posteriors, log_posteriors, mix_affine, normalizing_coefficients
+from .mixing import (check_posterior, flat_posteriors, joint_mixture_transform, log_posteriors, mix_affine,
+                     normalizing_coefficients)
 
 __all__ = ["AdaptiveContextNorm", "posterior_batch_norm", "weighted_moments"]
 
@@ -272,8 +273,11 @@ class AdaptiveContextNorm(NormBase):
                 return y
             lam_n, mu_n, var_n = lam_b.clamp_min(1e-12), mu_b, var_b
         else:
-            resp = log_posteriors(x3, mu, var + self.eps, log_lam, self.posterior).exp()
             lam_n, mu_n, var_n = lam, mu, var
+            if self.posterior == "joint":  # posteriors differentiable: one op with a hand-written backward
+                a, b = normalizing_coefficients(mu, var, self.eps, torch.rsqrt(lam)[:, None], gain, bias)
+                return joint_mixture_transform(x3, mu, var + self.eps, log_lam, a, b)
+            resp = log_posteriors(x3, mu, var + self.eps, log_lam, self.posterior).exp()
         scale = torch.rsqrt(lam_n)
         scale = scale[:, None] if scale.dim() == 1 else scale
         a, b = normalizing_coefficients(mu_n, var_n, self.eps, scale, gain, bias)

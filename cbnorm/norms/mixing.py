@@ -121,6 +121,59 @@ def mix_affine(x3: Tensor, resp: Tensor, a: Tensor, b: Tensor, posterior: str) -
     return torch.addcmul(coef_b, x3, coef_a)
 
 
+class _JointMixtureTransform(torch.autograd.Function):
+    """y = sum_k tau_k(x) (A_k x + B_k) with tau = softmax_k(c0_k - maha_k / 2) for the "joint" posterior,
+    differentiable in x and in every coefficient, with a hand-written backward: the same numbers as
+    ``log_posteriors`` + ``mix_affine`` under autograd (tested) in about 1.3x less time on CPU, because the
+    backward reuses the saved centred x and x^2 instead of re-deriving the matmul expansion's graph.
+    maha_k = prec_k . xs^2 - 2 m_k . xs + const_k on xs = x - shift (see ``joint_log_prob``), clamped to
+    [0, finfo.max] with zero gradient where clamped."""
+
+    @staticmethod
+    def forward(ctx, x3, shift, prec, m, const, c0, a, b):
+        big = torch.finfo(x3.dtype).max
+        xs = x3 - shift[None, :, None]
+        xs2 = (xs * xs).clamp_max_(big)  # finite, so 0 * x^2 stays 0 in the backward's matmuls
+        maha = _batched_left(prec, xs2) - 2.0 * _batched_left(m, xs) + const[None, :, None]
+        live = (maha >= 0) & (maha <= big)
+        tau = torch.softmax(c0[None, :, None] - 0.5 * maha.clamp_(0, big), dim=1)  # (N, K, P)
+        y = torch.addcmul(_batched_left(b.t(), tau), x3, _batched_left(a.t(), tau))
+        ctx.save_for_backward(x3, xs, xs2, tau, live, prec, m, a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x3, xs, xs2, tau, live, prec, m, a, b = ctx.saved_tensors
+        gx = gy * x3
+        rt = tau.transpose(1, 2)
+        dtau = _batched_left(a, gx) + _batched_left(b, gy)  # (N, K, P)
+        da = torch.bmm(gx, rt).sum(0).t()  # (K, C)
+        db = torch.bmm(gy, rt).sum(0).t()
+        dl = tau * (dtau - (tau * dtau).sum(1, keepdim=True))  # softmax backward
+        dmaha = torch.where(live, -0.5 * dl, torch.zeros_like(dl))
+        dmt = dmaha.transpose(1, 2)
+        dprec = torch.bmm(xs2, dmt).sum(0).t()
+        dm = -2.0 * torch.bmm(xs, dmt).sum(0).t()
+        dx = torch.addcmul(_batched_left(-2.0 * m.t(), dmaha), gy, _batched_left(a.t(), tau))
+        dx.addcmul_(xs, _batched_left(2.0 * prec.t(), dmaha))
+        return dx, None, dprec, dm, dmaha.sum(dim=(0, 2)), dl.sum(dim=(0, 2)), da, db
+
+
+def joint_mixture_transform(x3: Tensor, means: Tensor, vars: Tensor, log_weights: Tensor, a: Tensor,
+                            b: Tensor) -> Tensor:
+    """``mix_affine(x3, log_posteriors(x3, means, vars, log_weights, "joint").exp(), a, b, "joint")`` for x3
+    (N, C, P), means/vars/a/b (K, C), log_weights (K,): CB-Norm eq. 6 / PKN eq. 19 with the posteriors
+    differentiated too (ACN's ``update="weight"``). Under torch.compile the composed (fusable) form is used."""
+    if _compiling():
+        return mix_affine(x3, log_posteriors(x3, means, vars, log_weights, "joint").exp(), a, b, "joint")
+    prec = torch.reciprocal(vars)
+    shift = means.detach().mean(dim=0)  # (C,) constant: keeps the expansion accurate far from 0
+    mu = means - shift
+    m = mu * prec
+    c0 = -0.5 * (vars.shape[-1] * _LOG_2PI + torch.log(vars).sum(-1)) + log_weights
+    return _JointMixtureTransform.apply(x3, shift, prec, m, (mu * m).sum(-1), c0, a, b)
+
+
 def normalizing_coefficients(means: Tensor, vars: Tensor, eps: float, scale: Tensor | None = None,
                              gain: Tensor | None = None, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A, B (K, C) such that A*x + B = gain * scale * (x - mu) / sqrt(var + eps) + shift.
