@@ -248,7 +248,7 @@ def build_layer(label: str, c: int, seed: int = 0) -> cbnorm.NormBase:
     name, kw = LAYER_SPECS[label]
     kw = dict(kw)
     if name == "gn":
-        kw["num_groups"] = 2 if c % 2 == 0 else 1
+        kw["num_groups"] = 2 if c % 2 == 0 and c > 2 else 1  # >= 2 channels a group: never one value a group
     torch.manual_seed(seed)
     return cbnorm.build_norm(name, c, **kw)
 

@@ -294,3 +294,12 @@ def test_cuda_matches_cpu(name):
     with torch.autocast("cuda", dtype=torch.float16):
         out = call(gpu, x.cuda() * 3)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (2, 4), (3, 4, 1, 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_groupnorm_one_value_per_group_is_refused_with_a_message(shape, training):
+    gn = cbnorm.build_norm("gn", 4, num_groups=4).train(training)
+    with pytest.raises(ValueError, match="one value per group"):
+        gn(torch.randn(*shape))
+    assert cbnorm.build_norm("gn", 4, num_groups=2).train(training)(torch.randn(*shape)).shape == shape

@@ -126,6 +126,12 @@ class GroupNorm(NormBase):
         affine_params(self, (num_features,), affine)
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        per_group = (self.num_features // self.num_groups) * (1 if self.channel_last else x3.shape[2])
+        if per_group == 1:  # (torch's own message says "when training", in eval too, and only for some N)
+            raise ValueError(
+                f"GroupNorm with num_groups={self.num_groups} on {self.num_features} features leaves one value per "
+                f"group for input of shape {tuple(x3.shape)}: normalizing one value gives 0 whatever the input; "
+                f"use fewer groups (or spatial input)")
         w = None if self.weight is None else self.weight.to(x3.dtype)
         b = None if self.bias is None else self.bias.to(x3.dtype)
         if self.channel_last:  # (N, D, L) -> treat each token as a sample
