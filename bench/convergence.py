@@ -35,6 +35,11 @@ NORMS = {"bn": {}, "ln": {}, "gn": {}, "mn": {"num_components": 3}, "mode": {"nu
          "cn-embed": {"num_contexts": 4}}
 
 
+#: same layer, another setting: name -> (norm, kwargs). ACN with the random initial means it had before the
+#: data-dependent initialisation became the default.
+VARIANTS = {"acn-random": ("acn", {"num_components": 3, "init": "random"})}
+
+
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     """First step of ``curve`` [(step, acc)] at or above ``target`` (cbnorm.analysis.steps_to_reach)."""
     return analysis.steps_to_reach([st for st, _ in curve], [a for _, a in curve], target)
@@ -58,7 +63,8 @@ def accuracy(model, x, y, ctx, uses_context: bool, oracle: bool) -> float:
 
 def run_one(norm: str, seed: int, train, test, a) -> dict:
     torch.manual_seed(seed)
-    model = ShallowCNN(1, 10, width=a.width, norm=norm, norm_layers=("conv3",), norm_kwargs=NORMS[norm])
+    base, kw = VARIANTS.get(norm, (norm, NORMS.get(norm)))
+    model = ShallowCNN(1, 10, width=a.width, norm=base, norm_layers=("conv3",), norm_kwargs=kw)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
     uses = model.uses_context
     x, y, ctx = train
@@ -87,7 +93,7 @@ def run_one(norm: str, seed: int, train, test, a) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--norms", nargs="+", default=list(NORMS))
+    p.add_argument("--norms", nargs="+", default=list(NORMS) + list(VARIANTS))
     p.add_argument("--train", type=int, default=12000)
     p.add_argument("--test", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=2)
@@ -115,22 +121,7 @@ def main(argv=None) -> None:
             runs.append(r)
             print(f"seed {seed} {norm:9s} best {r['best_acc']:.4f} final {r['final_acc']:.4f} "
                   f"({r['seconds']:.0f} s)", flush=True)
-    by_seed_bn = {r["seed"]: r["best_acc"] for r in runs if r["norm"] == "bn"}
-    for r in runs:
-        target = by_seed_bn.get(r["seed"])
-        r["bn_best_acc"] = target
-        r["steps_to_bn_best"] = None if target is None else steps_to_reach(r["curve"], target)
-    summary = {}
-    for norm in a.norms:
-        rs = [r for r in runs if r["norm"] == norm]
-        best = [r["best_acc"] for r in rs]
-        reach = [r["steps_to_bn_best"] for r in rs]
-        hit = [s for s in reach if s is not None]
-        summary[norm] = {"best_acc_mean": statistics.mean(best),
-                         "best_acc_std": statistics.pstdev(best) if len(best) > 1 else 0.0,
-                         "steps_to_bn_best": reach, "reached_bn_best": f"{len(hit)}/{len(reach)}",
-                         "steps_to_bn_best_median": statistics.median(hit) if hit else None,
-                         "seconds_per_run": statistics.mean(r["seconds"] for r in rs)}
+    summary = summarize(runs)
     result = {"machine": machine("cpu"),
               "budget": {"dataset": "fashion-mnist", "train_images": a.train, "test_images": a.test,
                          "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": "adamw",
@@ -141,6 +132,28 @@ def main(argv=None) -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print("wrote", a.out)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per norm (in order of appearance): best accuracy mean/sd and steps to BN's best of the same seed;
+    sets each run's ``bn_best_acc`` and ``steps_to_bn_best``."""
+    by_seed_bn = {r["seed"]: r["best_acc"] for r in runs if r["norm"] == "bn"}
+    for r in runs:
+        target = by_seed_bn.get(r["seed"])
+        r["bn_best_acc"] = target
+        r["steps_to_bn_best"] = None if target is None else steps_to_reach(r["curve"], target)
+    summary = {}
+    for norm in dict.fromkeys(r["norm"] for r in runs):
+        rs = [r for r in runs if r["norm"] == norm]
+        best = [r["best_acc"] for r in rs]
+        reach = [r["steps_to_bn_best"] for r in rs]
+        hit = [s for s in reach if s is not None]
+        summary[norm] = {"best_acc_mean": statistics.mean(best),
+                         "best_acc_std": statistics.pstdev(best) if len(best) > 1 else 0.0,
+                         "steps_to_bn_best": reach, "reached_bn_best": f"{len(hit)}/{len(reach)}",
+                         "steps_to_bn_best_median": statistics.median(hit) if hit else None,
+                         "seconds_per_run": statistics.mean(r["seconds"] for r in rs)}
+    return summary
 
 
 if __name__ == "__main__":
