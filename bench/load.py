@@ -1,0 +1,867 @@
+"""The app under load: N concurrent browser sessions doing random, realistic things for D seconds.
+
+    python bench/load.py [--sessions 10] [--duration 300] [--out bench/results/load.json]
+
+Starts `streamlit run app.py` as a subprocess (headless, bound to 127.0.0.1 on a free port, no file watcher,
+no usage statistics) on the committed checkpoints/ (or $CBNORM_RUNS / --runs), then one headless Chromium
+(/usr/bin/chromium, never a downloaded one) with one browser context per session, driven by Playwright's
+async API. Each session
+
+1. opens the app and visits every page once (warm-up; session 0 first, alone, so the cold computations are
+   paid once, then all sessions together; ``--warmup first``: only session 0 visits the pages);
+2. then, until ``--duration`` seconds have passed, loops over random actions a user takes on the page it is
+   on: switch pages in the sidebar, change the run / layer / seed, move sliders (minibatch size, K, snapshot,
+   strength, ...), click buttons (Resample, Run projection), choose radio options, pick a bundled photo and
+   upload images on the day-night page: small PNG / JPEG photos, and sometimes a hostile file (text named
+   .png, an empty file, a truncated PNG, a decompression bomb, a 16-bit PNG, an animated GIF, an
+   EXIF-rotated JPEG, a CMYK JPEG). Between actions it waits ``--think`` seconds (uniform).
+
+For each action the time until the app is idle again is measured: the server has finished a script run
+for the page since the interaction (its "script_finished" message on the page's websocket, when the action
+causes a rerun), the page's script state is "notRunning", Streamlit's status widget ("running" /
+"connecting") is gone, and the page stays so for 250 ms. Then the page is checked for errors.
+
+Errors (each with its text): an exception box (``stException``), an error box (``st.error``) not caused by
+a hostile upload, a hostile upload that is neither refused with a message naming the file nor translated,
+an action that does not finish within ``--action-timeout`` seconds, a crashed page, a lost connection, and
+the server process exiting. Refusals of hostile uploads are recorded apart (expected messages).
+
+The server's memory (RSS of the server process and its children) is sampled every ``--sample`` seconds:
+"start" is taken after the warm-up, "end" after the last action; growth = end / start - 1.
+
+While it runs, the file ``--busy-flag`` (default /tmp/cbnorm_load_running) exists, so that timing
+benchmarks on a shared machine can wait; it is removed at the end. The server and the browser are stopped
+in ``finally`` (the server's whole process group).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+BUSY_FLAG = "/tmp/cbnorm_load_running"
+#: url path of each page (what the sidebar links point to)
+PAGES = {"home": "", "histograms": "Activation_Histograms", "evolution": "Cluster_Evolution",
+         "day_night": "Day_Night_Transfer", "compare": "Compare_Normalizers"}
+
+STATE_JS = """() => {
+  const app = document.querySelector("[data-testid='stApp']");
+  const status = document.querySelector("[data-testid='stStatusWidget']");
+  return {state: app ? app.getAttribute('data-test-script-state') : null,
+          status: status ? (status.innerText || 'status') : null};
+}"""
+PROBLEMS_JS = """() => {
+  const text = (e, n) => ((e.querySelector("[data-testid='stMarkdownContainer']") || e).innerText || "").slice(0, n);
+  const all = sel => [...document.querySelectorAll(sel)];
+  return {
+    exceptions: all("[data-testid='stException']").map(e => (e.innerText || "").slice(0, 600)),
+    errors: all("[data-testid='stAlertContentError']").map(e => text(e, 600)),
+    images: all("[data-testid='stImage']").length,
+    warnings: all("[data-testid='stAlertContentWarning'], [data-testid='stAlertContentInfo']").map(e => text(e, 300)),
+  };
+}"""
+
+
+# ============================================================================ files to upload
+def _encode(img, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_claiming(w: int, h: int) -> bytes:
+    """A ~70-byte PNG whose header claims w x h pixels (a decompression bomb's calling card)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def upload_files(seed: int = 0) -> dict[str, list[dict]]:
+    """{"good": [...], "accepted": [...], "refused": [...]}: files as Playwright wants them (name, mimeType,
+    buffer). Good ones are small photos (scikit-image's bundled photos, downscaled; generated when absent);
+    "accepted" are awkward but valid images the page must translate; "refused" ones it must refuse."""
+    import numpy as np
+    from PIL import Image
+
+    photos = []
+    try:
+        from skimage import data as skdata
+
+        for name in ("astronaut", "chelsea", "coffee", "rocket"):
+            try:
+                photos.append((name, Image.fromarray(getattr(skdata, name)()).convert("RGB")))
+            except Exception:  # noqa: BLE001 - a photo that needs a download is skipped
+                continue
+    except ImportError:
+        pass
+    rng = np.random.default_rng(seed)
+    if not photos:
+        y, x = np.mgrid[0:120, 0:160]
+        photos = [(f"generated{i}", Image.fromarray(np.stack([(x + 40 * i) % 256, y * 2, (x + y) % 256], -1)
+                                                    .astype(np.uint8))) for i in range(3)]
+    good = []
+    for name, img in photos:
+        img = img.copy()
+        img.thumbnail((192, 192))
+        good.append({"name": f"{name}.png", "mimeType": "image/png", "buffer": _encode(img, "PNG")})
+        good.append({"name": f"{name}.jpg", "mimeType": "image/jpeg", "buffer": _encode(img, "JPEG", quality=85)})
+    base = photos[0][1].copy()
+    base.thumbnail((96, 96))
+    noise = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [Image.new("RGB", (40, 30), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
+    grey16 = (np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    accepted = [
+        {"name": "deep16.png", "mimeType": "image/png", "buffer": _encode(Image.fromarray(grey16), "PNG")},
+        {"name": "animated.gif", "mimeType": "image/gif", "buffer": gif.getvalue()},
+        {"name": "portrait.jpg", "mimeType": "image/jpeg", "buffer": _encode(base, "JPEG", exif=exif.tobytes())},
+        {"name": "print.jpg", "mimeType": "image/jpeg", "buffer": _encode(base.convert("CMYK"), "JPEG")},
+        {"name": "really_png.jpg", "mimeType": "image/jpeg", "buffer": _encode(base, "PNG")},
+    ]
+    refused = [
+        {"name": "notes.png", "mimeType": "image/png", "buffer": b"these are my notes, not a picture\n" * 30},
+        {"name": "empty.png", "mimeType": "image/png", "buffer": b""},
+        {"name": "cut.png", "mimeType": "image/png", "buffer": _encode(noise, "PNG")[:4000]},
+        {"name": "bomb.png", "mimeType": "image/png", "buffer": _png_claiming(100_000, 100_000)},
+    ]
+    return {"good": good, "accepted": accepted, "refused": refused}
+
+
+# ============================================================================ the server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(runs: Path, port: int, log_path: Path, root: Path = ROOT, timeout: float = 90.0) -> subprocess.Popen:
+    """`streamlit run <root>/app.py` on 127.0.0.1:port in its own process group (``root`` first on the
+    Python path, so its cbnorm is the one imported); waits for the health endpoint."""
+    path = os.pathsep.join([str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, CBNORM_RUNS=str(runs), PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(root / "app.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    stop_server(proc)
+    raise RuntimeError("streamlit did not become healthy in time")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL after 10 s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def tree_rss(pid: int) -> Optional[int]:
+    """Resident memory (bytes) of ``pid`` and all its descendants: psutil when installed, else /proc."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            p = psutil.Process(pid)
+            procs = [p] + p.children(recursive=True)
+            total = 0
+            for q in procs:
+                try:
+                    total += q.memory_info().rss
+                except psutil.Error:
+                    pass
+            return total
+        except psutil.Error:
+            return None
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        q = todo.pop()
+        if q in seen:
+            continue
+        seen.add(q)
+        try:
+            with open(f"/proc/{q}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            if q == pid:
+                return None
+            continue
+        todo += _children(q)
+    return total
+
+
+# ============================================================================ machine
+def machine(root: Path = ROOT) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = round(int(line.split()[1]) / 1024 ** 2, 1)
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "memory_gb": mem,
+                            "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}
+    try:
+        import streamlit
+
+        info["streamlit"] = streamlit.__version__
+    except ImportError:
+        pass
+    try:
+        info["chromium"] = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True,
+                                          timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                            timeout=10).stdout.strip()
+        info["git_dirty_files"] = len(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                                     cwd=root, capture_output=True, text=True,
+                                                     timeout=10).stdout.splitlines())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+# ============================================================================ one browser session
+class ActionTimeout(Exception):
+    pass
+
+
+class Session:
+    """One user: a browser context with one page, a random generator, and what it saw."""
+
+    def __init__(self, idx: int, context, base_url: str, rng: random.Random, files: dict, report: "Report",
+                 action_timeout: float, think: tuple[float, float]):
+        self.idx, self.context, self.base, self.rng, self.files = idx, context, base_url, rng, files
+        self.report, self.action_timeout, self.think = report, action_timeout, think
+        self.page = None
+        self.where = "home"
+        self.refused_upload: Optional[str] = None  # name of a refused file still in the uploader
+        self.alive = True
+        self.crashed = False
+        self.actions = 0
+        self.runs_finished = 0  # script runs the server finished for this page (websocket messages)
+        self.last_problems: dict = {"exceptions": [], "errors": [], "images": 0, "warnings": []}
+
+    async def open(self) -> None:
+        self.page = await self.context.new_page()
+        self.page.set_default_timeout(15_000)  # a widget that does not show up in 15 s: the interaction failed
+        self.page.on("crash", lambda *_: self._crash())
+        self.page.on("websocket", lambda ws: ws.on("framereceived", self._frame))
+
+    def _frame(self, payload) -> None:
+        """Count the script runs the server finishes for this page (its ForwardMsg "script_finished"), so
+        that no rerun is missed however short it is. Large frames (deltas with figures) are not parsed."""
+        if isinstance(payload, str) or len(payload) > 16_384:
+            return
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        msg = ForwardMsg()
+        try:
+            msg.ParseFromString(payload)
+        except Exception:  # noqa: BLE001 - not a ForwardMsg
+            return
+        if msg.WhichOneof("type") == "script_finished":
+            self.runs_finished += 1
+
+    def _crash(self) -> None:
+        self.crashed = True
+        self.alive = False
+        self.report.error(self.idx, "(page)", "page crash", "the browser page crashed")
+
+    # -------------------------------------------------------------- waiting
+    async def state(self) -> dict:
+        s = await self.page.evaluate(STATE_JS)
+        s["runs"] = self.runs_finished
+        return s
+
+    async def wait_idle(self, t0: float, runs_before: Optional[int], expect_rerun: bool) -> float:
+        """Seconds from ``t0`` until the app is idle after the action (see the module docstring)."""
+        deadline = t0 + self.action_timeout
+        grace = t0 + (15.0 if expect_rerun else 0.6)  # how long to wait for the action's rerun to start
+        idle_since: Optional[float] = None
+        while True:
+            now = time.perf_counter()
+            if self.crashed:
+                raise ActionTimeout("page crashed")
+            if now > deadline:
+                s = await self.state()
+                raise ActionTimeout(f"not idle after {self.action_timeout:.0f} s (script state {s['state']}, "
+                                    f"status widget {s['status']!r})")
+            s = await self.state()
+            started = runs_before is None or s["runs"] > runs_before  # a run finished since the action
+            idle = s["state"] == "notRunning" and not s["status"]
+            if idle and (started or now > grace):
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= 0.25:
+                    return idle_since - t0
+            else:
+                idle_since = None
+            await asyncio.sleep(0.05)
+
+    async def act(self, name: str, fn: Callable, expect_rerun: bool = True) -> Optional[float]:
+        """Run ``fn`` (the interaction), wait until idle, check for problems; returns seconds or None."""
+        if not self.alive:
+            return None
+        t0 = time.perf_counter()
+        try:
+            runs = (await self.state())["runs"]
+            t0 = time.perf_counter()
+            changed = await asyncio.wait_for(fn(), timeout=min(60.0, self.action_timeout))
+            if changed is False:  # nothing to do here (e.g. a slider already at its end)
+                return None
+            seconds = await self.wait_idle(t0, runs, expect_rerun)
+        except (ActionTimeout, asyncio.TimeoutError) as err:
+            if self.crashed:  # recorded by the crash handler
+                return None
+            self.report.error(self.idx, name, "timeout", str(err) or "interaction timed out")
+            await self.recover()
+            return None
+        except Exception as err:  # noqa: BLE001 - Playwright errors: the page is gone or the element vanished
+            if self.crashed or (self.page is not None and self.page.is_closed()):
+                self.alive = False
+                return None
+            self.report.note(self.idx, name, f"interaction failed: {type(err).__name__}: {str(err)[:200]}")
+            return None
+        self.actions += 1
+        self.report.action(self.idx, name, seconds)
+        await self.check(name)
+        return seconds
+
+    async def recover(self) -> None:
+        """After a timeout: reload the current page so the session can go on."""
+        try:
+            runs = self.runs_finished
+            await self.page.goto(f"{self.base}/{PAGES[self.where]}", wait_until="domcontentloaded", timeout=60_000)
+            self.refused_upload = None
+            await self.wait_idle(time.perf_counter(), runs, True)
+        except Exception as err:  # noqa: BLE001
+            self.alive = False
+            self.report.error(self.idx, "(recover)", "session lost", f"{type(err).__name__}: {str(err)[:300]}")
+
+    async def check(self, name: str) -> None:
+        p = await self.page.evaluate(PROBLEMS_JS)
+        for text in p["exceptions"]:
+            self.report.error(self.idx, name, "exception", text)
+        for text in p["errors"]:
+            if self.refused_upload and self.refused_upload in text and "cannot be translated" in text:
+                continue  # the refusal of a hostile upload, checked where it is made
+            self.report.error(self.idx, name, "error box", text)
+        self.last_problems = p
+
+    # -------------------------------------------------------------- widgets
+    def _key(self, key: str):
+        return self.page.locator(f".st-key-{key}")
+
+    async def has(self, key: str) -> bool:
+        return await self._key(key).count() > 0
+
+    async def choose(self, key: str) -> bool:
+        """Pick another option of the selectbox with ``key``."""
+        box = self._key(key).locator("input[role='combobox']")
+        if await box.count() == 0:
+            return False
+        current = (await box.input_value()).strip()
+        await box.click()
+        options = self.page.locator("[role='listbox'] [role='option']")
+        await options.first.wait_for(timeout=10_000)
+        texts = [t.strip() for t in await options.all_inner_texts()]
+        others = [i for i, t in enumerate(texts) if t != current]
+        if not others:
+            await self.page.keyboard.press("Escape")
+            return False
+        await options.nth(self.rng.choice(others)).click()
+        return True
+
+    async def slide(self, key: str, max_steps: int = 3) -> bool:
+        """Move the slider (or select slider) with ``key`` by 1..max_steps steps, left or right (keyboard)."""
+        thumb = self._key(key).locator("input[type='range']").first
+        if await thumb.count() == 0:
+            return False
+        now, lo, hi = await thumb.evaluate("e => [Number(e.value), Number(e.min), Number(e.max)]")
+        if hi <= lo:
+            return False
+        direction = self.rng.choice(["ArrowLeft", "ArrowRight"])
+        if now <= lo:
+            direction = "ArrowRight"
+        elif now >= hi:
+            direction = "ArrowLeft"
+        await thumb.focus()
+        for _ in range(self.rng.randint(1, max_steps)):
+            await thumb.press(direction)
+        return True
+
+    async def radio(self, key: str, label: Optional[str] = None) -> bool:
+        """Choose ``label`` (or another random option) of the radio with ``key``."""
+        options = self._key(key).locator("[data-testid='stRadioOption']")
+        n = await options.count()
+        if n == 0:
+            return False
+        texts = [t.strip() for t in await options.all_inner_texts()]
+        chosen = [await options.nth(i).get_attribute("data-selected") == "true" for i in range(n)]
+        if label is not None:
+            if label not in texts or chosen[texts.index(label)]:
+                return False
+            await options.nth(texts.index(label)).click()
+            return True
+        others = [i for i in range(n) if not chosen[i]]
+        if not others:
+            return False
+        await options.nth(self.rng.choice(others)).click()
+        return True
+
+    async def button(self, label: str) -> bool:
+        b = self.page.get_by_role("button", name=label)
+        if await b.count() == 0:
+            return False
+        await b.first.click()
+        return True
+
+    async def upload(self, file: dict) -> bool:
+        inp = self._key("dn_upload").locator("input[type='file']")
+        if await inp.count() == 0:
+            return False
+        await inp.set_input_files(files=[file])
+        return True
+
+    # -------------------------------------------------------------- actions
+    async def goto_page(self, target: str) -> bool:
+        link = self.page.locator(f"[data-testid='stSidebarNavLink'][href$='/{PAGES[target]}']")
+        if await link.count() == 0:
+            return False
+        await link.first.click()
+        self.where = target
+        self.refused_upload = None
+        return True
+
+    async def visit(self, target: str, label: Optional[str] = None) -> None:
+        await self.act(label or f"switch page to {target}", lambda: self.goto_page(target))
+
+    async def seed(self) -> bool:
+        box = self._key("w_seed").locator("input")
+        if await box.count() == 0:
+            return False
+        value = str(self.rng.randint(0, 3))
+        if (await box.input_value()).strip() == value:
+            return False
+        await box.fill(value)
+        await box.press("Enter")
+        return True
+
+    async def upload_action(self, kind: str) -> None:
+        """Upload a file of ``kind`` (good / accepted / refused) on the day-night page and check the outcome."""
+        if await self.has("dn_source") and not await self.has("dn_upload"):
+            await self.act("day-night: image source", lambda: self.radio("dn_source", "upload"))
+        file = self.rng.choice(self.files[kind])
+        action = {"good": "day-night: upload a photo", "accepted": "day-night: upload an awkward image",
+                  "refused": "day-night: upload a hostile file"}[kind]
+        self.refused_upload = file["name"] if kind == "refused" else None
+        seconds = await self.act(action, lambda: self.upload(file))
+        if seconds is None or not self.alive:
+            return
+        p = self.last_problems
+        if kind == "refused":
+            said = [t for t in p["errors"] if file["name"] in t]
+            if said:
+                self.report.expected(self.idx, file["name"], said[0], True)
+            else:
+                self.report.error(self.idx, action, "hostile file not refused",
+                                  f"{file['name']}: no error box naming it (images shown: {p['images']})")
+        elif p["images"] < 2:
+            self.report.error(self.idx, action, "upload not translated",
+                              f"{file['name']}: {p['images']} images shown; errors {p['errors']}")
+        elif kind == "accepted":
+            self.report.expected(self.idx, file["name"], " | ".join(p["warnings"])[:600] or "(no note)", False)
+
+    def menu(self) -> list[tuple[float, str, Callable]]:
+        """(weight, action name, coroutine function) of what a user can do on the current page."""
+        r = self.rng
+        others = [p for p in PAGES if p != self.where]
+        m: list[tuple[float, str, Callable]] = [
+            (3.0, "switch page", lambda: self.visit(r.choice(others))),
+            (0.6, "sidebar: run", lambda: self.act("sidebar: run", lambda: self.choose("w_run"))),
+            (0.6, "sidebar: layer", lambda: self.act("sidebar: layer", lambda: self.choose("w_layer"))),
+            (0.4, "sidebar: seed", lambda: self.act("sidebar: seed", self.seed)),
+        ]
+        page = {
+            "histograms": [
+                (1.5, "histograms: Resample", lambda: self.act("histograms: Resample",
+                                                               lambda: self.button("Resample"))),
+                (1.0, "histograms: minibatch size", lambda: self.act("histograms: minibatch size",
+                                                                     lambda: self.slide("hist_size", 2))),
+                (1.0, "histograms: K", lambda: self.act("histograms: K", lambda: self.slide("hist_k", 2))),
+                (1.0, "histograms: channels", lambda: self.act("histograms: channels",
+                                                               lambda: self.slide("hist_count", 4))),
+            ],
+            "evolution": [
+                (2.0, "evolution: snapshot slider", lambda: self.act("evolution: snapshot slider",
+                                                                     lambda: self.slide("evo_step", 3))),
+                (1.0, "evolution: colour", lambda: self.act("evolution: colour", lambda: self.radio("evo_colour"))),
+                (1.0, "evolution: run projection", self.projection),
+            ],
+            "day_night": [
+                (1.0, "day-night: translator", lambda: self.act("day-night: translator",
+                                                                lambda: self.choose("dn_translator"))),
+                (1.0, "day-night: direction", lambda: self.act("day-night: direction",
+                                                               lambda: self.radio("dn_direction"))),
+                (1.5, "day-night: strength", lambda: self.act("day-night: strength",
+                                                              lambda: self.slide("dn_strength", 4))),
+                (0.7, "day-night: bundled photo", self.bundled_photo),
+                (1.5, "day-night: upload a photo", lambda: self.upload_action("good")),
+                (0.6, "day-night: upload an awkward image", lambda: self.upload_action("accepted")),
+                (0.6, "day-night: upload a hostile file", lambda: self.upload_action("refused")),
+            ],
+            "compare": [
+                (1.0, "compare: x axis", lambda: self.act("compare: x axis", lambda: self.radio("cmp_x"))),
+                (1.0, "compare: live minibatch", lambda: self.act("compare: live minibatch",
+                                                                  lambda: self.slide("cmp_size", 1))),
+                (1.0, "compare: smoothing", lambda: self.act("compare: smoothing",
+                                                             lambda: self.slide("cmp_smooth", 5))),
+            ],
+        }.get(self.where, [])
+        return m + page
+
+    async def projection(self) -> None:
+        """Set the projection (PCA mostly, t-SNE sometimes; 500 or 1,000 images) and press Run projection."""
+        method = "t-SNE" if self.rng.random() < 0.15 else "PCA"
+        if await self.has("evo_method"):
+            await self.radio("evo_method", method)  # inside the form: no rerun until submitted
+        await self.act(f"evolution: run projection ({method})", lambda: self.button("Run projection"))
+
+    async def bundled_photo(self) -> None:
+        if not await self.has("dn_photo"):
+            await self.act("day-night: image source", lambda: self.radio("dn_source", "bundled photo"))
+        await self.act("day-night: bundled photo", lambda: self.choose("dn_photo"))
+
+    async def warm_up(self, every_page: bool = True) -> None:
+        """Open the app and visit every page once (the first visit's time is recorded per page)."""
+        t0 = time.perf_counter()
+        runs = self.runs_finished
+        await self.page.goto(self.base + "/", wait_until="domcontentloaded", timeout=120_000)
+        seconds = await self.wait_idle(t0, runs, True)  # until the first script run has finished
+        self.report.action(self.idx, "warm-up: open the app (home)", seconds)
+        await self.check("warm-up: open the app (home)")
+        for target in ("histograms", "evolution", "day_night", "compare", "home") if every_page else ():
+            await self.visit(target, f"warm-up: first visit of {target}")
+
+    async def run(self, deadline: float) -> None:
+        while self.alive and time.perf_counter() < deadline:
+            menu = self.menu()
+            _, _, fn = self.rng.choices(menu, weights=[w for w, _, _ in menu])[0]
+            await fn()
+            await asyncio.sleep(self.rng.uniform(*self.think))
+
+
+# ============================================================================ the record
+class Report:
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self.t0 = time.perf_counter()
+        self.times: dict[str, list[float]] = {}
+        self.errors: list[dict] = []
+        self.error_count = 0
+        self.notes: list[dict] = []
+        self.expected_messages: dict[str, dict] = {}
+        self.memory: list[dict] = []
+
+    def now(self) -> float:
+        return round(time.perf_counter() - self.t0, 2)
+
+    def action(self, session: int, name: str, seconds: float) -> None:
+        self.times.setdefault(name, []).append(seconds)
+        if self.verbose:
+            print(f"[{self.now():7.1f}s] session {session}: {name} {seconds:.2f} s", flush=True)
+
+    def error(self, session: int, action: str, kind: str, text: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < 300:  # all are counted; the first 300 are kept with their text
+            self.errors.append({"t_s": self.now(), "session": session, "action": action, "kind": kind,
+                                "text": text[:1000]})
+        print(f"[{self.now():7.1f}s] ERROR session {session} {action}: {kind}: {text[:300]}", flush=True)
+
+    def note(self, session: int, action: str, text: str) -> None:
+        self.notes.append({"t_s": self.now(), "session": session, "action": action, "text": text[:500]})
+        if self.verbose:
+            print(f"[{self.now():7.1f}s] note session {session}: {action}: {text[:300]}", flush=True)
+
+    def expected(self, session: int, file: str, text: str, refused: bool) -> None:
+        e = self.expected_messages.setdefault(file, {"file": file, "refused": refused, "count": 0,
+                                                     "message": text[:600]})
+        e["count"] += 1
+
+    def table(self) -> list[dict]:
+        def pct(v: list[float], q: float) -> float:
+            s = sorted(v)
+            return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
+        rows = []
+        for name, v in sorted(self.times.items()):
+            rows.append({"action": name, "count": len(v), "median_s": round(statistics.median(v), 3),
+                         "p95_s": round(pct(v, 0.95), 3), "worst_s": round(max(v), 3),
+                         "mean_s": round(statistics.fmean(v), 3)})
+        return rows
+
+
+async def sample_memory(pid: int, report: Report, phase: dict, every: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        rss = tree_rss(pid)
+        if rss is not None:
+            report.memory.append({"t_s": report.now(), "phase": phase["name"], "rss_mb": round(rss / 2 ** 20, 1)})
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def drive(base_url: str, server: subprocess.Popen, a: argparse.Namespace, report: Report) -> dict:
+    from playwright.async_api import async_playwright
+
+    files = upload_files(a.seed)
+    phase = {"name": "warm-up"}
+    marks: dict[str, Any] = {}
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_memory(server.pid, report, phase, a.sample, stop))
+
+    def mark(name: str) -> None:
+        rss = tree_rss(server.pid)
+        marks[name] = {"t_s": report.now(), "rss_mb": None if rss is None else round(rss / 2 ** 20, 1)}
+        if rss is not None:
+            report.memory.append({"t_s": report.now(), "phase": name, "rss_mb": marks[name]["rss_mb"]})
+        print(f"[{report.now():7.1f}s] {name}: server RSS {marks[name]['rss_mb']} MB", flush=True)
+
+    async def watch_server() -> None:
+        while not stop.is_set():
+            if server.poll() is not None:
+                report.error(-1, "(server)", "server exit", f"streamlit exited with code {server.returncode}")
+                stop.set()
+                return
+            await asyncio.sleep(1.0)
+
+    watcher = asyncio.create_task(watch_server())
+    mark("server started")
+    sessions: list[Session] = []
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            for i in range(a.sessions):
+                ctx = await browser.new_context(viewport={"width": 1280, "height": 900})
+                s = Session(i, ctx, base_url, random.Random(a.seed * 1000 + i), files, report, a.action_timeout,
+                            (a.think_min, a.think_max))
+                await s.open()
+                sessions.append(s)
+            # warm-up: session 0 alone (pays the cold computations), then the others together
+            await asyncio.wait_for(sessions[0].warm_up(), timeout=a.warmup_timeout)
+            mark("after one session's warm-up")
+            if len(sessions) > 1:
+                await asyncio.wait_for(asyncio.gather(*(s.warm_up(a.warmup == "all") for s in sessions[1:])),
+                                       timeout=a.warmup_timeout)
+            mark("start (every session warmed up)")
+            phase["name"] = "load"
+            t_start = time.perf_counter()
+            deadline = t_start + a.duration
+            tasks = [asyncio.create_task(s.run(deadline)) for s in sessions]
+            done, pending = await asyncio.wait(tasks, timeout=a.duration + a.action_timeout + 60)
+            for t in pending:  # should not happen: every action is bounded by the action timeout
+                t.cancel()
+                report.error(-1, "(driver)", "timeout", "a session did not finish its last action in time")
+            for t in done:
+                if t.exception() is not None:
+                    report.error(-1, "(driver)", "driver error", repr(t.exception())[:500])
+            load_s = time.perf_counter() - t_start
+            mark("end")
+            alive = [s for s in sessions if s.alive and not s.crashed and not s.page.is_closed()]
+            for s in alive:  # still connected: the status widget does not say "connecting"
+                st = await s.state()
+                if st["status"] and "connect" in str(st["status"]).lower():
+                    s.alive = False
+                    report.error(s.idx, "(end)", "connection lost", str(st["status"]))
+        finally:
+            stop.set()
+            await browser.close()
+    await asyncio.gather(sampler, watcher, return_exceptions=True)
+    return {"marks": marks, "load_s": load_s,
+            "sessions": [{"session": s.idx, "actions": s.actions, "alive_at_end": s.alive, "where_at_end": s.where}
+                         for s in sessions]}
+
+
+# ============================================================================ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, default=10, help="concurrent browser sessions (10)")
+    ap.add_argument("--duration", type=float, default=300.0, help="seconds of random actions after warm-up (300)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
+    ap.add_argument("--runs", default=None, help="runs directory (default $CBNORM_RUNS or <app-root>/checkpoints)")
+    ap.add_argument("--app-root", default=str(ROOT), help="checkout whose app.py (and cbnorm) is served (this one)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--think-min", type=float, default=0.5, help="pause between a session's actions, from (0.5 s)")
+    ap.add_argument("--think-max", type=float, default=2.0, help="... to (2.0 s)")
+    ap.add_argument("--action-timeout", type=float, default=180.0, help="an action not idle by then is an error")
+    ap.add_argument("--warmup-timeout", type=float, default=600.0, help="limit of each warm-up stage (s)")
+    ap.add_argument("--warmup", choices=["all", "first"], default="all",
+                    help="all: every session visits every page before the load; first: only session 0 does, the "
+                         "others just open the app (quicker)")
+    ap.add_argument("--sample", type=float, default=5.0, help="seconds between memory samples (5)")
+    ap.add_argument("--busy-flag", default=BUSY_FLAG, help="file that exists while this runs ('' for none)")
+    ap.add_argument("--verbose", action="store_true", help="print every action as it finishes")
+    a = ap.parse_args(argv)
+    if a.sessions < 1 or a.duration <= 0:
+        ap.error("--sessions must be >= 1 and --duration > 0")
+    if not Path(CHROMIUM).exists():
+        print(f"{CHROMIUM} is missing (apt-get install chromium)", file=sys.stderr)
+        return 2
+
+    root = Path(a.app_root).resolve()
+    runs = Path(a.runs or os.environ.get("CBNORM_RUNS") or root / "checkpoints").resolve()
+    info = machine(root)
+    info["app_root"] = str(root)
+    flag = Path(a.busy_flag) if a.busy_flag else None
+    report = Report(a.verbose)
+    result: dict[str, Any] = {}
+    import tempfile
+
+    log_path = Path(tempfile.mkstemp(prefix="cbnorm-load-", suffix=".log")[1])
+    server = None
+    port = None
+    try:
+        if flag is not None:
+            flag.write_text(f"{os.getpid()} bench/load.py --sessions {a.sessions} --duration {a.duration}\n")
+        port = free_port()
+        t0 = time.perf_counter()
+        server = start_server(runs, port, log_path, root)
+        print(f"server healthy on 127.0.0.1:{port} after {time.perf_counter() - t0:.1f} s", flush=True)
+        result = asyncio.run(drive(f"http://127.0.0.1:{port}", server, a, report))
+    finally:
+        if server is not None:
+            stop_server(server)
+        if flag is not None:
+            try:
+                flag.unlink()
+            except FileNotFoundError:
+                pass
+    log = log_path.read_text(errors="replace") if log_path.exists() else ""
+    log_path.unlink(missing_ok=True)
+
+    marks = result.get("marks", {})
+    start = (marks.get("start (every session warmed up)") or {}).get("rss_mb")
+    end = (marks.get("end") or {}).get("rss_mb")
+    load_samples = [m["rss_mb"] for m in report.memory if m["phase"] in ("load", "end")]
+    growth = None if not start or not end else round(100.0 * (end / start - 1.0), 1)
+    sessions = result.get("sessions", [])
+    warm = [r for r in report.table() if r["action"].startswith("warm-up")]
+    rows = [r for r in report.table() if not r["action"].startswith("warm-up")]
+    info["loadavg_end"] = list(os.getloadavg())
+    summary = {
+        "sessions_started": len(sessions), "sessions_alive_at_end": sum(s["alive_at_end"] for s in sessions),
+        "actions": sum(r["count"] for r in rows), "load_seconds": round(result.get("load_s", 0.0), 1),
+        "errors": report.error_count,
+        "interactions_failed": len(report.notes),
+        "memory_server_started_mb": (marks.get("server started") or {}).get("rss_mb"),
+        "memory_after_one_session_mb": (marks.get("after one session's warm-up") or {}).get("rss_mb"),
+        "memory_start_mb": start, "memory_end_mb": end,
+        "memory_peak_mb": max(load_samples) if load_samples else None, "memory_growth_pct": growth,
+        "hostile_uploads_refused_with_message": sum(e["count"] for e in report.expected_messages.values()
+                                                    if e["refused"]),
+        "awkward_uploads_translated": sum(e["count"] for e in report.expected_messages.values() if not e["refused"]),
+        "server_log_tracebacks": log.count("Traceback"),
+    }
+    summary["goal"] = "every session held to the end, no error, memory growth under 20%"
+    summary["goal_met"] = bool(summary["sessions_alive_at_end"] == a.sessions and not report.error_count
+                               and growth is not None and growth < 20.0)
+    out = {
+        "benchmark": "the app under load: concurrent Chromium sessions doing random actions (bench/load.py)",
+        "parameters": {"sessions": a.sessions, "duration_s": a.duration, "seed": a.seed,
+                       "think_s": [a.think_min, a.think_max], "action_timeout_s": a.action_timeout,
+                       "warmup": a.warmup,
+                       "memory_sample_s": a.sample, "runs": str(runs), "port": port, "server": "127.0.0.1, headless, "
+                       "--server.fileWatcherType none, --browser.gatherUsageStats false",
+                       "browser": "one headless Chromium, one context (and page) per session"},
+        "machine": info, "summary": summary, "actions": rows, "warm_up": warm,
+        "errors": report.errors,
+        "expected_messages": sorted(report.expected_messages.values(), key=lambda e: e["file"]),
+        "notes": report.notes[:200], "sessions": sessions, "memory": report.memory,
+        "server_log_tail": log[-4000:],
+        "note": "Each action's time runs from the interaction until the app is idle again (script not running, no "
+                "status widget, 250 ms stable). The browser runs on the same CPU as the server. Memory: RSS of the "
+                "server process tree; start = after every session's warm-up.",
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    for r in rows:
+        print(f"{r['action']:45s} n={r['count']:4d} median {r['median_s']:7.2f} s  p95 {r['p95_s']:7.2f} s  "
+              f"worst {r['worst_s']:7.2f} s")
+    print(f"wrote {a.out}")
+    return 0 if summary["goal_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""bench/load.py, small: 2 Chromium sessions for ~15 s of random actions on the committed checkpoints/ must
+hold to the end without an error, record their actions and the server's memory, write the JSON the README
+describes, stop the server and remove the busy flag. Skipped without /usr/bin/chromium or Playwright.
+Plus the script's parts that need no browser (upload files, memory of a process tree, the action table)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import load  # noqa: E402
+
+
+def test_upload_files_are_what_they_claim():
+    from cbnorm.images import load_image
+
+    files = load.upload_files(0)
+    assert files["good"] and files["accepted"] and files["refused"]
+    for f in files["good"] + files["accepted"]:
+        img = load_image(f["buffer"])
+        assert img.width >= 1 and img.height >= 1, f["name"]
+    for f in files["refused"]:
+        with pytest.raises(ValueError):
+            load_image(f["buffer"])
+    names = [f["name"] for kind in files.values() for f in kind]
+    assert len(names) == len(set(names))  # the refusal check looks for the file's name
+
+
+def _own_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_tree_rss_counts_the_process_and_its_children():
+    import subprocess
+
+    me = _own_rss()
+    assert 0.5 * me < load.tree_rss(os.getpid()) < 4 * me + 200 * 2 ** 20
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(150 * 2**20); time.sleep(30)"])
+    try:
+        import time
+
+        deadline = time.time() + 20
+        while time.time() < deadline and load.tree_rss(child.pid) < 150 * 2 ** 20:
+            time.sleep(0.1)
+        assert load.tree_rss(child.pid) >= 150 * 2 ** 20
+        assert load.tree_rss(os.getpid()) >= load.tree_rss(child.pid)  # the child is counted with its parent
+    finally:
+        child.kill()
+        child.wait()
+    assert load.tree_rss(child.pid) is None  # gone
+
+
+def test_action_table_statistics():
+    r = load.Report()
+    for v in [1.0, 2.0, 3.0, 4.0, 100.0]:
+        r.action(0, "a", v)
+    r.action(1, "b", 0.5)
+    rows = {row["action"]: row for row in r.table()}
+    assert rows["a"] == {"action": "a", "count": 5, "median_s": 3.0, "p95_s": 100.0, "worst_s": 100.0,
+                         "mean_s": 22.0}
+    assert rows["b"]["count"] == 1 and rows["b"]["median_s"] == rows["b"]["worst_s"] == 0.5
+
+
+@pytest.mark.slow
+def test_two_sessions_under_load(tmp_path):
+    pytest.importorskip("playwright.async_api")
+    if not Path(load.CHROMIUM).exists():
+        pytest.skip(f"{load.CHROMIUM} is missing (apt-get install chromium)")
+    out, flag = tmp_path / "load.json", tmp_path / "busy"
+    rc = load.main(["--sessions", "2", "--duration", "12", "--warmup", "first", "--out", str(out),
+                    "--busy-flag", str(flag), "--think-min", "0.2", "--think-max", "0.8", "--action-timeout", "90",
+                    "--sample", "2"])
+    data = json.loads(out.read_text())
+    s = data["summary"]
+    assert not data["errors"], json.dumps(data["errors"], indent=1)[:3000]
+    assert s["errors"] == 0
+    assert s["sessions_started"] == 2 and s["sessions_alive_at_end"] == 2
+    assert all(x["alive_at_end"] and x["actions"] >= 1 for x in data["sessions"]), data["sessions"]
+    assert not flag.exists()  # the busy flag is removed
+    # session 0 visited every page in the warm-up (--warmup first), session 1 opened the app; then random actions
+    warm = {row["action"]: row for row in data["warm_up"]}
+    assert warm["warm-up: open the app (home)"]["count"] == 2, warm
+    for page in ("histograms", "evolution", "day_night", "compare"):
+        assert warm[f"warm-up: first visit of {page}"]["count"] == 1, warm
+    assert s["actions"] == sum(row["count"] for row in data["actions"]) >= 4
+    for row in data["actions"] + data["warm_up"]:
+        assert set(row) == {"action", "count", "median_s", "p95_s", "worst_s", "mean_s"}
+        assert 0 < row["median_s"] <= row["p95_s"] <= row["worst_s"] < 90, row
+    # memory: samples of the server's process tree, start after the warm-up, end after the last action
+    assert s["memory_start_mb"] > 50 and s["memory_end_mb"] > 50
+    assert s["memory_growth_pct"] == pytest.approx(100 * (s["memory_end_mb"] / s["memory_start_mb"] - 1), abs=0.1)
+    phases = [m["phase"] for m in data["memory"]]
+    assert "start (every session warmed up)" in phases and "end" in phases and phases.count("load") >= 3
+    m = data["machine"]
+    assert m["cpu_count"] == os.cpu_count() and len(m["loadavg_start"]) == 3 and m["cpu"]
+    assert data["parameters"]["sessions"] == 2 and data["parameters"]["duration_s"] == 12
+    assert rc == (0 if s["goal_met"] else 1)
+    assert s["goal_met"] == (s["memory_growth_pct"] < 20)  # no error and every session alive, checked above
+    with socket.socket() as sock:  # the server is stopped
+        sock.settimeout(2)
+        assert sock.connect_ex(("127.0.0.1", data["parameters"]["port"])) != 0
+
