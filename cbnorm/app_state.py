@@ -11,6 +11,11 @@ Caching rules (the app serves several sessions from one process):
 * ``st.cache_data`` (copied per call): activations, histogram panels, projections, tables — keyed by every
   parameter that changes them, so moving a slider or changing a colour never recomputes a projection.
 * Every cache has ``max_entries`` and ``ttl``; the sidebar's "Reload runs" button clears them all.
+* The three caches whose entries can be large (snapshot features, layer activations, histogram panels) also
+  have a budget in bytes (``BUDGET_MB``): one entry of snapshot features is 4 MB for conv3 of the committed
+  runs at 1,000 test images but 48 MB for conv1 (240 MB at 5,000), so ``max_entries`` alone bounds nothing
+  useful. Least recently used entries beyond the budget are dropped. What the cluster-evolution page needs
+  on every rerun (predictions, components) is cached apart, so dropped features cost only new projections.
 
 The runs directory is ``$CBNORM_RUNS`` (default: ``checkpoints/`` next to ``app.py``).
 """
@@ -22,6 +27,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +47,106 @@ _APP_DIR = [Path(__file__).resolve().parents[1]]
 TTL = 3600  # seconds
 #: cap on the values of one channel kept for histograms / stats (a notice says when it applies)
 MAX_VALUES = 50_000
+#: byte budgets of the caches whose entries can be large (see the module docstring)
+BUDGET_MB = {"snapshot_features": 128, "layer_activations": 96, "histogram_panel": 32}
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim; nothing elsewhere). Arrays of a few
+    MB to a few tens of MB live on the heap once glibc has raised its mmap threshold, and without a trim
+    the memory of dropped cache entries stays in the process."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _ByteBudget:
+    """Least-recently-used byte accounting of one cached function: after each call, the entries beyond
+    ``BUDGET_MB[name]`` are cleared from the function's cache (``func.clear(*args)``), oldest first; the newest
+    entry and pinned entries (the snapshots of a projection being computed, :meth:`pinned`) always stay, so
+    the budget can be exceeded while a projection needs more. Entries Streamlit dropped itself (max_entries,
+    ttl) may still be counted, which only makes the budget stricter."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.entries: OrderedDict[tuple, int] = OrderedDict()
+        self.pins: dict[tuple, int] = {}
+        self.func = None
+        self.lock = threading.Lock()
+
+    def note(self, func, args: tuple, value: Any) -> None:
+        self.func = func
+        with self.lock:
+            self.entries[args] = _nbytes(value)
+            self.entries.move_to_end(args)
+        self._shrink(keep=args)
+
+    def _shrink(self, keep: Optional[tuple] = None) -> None:
+        limit = BUDGET_MB[self.name] * 2 ** 20
+        drop = []
+        with self.lock:
+            total = sum(self.entries.values())
+            for key in list(self.entries):
+                if total <= limit:
+                    break
+                if key == keep or self.pins.get(key):
+                    continue
+                total -= self.entries.pop(key)
+                drop.append(key)
+        for key in drop:
+            self.func.clear(*key)
+        if drop:
+            _trim_heap()
+
+    @contextmanager
+    def pinned(self, keys: Sequence[tuple]):
+        keys = list(keys)
+        with self.lock:
+            for k in keys:
+                self.pins[k] = self.pins.get(k, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                for k in keys:
+                    self.pins[k] -= 1
+                    if not self.pins[k]:
+                        del self.pins[k]
+            if self.func is not None:
+                self._shrink()
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.entries.values())
+
+    def reset(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+_BUDGETS = {name: _ByteBudget(name) for name in BUDGET_MB}
+#: projections (EvolutionParams key, steps) computed in this process: their reruns skip the feature passes
+_PROJECTED: OrderedDict[tuple, None] = OrderedDict()
+_PROJECTED_LOCK = threading.Lock()
+
+
+def cache_bytes() -> dict[str, int]:
+    """Bytes held (as counted) by each budgeted cache."""
+    return {name: b.total() for name, b in _BUDGETS.items()}
 
 
 # ============================================================================ where, on what
@@ -104,6 +210,10 @@ def clear_caches() -> None:
     """Forget every cached run, dataset, activation and projection (the "Reload runs" button)."""
     st.cache_data.clear()
     st.cache_resource.clear()
+    for b in _BUDGETS.values():
+        b.reset()
+    with _PROJECTED_LOCK:
+        _PROJECTED.clear()
 
 
 # ============================================================================ runs
@@ -313,9 +423,19 @@ def _capture(run: Run, model: torch.nn.Module, x: torch.Tensor, layer: str, cont
     return caps[layer], logits
 
 
-@st.cache_data(max_entries=32, ttl=TTL, show_spinner=False)
 def layer_activations(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str = "predicted"
                       ) -> dict:
+    """Input and output of ``layer`` on a minibatch (cached within ``BUDGET_MB["layer_activations"]``; see
+    :func:`_layer_activations`)."""
+    args = (run_path, dev, layer, int(size), int(seed), context_mode)
+    out = _layer_activations(*args)
+    _BUDGETS["layer_activations"].note(_layer_activations, args, out)
+    return out
+
+
+@st.cache_data(max_entries=32, ttl=TTL, show_spinner=False)
+def _layer_activations(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str = "predicted"
+                       ) -> dict:
     """Input and output of ``layer`` on a minibatch of ``size`` test images drawn with ``seed``.
 
     ``context_mode``: "predicted" (honest: the model infers the context — its context predictor, or CN+
@@ -356,9 +476,18 @@ def component_names(run: Run, info: dict, k: int) -> list[str]:
     return [f"component {i + 1}" for i in range(k)]
 
 
-@st.cache_data(max_entries=64, ttl=TTL, show_spinner=False)
 def histogram_panel(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str,
                     channels: tuple[int, ...], k: int) -> dict:
+    """The histogram page's panel (cached within ``BUDGET_MB["histogram_panel"]``; see :func:`_histogram_panel`)."""
+    args = (run_path, dev, layer, int(size), int(seed), context_mode, tuple(int(c) for c in channels), int(k))
+    out = _histogram_panel(*args)
+    _BUDGETS["histogram_panel"].note(_histogram_panel, args, out)
+    return out
+
+
+@st.cache_data(max_entries=64, ttl=TTL, show_spinner=False)
+def _histogram_panel(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str,
+                     channels: tuple[int, ...], k: int) -> dict:
     """Everything the histogram page draws for the chosen channels: input and output values (G, M), the
     input mixture (the layer's own parameters when it has a mixture, else a K-component fit with
     cbnorm.gmm), a K-component fit of the output, and normality statistics of input and output."""
@@ -480,9 +609,34 @@ def evolution_sample(run_path: str, dev: str, size: int, seed: int) -> dict:
     return {"indices": idx, "labels": labels, "contexts": true_contexts(run, labels), "total": len(ds)}
 
 
-@st.cache_resource(max_entries=48, ttl=1800, show_spinner=False)
+def _feature_key(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str,
+                 pool: bool) -> tuple:
+    return (run_path, dev, int(step), layer, int(size), int(seed), which, bool(pool))
+
+
 def snapshot_features(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str,
                       pool: bool) -> dict:
+    """Features of ``layer`` at snapshot ``step`` (cached within ``BUDGET_MB["snapshot_features"]``; see
+    :func:`_snapshot_features`)."""
+    args = _feature_key(run_path, dev, step, layer, size, seed, which, pool)
+    out = _snapshot_features(*args)
+    _BUDGETS["snapshot_features"].note(_snapshot_features, args, out)
+    return out
+
+
+@st.cache_data(max_entries=512, ttl=TTL, show_spinner=False)
+def snapshot_summary(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str,
+                     pool: bool) -> dict:
+    """What the evolution page shows of a snapshot besides the projection (small, kept apart from the
+    features): predictions, mixture components and the number of features."""
+    f = snapshot_features(run_path, dev, step, layer, size, seed, which, pool)
+    return {"predictions": f["predictions"], "components": f["components"],
+            "feature_dim": int(f["features"].shape[1])}
+
+
+@st.cache_resource(max_entries=48, ttl=1800, show_spinner=False)
+def _snapshot_features(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str,
+                       pool: bool) -> dict:
     """Features (N, F) of ``layer`` at snapshot ``step`` on the fixed sample, the predictions and the
     per-sample mixture components at that step. Loads the snapshot as a NEW model (the cached run's model
     is untouched); arrays are read-only (shared)."""
@@ -592,33 +746,41 @@ def evolution(p: EvolutionParams, progress: Optional[Callable[[float, str], None
     say = progress or (lambda f, t: None)
     n = len(steps)
     fa = _feature_args(p)
-    if p.method == "pca":
-        for i, s in enumerate(steps):
-            say(0.85 * i / n, f"activations at step {s} ({i + 1}/{n})")
-            snapshot_features(fa[0], fa[1], s, *fa[2:])
-        say(0.85, "PCA")
-        coords, info = _pca_embedding(p.key(), steps)
-    elif p.method in ("tsne", "umap"):
-        name = {"tsne": "t-SNE", "umap": "UMAP"}[p.method]
-        if p.method == "umap":
-            say(0.0, "waiting for UMAP's one-time compilation")
-            umap_warmup().join()
-        prefetch = _prefetch_features(p, (steps[-1],) + steps[:-1])
-        coords, info = [], {}
-        for i, s in enumerate(steps):
-            say(i / n, f"{name} at step {s} ({i + 1}/{n}): activations, then projection")
-            c, info = _embedding_at(p.key(), steps, i)
-            coords.append(c)
-        prefetch.join()
-    else:
+    if p.method not in ("pca", "tsne", "umap"):
         raise ValueError(f"method must be pca, tsne or umap, got {p.method!r}")
-    feats = [snapshot_features(fa[0], fa[1], s, *fa[2:]) for s in steps]
+    done = (p.key(), steps) in _PROJECTED  # computed before: a rerun (colour, snapshot) needs no features
+    with _BUDGETS["snapshot_features"].pinned([_feature_key(fa[0], fa[1], s, *fa[2:]) for s in steps]):
+        if p.method == "pca":
+            if not done:
+                for i, s in enumerate(steps):
+                    say(0.85 * i / n, f"activations at step {s} ({i + 1}/{n})")
+                    snapshot_features(fa[0], fa[1], s, *fa[2:])
+                say(0.85, "PCA")
+            coords, info = _pca_embedding(p.key(), steps)
+        else:
+            name = {"tsne": "t-SNE", "umap": "UMAP"}[p.method]
+            if p.method == "umap":
+                say(0.0, "waiting for UMAP's one-time compilation")
+                umap_warmup().join()
+            prefetch = None if done else _prefetch_features(p, (steps[-1],) + steps[:-1])
+            coords, info = [], {}
+            for i, s in enumerate(steps):
+                say(i / n, f"{name} at step {s} ({i + 1}/{n}): activations, then projection")
+                c, info = _embedding_at(p.key(), steps, i)
+                coords.append(c)
+            if prefetch is not None:
+                prefetch.join()
+        feats = [snapshot_summary(fa[0], fa[1], s, *fa[2:]) for s in steps]  # cached apart: no features needed
+    with _PROJECTED_LOCK:
+        _PROJECTED[(p.key(), steps)] = None
+        while len(_PROJECTED) > 512:
+            _PROJECTED.popitem(last=False)
     say(1.0, "done")
     xlim, ylim = analysis.embedding_limits(coords)
     return {"steps": list(steps), "coords": coords, "xlim": xlim, "ylim": ylim, "info": info,
             "labels": sample["labels"], "contexts": sample["contexts"], "indices": sample["indices"],
             "total": sample["total"], "predictions": [f["predictions"] for f in feats],
-            "components": [f["components"] for f in feats], "feature_dim": int(feats[0]["features"].shape[1]),
+            "components": [f["components"] for f in feats], "feature_dim": feats[0]["feature_dim"],
             "method": p.method}
 
 

@@ -110,3 +110,61 @@ def test_two_sessions_under_load(tmp_path):
         sock.settimeout(2)
         assert sock.connect_ex(("127.0.0.1", data["parameters"]["port"])) != 0
 
+
+# ----------------------------------------------------------------------------- the memory bounds it led to
+class _FakeCached:
+    def __init__(self):
+        self.cleared = []
+
+    def clear(self, *args):
+        self.cleared.append(args)
+
+
+def test_byte_budget_drops_least_recently_used_but_never_pinned_or_newest(monkeypatch):
+    import numpy as np
+
+    from cbnorm import app_state as S
+
+    monkeypatch.setitem(S.BUDGET_MB, "snapshot_features", 3)
+    b, f = S._ByteBudget("snapshot_features"), _FakeCached()
+    mb = lambda n: {"features": np.zeros(n * 2 ** 18, np.float32)}  # noqa: E731  (n MB)
+    b.note(f, ("a",), mb(1))
+    b.note(f, ("b",), mb(1))
+    b.note(f, ("a",), mb(1))  # a used again: b is now the oldest
+    b.note(f, ("c",), mb(1))
+    assert f.cleared == [] and b.total() == 3 * 2 ** 20
+    b.note(f, ("d",), mb(1))
+    assert f.cleared == [("b",)] and list(b.entries) == [("a",), ("c",), ("d",)]
+    with b.pinned([("a",), ("c",)]):
+        b.note(f, ("e",), mb(2))  # over budget, but a and c are pinned and e is the newest
+        assert f.cleared == [("b",), ("d",)] and b.total() == 4 * 2 ** 20
+    assert f.cleared[-1] == ("a",) and b.total() == 3 * 2 ** 20  # unpinned: back within the budget
+    b.note(f, ("big",), mb(10))  # larger than the whole budget: kept alone
+    assert list(b.entries) == [("big",)]
+
+
+def test_evolution_reruns_need_no_features_even_with_no_budget(monkeypatch):
+    """A colour change or snapshot move reruns S.evolution with the same parameters: with a budget of 0 bytes
+    every snapshot's features are dropped right after the projection, yet the rerun computes none."""
+    from cbnorm import app_state as S
+
+    runs = ROOT / "checkpoints"
+    if not (runs / "fmnist-bn" / "config.json").is_file():
+        pytest.skip("needs the committed checkpoints/fmnist-bn")
+    monkeypatch.setenv("CBNORM_RUNS", str(runs))
+    monkeypatch.setitem(S.BUDGET_MB, "snapshot_features", 0)
+    S.clear_caches()
+    calls = []
+    real = S.analysis.flatten_features
+    monkeypatch.setattr(S.analysis, "flatten_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run = S.run_by_name("fmnist-bn")
+    p = S.EvolutionParams(run=str(run.path), layer=S.studied_layer(run), size=100, seed=5, max_snapshots=3)
+    first = S.evolution(p)
+    assert len(first["steps"]) == 3 and len(calls) == 3  # one feature pass per snapshot, none repeated
+    assert S.cache_bytes()["snapshot_features"] == 0  # all dropped once the projection no longer pins them
+    calls.clear()
+    again = S.evolution(p)
+    assert calls == []  # nothing recomputed
+    assert all((a == b).all() for a, b in zip(first["coords"], again["coords"]))
+    assert again["feature_dim"] == first["feature_dim"] and len(again["predictions"]) == 3
+    S.clear_caches()
