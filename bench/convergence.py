@@ -35,9 +35,9 @@ NORMS = {"bn": {}, "ln": {}, "gn": {}, "mn": {"num_components": 3}, "mode": {"nu
          "cn-embed": {"num_contexts": 4}}
 
 
-#: same layer, another setting: name -> (norm, kwargs). ACN with the random initial means it had before the
-#: data-dependent initialisation became the default.
-VARIANTS = {"acn-random": ("acn", {"num_components": 3, "init": "random"})}
+#: same layer, another setting: name -> (norm, kwargs). acn-data: ACN's components fitted to the first
+#: minibatch (init="data") instead of the paper's random initialisation.
+VARIANTS = {"acn-data": ("acn", {"num_components": 3, "init": "data"})}
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:

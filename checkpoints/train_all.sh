@@ -7,7 +7,7 @@ COMMON=(--dataset fashion-mnist --model shallow_cnn --width 0.25 --layers conv3 
         --lr 2e-3 --weight-decay 1e-4 --optimizer adamw --seed 0 --snapshot-every 94 --threads "${THREADS:-1}" --quiet)
 declare -A EXTRA=(
   [bn]="--norm bn" [ln]="--norm ln" [gn]="--norm gn"
-  [mn]="--norm mn --components 3" [mode]="--norm mode --components 3" [acn]="--norm acn --components 3"
+  [mn]="--norm mn --components 3" [mode]="--norm mode --components 3" [acn]="--norm acn --components 3 --norm-kwargs {\"init\":\"data\"}"
   [cn]="--norm cn --contexts superclass --context-head" [cnx]="--norm cnx --contexts superclass --context-head"
   [cn-embed]="--norm cn-embed --contexts superclass --context-head"
 )

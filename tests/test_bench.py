@@ -42,9 +42,9 @@ def test_convergence_variant_trains_the_base_layer():
     x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     ctx = torch.zeros(64, dtype=torch.long)
     a = types.SimpleNamespace(width=0.125, lr=1e-3, epochs=1, batch_size=32, eval_every=1)
-    r = convergence.run_one("acn-random", 0, (x, y, ctx), (x[:16], y[:16], ctx[:16]), a)
-    assert r["norm"] == "acn-random" and r["steps"] == 2 and len(r["curve"]) == 2
-    assert convergence.VARIANTS["acn-random"] == ("acn", {"num_components": 3, "init": "random"})
+    r = convergence.run_one("acn-data", 0, (x, y, ctx), (x[:16], y[:16], ctx[:16]), a)
+    assert r["norm"] == "acn-data" and r["steps"] == 2 and len(r["curve"]) == 2
+    assert convergence.VARIANTS["acn-data"] == ("acn", {"num_components": 3, "init": "data"})
 
 
 def test_interleaved_reports_each_function():

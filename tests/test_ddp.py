@@ -165,7 +165,7 @@ def _acn_init_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        layer = cbnorm.build_norm("acn", 4, num_components=2)
+        layer = cbnorm.build_norm("acn", 4, num_components=2, init="data")
         g = torch.Generator().manual_seed(rank)  # each rank sees different data in its first step
         layer(torch.randn(6, 4, 3, 3, generator=g) * (1 + rank) + 5 * rank)
         save_file({k: v.detach().contiguous() for k, v in layer.state_dict().items()},
@@ -184,6 +184,6 @@ def test_acn_data_init_is_broadcast_from_rank_0(tmp_path):
     for key in ("logits", "mean", "log_var"):
         torch.testing.assert_close(s1[key], s0[key], msg=lambda m: f"{key}: {m}")
     torch.manual_seed(0)
-    alone = cbnorm.build_norm("acn", 4, num_components=2)  # rank 0's data, one process
+    alone = cbnorm.build_norm("acn", 4, num_components=2, init="data")  # rank 0's data, one process
     alone(torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(s0["mean"], alone.mean.detach())

@@ -423,9 +423,9 @@ def acn_far_from_zero_batch(seed=0):
 def test_acn_data_init_puts_components_on_the_data(update):
     x = acn_far_from_zero_batch()
     torch.manual_seed(0)
-    data = make_layer("acn", 3, num_components=2, update=update, affine=False)
+    data = make_layer("acn", 3, num_components=2, update=update, affine=False, init="data")
     torch.manual_seed(0)
-    rand = make_layer("acn", 3, num_components=2, update=update, affine=False, init="random")
+    rand = make_layer("acn", 3, num_components=2, update=update, affine=False)  # default: init="random"
     y = data(x).detach()
     lam, mu, var = data.mixture_parameters()
     assert int(data.data_initialized) == 1
@@ -442,18 +442,19 @@ def test_acn_data_init_puts_components_on_the_data(update):
 
 def test_acn_data_init_happens_once_and_survives_state_dict():
     x = acn_far_from_zero_batch()
-    layer = make_layer("acn", 3, num_components=2)
+    layer = make_layer("acn", 3, num_components=2, init="data")
     layer(x)
     mu = layer.mean.detach().clone()
     layer(x + 100.0)  # a later step never re-initialises (only gradients move the parameters)
     torch.testing.assert_close(layer.mean.detach(), mu)
-    fresh = make_layer("acn", 3, num_components=2)
+    fresh = make_layer("acn", 3, num_components=2, init="data")
     fresh.load_state_dict(layer.state_dict())
     fresh(x - 50.0)
     torch.testing.assert_close(fresh.mean.detach(), mu)  # a loaded, trained layer is not re-initialised
-    untrained = make_layer("acn", 3, num_components=2)
+    untrained = make_layer("acn", 3, num_components=2, init="data")
     fresh.load_state_dict(untrained.state_dict())  # data_initialized = 0 again: the next step fits
     fresh(x)
     assert int(fresh.data_initialized) == 1 and abs(float(fresh.mean.mean()) + 10) < 1
+    assert int(make_layer("acn", 3).data_initialized) == 1  # init="random": nothing left to do
     with pytest.raises(ValueError, match="init must be"):
         make_layer("acn", 3, init="kmeans")

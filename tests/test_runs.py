@@ -333,10 +333,10 @@ def test_run_saved_before_acn_data_initialized_existed_loads_as_initialised():
     """Runs written before ACN got its ``data_initialized`` buffer load, and are not re-initialised."""
     from torch import nn
 
-    old = nn.Sequential(cbnorm.build_norm("acn", 3, num_components=2))
+    old = nn.Sequential(cbnorm.build_norm("acn", 3, num_components=2, init="data"))
     old(torch.randn(8, 3, 2, 2) - 10)
     tensors = {k: v for k, v in runs._state_tensors(old).items() if not k.endswith("data_initialized")}
-    new = nn.Sequential(cbnorm.build_norm("acn", 3, num_components=2))
+    new = nn.Sequential(cbnorm.build_norm("acn", 3, num_components=2, init="data"))
     runs._load_into(new, tensors, "legacy file", {})
     assert int(new[0].data_initialized) == 1
     before = new[0].mean.detach().clone()
