@@ -48,7 +48,7 @@ TTL = 3600  # seconds
 #: cap on the values of one channel kept for histograms / stats (a notice says when it applies)
 MAX_VALUES = 50_000
 #: byte budgets of the caches whose entries can be large (see the module docstring)
-BUDGET_MB = {"snapshot_features": 128, "layer_activations": 96, "histogram_panel": 32}
+BUDGET_MB = {"snapshot_features": 96, "layer_activations": 64, "histogram_panel": 24}
 
 
 def _nbytes(obj: Any) -> int:
