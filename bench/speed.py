@@ -268,16 +268,26 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="one shape, K=3 only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    p.add_argument("--parts", default="layers,network,levers,compiled",
+                   help="comma-separated parts to measure; with --merge, the others are kept from that file")
+    p.add_argument("--merge", default=None, help="an earlier speed.json whose other parts are kept")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     ks = [3] if a.quick else [2, 3, 5]
     shapes = SHAPES[:1] if a.quick else SHAPES
-    result = {"machine": machine(a.device), "method": "forward+backward, interleaved with nn.BatchNorm2d, "
-              f"median of {a.reps} per-repetition ratios", "layers": bench_layers(a.device, a.reps, ks, shapes),
-              "network": bench_network(a.device, a.reps),
-              "levers": bench_levers(a.device, a.reps, compiled=not a.no_compile)}
-    if not a.no_compile:
+    parts = set(a.parts.split(","))
+    result = json.loads(Path(a.merge).read_text()) if a.merge else {}
+    result.update({"machine": machine(a.device), "method": "forward+backward, interleaved with "
+                   "nn.BatchNorm2d, median of the per-repetition ratios (repetitions per part in 'reps')"})
+    result["reps"] = {**result.get("reps", {}), **{part: a.reps for part in parts}}
+    if "layers" in parts:
+        result["layers"] = bench_layers(a.device, a.reps, ks, shapes)
+    if "network" in parts:
+        result["network"] = bench_network(a.device, a.reps)
+    if "levers" in parts:
+        result["levers"] = bench_levers(a.device, a.reps, compiled=not a.no_compile)
+    if "compiled" in parts and not a.no_compile:
         result["compiled"] = bench_compiled(a.device, a.reps, shapes)
     result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out = Path(a.out or f"bench/results/speed{'' if a.device == 'cpu' else '_' + a.device.replace(':', '')}.json")

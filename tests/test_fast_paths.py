@@ -165,3 +165,24 @@ def test_joint_mixture_transform_huge_activation_is_finite_with_finite_gradients
     assert torch.isfinite(y).all()
     y[1:].sum().backward()  # the other samples' gradients are untouched by the capped one
     assert torch.isfinite(means.grad).all() and torch.isfinite(vars_.grad).all() and torch.isfinite(x.grad).all()
+
+
+def test_mn_compiled_train_step_matches_eager_for_two_fit_fractions():
+    """Two MixtureNorms with different fit_fraction compiled in one process (the second used to fail:
+    dynamo made the fraction a symbolic float and could not size the subsample)."""
+    x = torch.randn(8, 4, 4, 4) * 2 + 1
+    for fraction in (1.0, 0.25):
+        torch.manual_seed(0)
+        layer = make_layer("mn", 4, num_components=2, fit_fraction=fraction)
+        eager_layer = make_layer("mn", 4, num_components=2, fit_fraction=fraction)
+        eager_layer.load_state_dict(layer.state_dict())
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(1)
+        ye = eager_layer(xe)
+        ye.square().sum().backward()
+        torch.manual_seed(1)
+        yc = torch.compile(layer)(xc)  # the fit runs eagerly, with the same random draws
+        yc.square().sum().backward()
+        torch.testing.assert_close(yc, ye, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(layer.queue_means, eager_layer.queue_means)

@@ -189,6 +189,7 @@ class AdaptiveContextNorm(NormBase):
         super()._load_from_state_dict(*args, **kwargs)
         self._init_checked = False  # look at the loaded data_initialized on the next training step
 
+    @torch.compiler.disable  # a one-off, data-dependent fit: eager even inside torch.compile
     @torch.no_grad()
     def initialize_from(self, x3: Tensor) -> None:
         """Set (lambda, mu, sigma^2) from a GMM fitted to the points of x3 (N, C, P) (at most 8192 of them)."""

@@ -79,9 +79,14 @@ class MixtureNorm(NormBase):
         return True
 
     # ------------------------------------------------------------------ training
+    @torch.compiler.disable  # data-dependent sampling and sizes: always eager, also inside torch.compile
     @torch.no_grad()
     def fit_posteriors(self, x3: Tensor) -> Tensor:
-        """GMM fit on the minibatch and posteriors nu of every point: (N, K, P) joint or (N, C, P, K) channel."""
+        """GMM fit on the minibatch and posteriors nu of every point: (N, K, P) joint or (N, C, P, K) channel.
+
+        Runs eagerly under torch.compile: traced, a second MixtureNorm with another ``fit_fraction`` makes
+        dynamo treat the fraction as a symbolic float and the subsample size cannot be built (found by
+        bench/speed.py)."""
         n, c, p = x3.shape
         m = n * p
         if m < self.num_components:
