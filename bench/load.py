@@ -27,7 +27,9 @@ an action that does not finish within ``--action-timeout`` seconds, a crashed pa
 the server process exiting. Refusals of hostile uploads are recorded apart (expected messages).
 
 The server's memory (RSS of the server process and its children) is sampled every ``--sample`` seconds:
-"start" is taken after the warm-up, "end" after the last action; growth = end / start - 1.
+"start" is taken after the warm-up, "end" after the last action; growth = end / start - 1. Then, where gdb
+is installed, the server is made to call glibc's malloc_trim(0) and measured once more: the difference is
+freed heap memory the allocator had kept, not memory the app holds.
 
 While it runs, the file ``--busy-flag`` (default /tmp/cbnorm_load_running) exists, so that timing
 benchmarks on a shared machine can wait; it is removed at the end. The server and the browser are stopped
@@ -156,11 +158,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(runs: Path, port: int, log_path: Path, root: Path = ROOT, timeout: float = 90.0) -> subprocess.Popen:
+def start_server(runs: Path, port: int, log_path: Path, root: Path = ROOT, timeout: float = 90.0,
+                 extra_env: Optional[dict] = None) -> subprocess.Popen:
     """`streamlit run <root>/app.py` on 127.0.0.1:port in its own process group (``root`` first on the
     Python path, so its cbnorm is the one imported); waits for the health endpoint."""
     path = os.pathsep.join([str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    env = dict(os.environ, CBNORM_RUNS=str(runs), PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    env = dict(os.environ, CBNORM_RUNS=str(runs), PYTHONUNBUFFERED="1", PYTHONPATH=path, **(extra_env or {}))
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(root / "app.py"), "--server.headless", "true",
@@ -200,6 +203,23 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+def trim_probe(pid: int) -> Optional[str]:
+    """Ask the server's C allocator to give its free heap memory back (gdb calls glibc's malloc_trim(0) in
+    the process): the RSS after it is what the server really holds. None when done, else why not."""
+    import shutil
+
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return "gdb is not installed"
+    try:
+        r = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-iex", "set auto-solib-add off",
+                            "-ex", "sharedlibrary libc", "-ex", "call (int) malloc_trim(0)"],
+                           capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"gdb failed: {err}"
+    return None if r.returncode == 0 and "$1 =" in r.stdout else f"gdb failed: {r.stderr[-300:]}"
+
+
 def _children(pid: int) -> list[int]:
     out = []
     try:
@@ -209,6 +229,34 @@ def _children(pid: int) -> list[int]:
     except OSError:
         pass
     return out
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        q = todo.pop()
+        if q in out:
+            continue
+        out.append(q)
+        todo += _children(q)
+    return out
+
+
+def tree_cpu(pid: int, exclude: Optional[int] = None) -> float:
+    """CPU seconds (user + system) used so far by the live processes of ``pid``'s tree, less ``exclude``'s
+    tree (Linux /proc; 0 elsewhere)."""
+    skip = set(_tree(exclude)) if exclude is not None else set()
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for q in _tree(pid):
+        if q in skip:
+            continue
+        try:
+            fields = Path(f"/proc/{q}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
 
 
 def tree_rss(pid: int) -> Optional[int]:
@@ -726,6 +774,7 @@ async def drive(base_url: str, server: subprocess.Popen, a: argparse.Namespace, 
                                        timeout=a.warmup_timeout)
             mark("start (every session warmed up)")
             phase["name"] = "load"
+            cpu0 = (tree_cpu(server.pid), tree_cpu(os.getpid(), exclude=server.pid))
             t_start = time.perf_counter()
             deadline = t_start + a.duration
             tasks = [asyncio.create_task(s.run(deadline)) for s in sessions]
@@ -737,7 +786,16 @@ async def drive(base_url: str, server: subprocess.Popen, a: argparse.Namespace, 
                 if t.exception() is not None:
                     report.error(-1, "(driver)", "driver error", repr(t.exception())[:500])
             load_s = time.perf_counter() - t_start
+            cpu = {"server_cpu_s": round(tree_cpu(server.pid) - cpu0[0], 1),
+                   "browser_and_driver_cpu_s": round(tree_cpu(os.getpid(), exclude=server.pid) - cpu0[1], 1),
+                   "cores_s": round(load_s * (os.cpu_count() or 1), 1)}
             mark("end")
+            if a.trim_probe:
+                why = trim_probe(server.pid)
+                if why is None:
+                    mark("end, after malloc_trim")
+                else:
+                    report.note(-1, "(trim probe)", why)
             alive = [s for s in sessions if s.alive and not s.crashed and not s.page.is_closed()]
             for s in alive:  # still connected: the status widget does not say "connecting"
                 st = await s.state()
@@ -748,7 +806,7 @@ async def drive(base_url: str, server: subprocess.Popen, a: argparse.Namespace, 
             stop.set()
             await browser.close()
     await asyncio.gather(sampler, watcher, return_exceptions=True)
-    return {"marks": marks, "load_s": load_s,
+    return {"marks": marks, "load_s": load_s, "cpu": cpu,
             "sessions": [{"session": s.idx, "actions": s.actions, "alive_at_end": s.alive, "where_at_end": s.where}
                          for s in sessions]}
 
@@ -772,6 +830,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=float, default=5.0, help="seconds between memory samples (5)")
     ap.add_argument("--busy-flag", default=BUSY_FLAG, help="file that exists while this runs ('' for none)")
     ap.add_argument("--verbose", action="store_true", help="print every action as it finishes")
+    ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment variable for the server (repeatable), e.g. OMP_NUM_THREADS=1")
+    ap.add_argument("--no-trim-probe", dest="trim_probe", action="store_false",
+                    help="skip the last measurement: the server's RSS after gdb makes it call malloc_trim(0)")
     a = ap.parse_args(argv)
     if a.sessions < 1 or a.duration <= 0:
         ap.error("--sessions must be >= 1 and --duration > 0")
@@ -779,6 +841,10 @@ def main(argv=None) -> int:
         print(f"{CHROMIUM} is missing (apt-get install chromium)", file=sys.stderr)
         return 2
 
+    try:
+        server_env = dict(kv.split("=", 1) for kv in a.server_env)
+    except ValueError:
+        ap.error("--server-env takes KEY=VALUE")
     root = Path(a.app_root).resolve()
     runs = Path(a.runs or os.environ.get("CBNORM_RUNS") or root / "checkpoints").resolve()
     info = machine(root)
@@ -796,7 +862,7 @@ def main(argv=None) -> int:
             flag.write_text(f"{os.getpid()} bench/load.py --sessions {a.sessions} --duration {a.duration}\n")
         port = free_port()
         t0 = time.perf_counter()
-        server = start_server(runs, port, log_path, root)
+        server = start_server(runs, port, log_path, root, extra_env=server_env)
         print(f"server healthy on 127.0.0.1:{port} after {time.perf_counter() - t0:.1f} s", flush=True)
         result = asyncio.run(drive(f"http://127.0.0.1:{port}", server, a, report))
     finally:
@@ -828,11 +894,13 @@ def main(argv=None) -> int:
         "memory_after_one_session_mb": (marks.get("after one session's warm-up") or {}).get("rss_mb"),
         "memory_start_mb": start, "memory_end_mb": end,
         "memory_peak_mb": max(load_samples) if load_samples else None, "memory_growth_pct": growth,
+        "memory_end_after_malloc_trim_mb": (marks.get("end, after malloc_trim") or {}).get("rss_mb"),
         "hostile_uploads_refused_with_message": sum(e["count"] for e in report.expected_messages.values()
                                                     if e["refused"]),
         "awkward_uploads_translated": sum(e["count"] for e in report.expected_messages.values() if not e["refused"]),
         "server_log_tracebacks": log.count("Traceback"),
     }
+    summary.update(result.get("cpu", {}))
     summary["goal"] = "every session held to the end, no error, memory growth under 20%"
     summary["goal_met"] = bool(summary["sessions_alive_at_end"] == a.sessions and not report.error_count
                                and growth is not None and growth < 20.0)
@@ -840,7 +908,7 @@ def main(argv=None) -> int:
         "benchmark": "the app under load: concurrent Chromium sessions doing random actions (bench/load.py)",
         "parameters": {"sessions": a.sessions, "duration_s": a.duration, "seed": a.seed,
                        "think_s": [a.think_min, a.think_max], "action_timeout_s": a.action_timeout,
-                       "warmup": a.warmup,
+                       "warmup": a.warmup, "server_env": server_env,
                        "memory_sample_s": a.sample, "runs": str(runs), "port": port, "server": "127.0.0.1, headless, "
                        "--server.fileWatcherType none, --browser.gatherUsageStats false",
                        "browser": "one headless Chromium, one context (and page) per session"},

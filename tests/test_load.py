@@ -60,6 +60,19 @@ def test_tree_rss_counts_the_process_and_its_children():
     assert load.tree_rss(child.pid) is None  # gone
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_tree_cpu_counts_cpu_seconds():
+    import time
+
+    before = load.tree_cpu(os.getpid())
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.3:
+        sum(i * i for i in range(10_000))
+    spent = load.tree_cpu(os.getpid()) - before
+    assert 0.2 <= spent <= 5.0
+    assert load.tree_cpu(os.getpid(), exclude=os.getpid()) == 0
+
+
 def test_action_table_statistics():
     r = load.Report()
     for v in [1.0, 2.0, 3.0, 4.0, 100.0]:
@@ -104,6 +117,8 @@ def test_two_sessions_under_load(tmp_path):
     m = data["machine"]
     assert m["cpu_count"] == os.cpu_count() and len(m["loadavg_start"]) == 3 and m["cpu"]
     assert data["parameters"]["sessions"] == 2 and data["parameters"]["duration_s"] == 12
+    assert s["server_cpu_s"] > 0 and s["browser_and_driver_cpu_s"] > 0
+    assert s["server_cpu_s"] + s["browser_and_driver_cpu_s"] <= 1.2 * s["cores_s"]
     assert rc == (0 if s["goal_met"] else 1)
     assert s["goal_met"] == (s["memory_growth_pct"] < 20)  # no error and every session alive, checked above
     with socket.socket() as sock:  # the server is stopped
