@@ -11,9 +11,9 @@ rest of the page keeps working. A file it accepts comes back with what the page 
 a name that does not match the content) or ``st.info`` (EXIF rotation applied, CMYK / greyscale / palette
 translated as RGB, transparency kept). Images over the page's own limits (``PAGE_MAX_PIXELS``,
 ``PAGE_MAX_SIDE``) are downscaled before translation: every session shares two CPU cores, and a 48-megapixel
-photo costs ~3 GB and ~20 s to translate and encode. The page shows previews (``preview``: upright, 8-bit,
-at most ``PREVIEW_WIDTH`` wide) rather than the uploaded bytes, which a browser may not display (TIFF,
-16-bit) or Streamlit may fail to re-encode.
+photo took ~3 GB and 8-20 s to translate and encode here (input level 8 s, autoencoder 20 s). The page shows
+previews (``preview``: upright, 8-bit, at most ``PREVIEW_WIDTH`` wide) rather than the uploaded bytes, which
+a browser may not display (TIFF, 16-bit) or Streamlit may fail to re-encode.
 """
 from __future__ import annotations
 
