@@ -164,7 +164,14 @@ COMPILED = ["mn", "mn-fit25", "acn", "mode", "cn", "cnx"]
 
 
 def bench_compiled(device: str, reps: int, shapes: list[tuple], k: int = 3) -> list[dict]:
-    """torch.compile (inductor) of each goal layer against eager and compiled nn.BatchNorm2d, K = 3."""
+    """torch.compile (inductor) of each goal layer against eager and compiled nn.BatchNorm2d, K = 3.
+
+    Every layer shares NormBase.forward, so each one is a recompilation of the same code object: the
+    recompile limit is raised so that none silently falls back to eager (dynamo's default allows 8)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    torch._dynamo.reset()
     out = []
     for shape in shapes:
         n, c = shape[:2]
@@ -285,8 +292,13 @@ def main(argv=None) -> None:
         result["layers"] = bench_layers(a.device, a.reps, ks, shapes)
     if "network" in parts:
         result["network"] = bench_network(a.device, a.reps)
-    if "levers" in parts:
-        result["levers"] = bench_levers(a.device, a.reps, compiled=not a.no_compile)
+    if "levers" in parts:  # at 1 thread and at --threads: they do not gain alike
+        result["levers"] = []
+        for threads in sorted({1, a.threads}):
+            torch.set_num_threads(threads)
+            result["levers"] += [{"threads": threads, **r}
+                                 for r in bench_levers(a.device, a.reps, compiled=not a.no_compile)]
+        torch.set_num_threads(a.threads)
     if "compiled" in parts and not a.no_compile:
         result["compiled"] = bench_compiled(a.device, a.reps, shapes)
     result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
