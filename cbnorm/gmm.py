@@ -487,8 +487,7 @@ def _check_finite_inputs(x: Tensor, w: Tensor | None) -> None:
 
 @torch.no_grad()
 def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: torch.Generator | None = None,
-        reg_covar: float = 1e-6, weights: Tensor | None = None, check_finite: bool = True,
-        seed_points: int | None = None) -> GMM:
+        reg_covar: float = 1e-6, weights: Tensor | None = None, check_finite: bool = True) -> GMM:
     """Fit ``G`` independent diagonal GMMs (eq. 26-27) by EM, batched: ``x (G, M, D) -> GMM``.
 
     1. k-means++ seeding (:func:`kmeans_plus_plus`), then ``kmeans_iters`` Lloyd iterations;
@@ -515,10 +514,6 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
             seeding, the initialisation and every M-step.
         check_finite: check that x (and weights) are finite (and nonnegative). This is the only host
             synchronisation; pass False in hot loops where inputs are known to be valid.
-        seed_points: run the k-means++ seeding on a random subset of this many points (the same subset
-            for every group) when M is larger; EM still uses every point. Seeding is a sequence of K passes
-            with several candidates each, the largest share of a short fit (MN paper sec. 3.4: the seeding
-            can be made sublinear in M). Ignored with ``weights`` (a subset could hold only padding).
 
     Returns:
         :class:`GMM` with weights ``(G, K)``, means ``(G, K, D)``, vars ``(G, K, D)`` on x's device.
@@ -566,15 +561,7 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
 
     # 1. k-means++ seeding (+ Lloyd).
     base = _point_base(w, x)
-    if seed_points is not None:
-        seed_points = _check_int(seed_points, "seed_points", k)
-    if seed_points is not None and w is None and m > seed_points:
-        sub = torch.randperm(m, device=x.device, generator=generator)[:seed_points].sort().values
-        picked = _kmeans_pp_indices(xt.index_select(2, sub), sq.index_select(1, sub), k, base.index_select(1, sub),
-                                    generator, _default_trials(k))
-        centers = _gather_columns(xt, sub[picked])
-    else:
-        centers = _gather_columns(xt, _kmeans_pp_indices(xt, sq, k, base, generator, _default_trials(k)))
+    centers = _gather_columns(xt, _kmeans_pp_indices(xt, sq, k, base, generator, _default_trials(k)))
     for _ in range(kmeans_iters):
         _, sx, nk = _sufficient_stats(feats, _hard_resp(_nearest(xt, centers), k, dtype), w, d)
         alive = (nk > 0).unsqueeze(-1)

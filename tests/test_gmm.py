@@ -384,27 +384,3 @@ def test_cuda_fit_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(lp).all()
-
-
-@pytest.mark.parametrize("d", [2, 4])
-def test_fit_with_seeding_on_a_subset_reaches_sklearn_log_likelihood(d):
-    x = blobs(20 + d, d, n_per=400)
-    sk = sk_fit(x).score(x)
-    model = G.fit(torch.tensor(x)[None], 3, iters=30, generator=gen(d), seed_points=64)  # M = 1,320
-    ours = G.mean_log_likelihood(model, torch.tensor(x)[None]).item()
-    assert ours >= sk - 1e-2, (ours, sk)
-
-
-def test_seed_points_at_least_m_is_the_plain_fit_and_is_checked(monkeypatch):
-    x = torch.tensor(blobs(7, 3))[None]
-    plain = G.fit(x, 3, iters=3, generator=gen(5))
-    same = G.fit(x, 3, iters=3, generator=gen(5), seed_points=x.shape[1])
-    for a, b in ((plain.weights, same.weights), (plain.means, same.means), (plain.vars, same.vars)):
-        torch.testing.assert_close(a, b)
-    seen = []
-    real = G._kmeans_pp_indices
-    monkeypatch.setattr(G, "_kmeans_pp_indices", lambda xt, *a: seen.append(xt.shape[-1]) or real(xt, *a))
-    sub = G.fit(x, 3, iters=3, generator=gen(5), seed_points=50)
-    assert seen == [50] and torch.isfinite(sub.means).all()  # seeding saw the subset only
-    with pytest.raises(ValueError, match="seed_points must be >= 3"):
-        G.fit(x, 3, seed_points=2)

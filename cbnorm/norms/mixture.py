@@ -48,8 +48,6 @@ class MixtureNorm(NormBase):
 
     names = ("mn", "mixture", "mixnorm")
     has_mixture = True
-    #: k-means++ seeding runs on at most this many of the fitted points (EM uses them all)
-    SEED_POINTS = 4096
 
     def __init__(self, num_features: int, *, num_components: int = 3, em_iters: int = 2, kmeans_iters: int = 0,
                  queue_size: int = 10, zeta: float = 0.9, fit_points: Optional[int] = None, fit_fraction: float = 1.0,
@@ -106,7 +104,7 @@ class MixtureNorm(NormBase):
         pts = pts_t.unsqueeze(-1) if self.posterior == "channel" else pts_t.t().unsqueeze(0)
         try:  # NaN/inf input gives non-finite statistics, refused in _normalize before the queue is touched
             fitted = gmm.fit(pts, self.num_components, iters=self.em_iters, kmeans_iters=self.kmeans_iters,
-                             check_finite=False, seed_points=self.SEED_POINTS)
+                             check_finite=False)
         except ValueError as err:
             raise ValueError(f"MixtureNorm: cannot fit a mixture to this minibatch: {err}") from None
         if self.posterior == "channel":  # (C, K, 1) -> (K, C)
