@@ -43,10 +43,12 @@ class ModeNorm(NormBase):
     def _needs_batch_statistics(self) -> bool:
         return True
 
-    def gates(self, x3: Tensor) -> Tensor:
-        """g (N, K): softmax over the K modes of the gate applied to the per-sample channel means."""
+    def gates(self, x3: Tensor, sums: Optional[Tensor] = None) -> Tensor:
+        """g (N, K): softmax over the K modes of the gate applied to the per-sample channel means
+        (``sums``: x3.sum(dim=2) when the caller has it already)."""
         w, b = self.gate.weight.to(x3.dtype), self.gate.bias.to(x3.dtype)
-        return torch.softmax(x3.mean(dim=2) @ w.t() + b, dim=-1)
+        means = x3.mean(dim=2) if sums is None else sums / x3.shape[2]
+        return torch.softmax(means @ w.t() + b, dim=-1)
 
     def mixture_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
         """(running mode weights (K,), running means (K, C), running variances (K, C))."""
@@ -55,16 +57,17 @@ class ModeNorm(NormBase):
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
         n, c, p = x3.shape
-        g = self.gates(x3)  # (N, K)
+        sums = x3.sum(dim=2)  # (N, C), one pass shared by the gates, the means and the shift
+        g = self.gates(x3, sums)  # (N, K)
         if self.training:
             nk = allreduce_sum(g.sum(0) * p, self.sync_stats)  # (K,)
-            mean = allreduce_sum(g.t() @ x3.sum(dim=2), self.sync_stats) / nk.clamp_min(1e-12)[:, None]
+            mean = allreduce_sum(g.t() @ sums, self.sync_stats) / nk.clamp_min(1e-12)[:, None]
             # sum_p (x - mu_k)^2 = S2 - 2 mu_k S1 + P mu_k^2, computed around the batch mean for accuracy
             # the shift must be the same on every DDP rank for the all-reduced sums to cancel it
             total = allreduce_sum(x3.new_tensor(float(n * p)), self.sync_stats)
-            shift = allreduce_sum(x3.detach().sum(dim=(0, 2)), self.sync_stats) / total
+            shift = allreduce_sum(sums.detach().sum(dim=0), self.sync_stats) / total
             xc = x3 - shift[None, :, None]
-            s1 = xc.sum(dim=2)  # (N, C)
+            s1 = sums - p * shift  # (N, C) = xc.sum(dim=2)
             s2 = xc.pow(2).sum(dim=2)
             mc = mean - shift
             sq = allreduce_sum(g.t() @ s2 - 2 * mc * (g.t() @ s1), self.sync_stats) + nk[:, None] * mc * mc
