@@ -162,6 +162,9 @@ def interleaved(fns: dict, device: str, reps: int) -> dict:
 
 COMPILED = ["mn", "mn-fit25", "acn", "mode", "cn", "cnx"]
 
+#: the issue's goals at K = 3, as a ratio to nn.BatchNorm2d (forward + backward)
+GOALS = {"mn": 4.0, "mn-fit25": 4.0, "acn": 3.0, "mode": 2.0, "cn": 2.0, "cnx": 2.0, "cn-embed": 2.0}
+
 
 def bench_compiled(device: str, reps: int, shapes: list[tuple], k: int = 3) -> list[dict]:
     """torch.compile (inductor) of each goal layer against eager and compiled nn.BatchNorm2d, K = 3.
@@ -285,7 +288,7 @@ def main(argv=None) -> None:
     shapes = SHAPES[:1] if a.quick else SHAPES
     parts = set(a.parts.split(","))
     result = json.loads(Path(a.merge).read_text()) if a.merge else {}
-    result.update({"machine": machine(a.device), "method": "forward+backward, interleaved with "
+    result.update({"machine": machine(a.device), "goals": GOALS, "method": "forward+backward, interleaved with "
                    "nn.BatchNorm2d, median of the per-repetition ratios (repetitions per part in 'reps')"})
     result["reps"] = {**result.get("reps", {}), **{part: a.reps for part in parts}}
     if "layers" in parts:

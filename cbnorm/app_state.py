@@ -977,6 +977,38 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+@st.cache_data(max_entries=8, ttl=300, show_spinner=False)
+def bench_json(path: str) -> Optional[dict]:
+    """One benchmark result file as a dict; None when it is missing or is not a readable JSON object (the
+    generic listing below says why)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def bench_plot_data(bench_dir: str) -> dict:
+    """What the benchmark plots need, each entry present only when its file holds it: ``speed_layers``,
+    ``speed_goals``, ``speed_machine`` (speed.json) and ``convergence_runs``, ``convergence_budget``
+    (convergence.json). Records that lack the fields the figures read are dropped."""
+    out: dict = {}
+    speed = bench_json(str(Path(bench_dir) / "speed.json")) or {}
+    layers = [r for r in speed.get("layers") or [] if isinstance(r, dict)
+              and {"layer", "shape", "K", "ratio_to_bn"} <= set(r) and isinstance(r["shape"], list)]
+    if layers:
+        out["speed_layers"] = layers
+        out["speed_goals"] = {k: v for k, v in (speed.get("goals") or {}).items() if isinstance(v, (int, float))}
+        out["speed_machine"] = speed.get("machine") if isinstance(speed.get("machine"), dict) else {}
+    conv = bench_json(str(Path(bench_dir) / "convergence.json")) or {}
+    runs = [r for r in conv.get("runs") or [] if isinstance(r, dict) and "norm" in r and "curve" in r
+            and isinstance(r["curve"], list) and r["curve"]]
+    if runs:
+        out["convergence_runs"] = runs
+        out["convergence_budget"] = conv.get("budget") if isinstance(conv.get("budget"), dict) else {}
+    return out
+
+
 @st.cache_data(max_entries=4, ttl=300, show_spinner=False)
 def bench_results(bench_dir: str) -> list[dict]:
     """Every ``*.json`` in ``bench_dir``: its tables (lists of records), the machine it ran on

@@ -307,3 +307,45 @@ def figure_frame(fig: go.Figure):
 def frame_csv(df) -> bytes:
     """CSV bytes of a DataFrame (for st.download_button)."""
     return df.to_csv(index=False).encode("utf-8")
+
+
+# ============================================================================ benchmark results
+def speed_ratio_figure(layers: Sequence[dict], goals: Optional[dict] = None, *, k: int = 3,
+                       height: int = 380) -> go.Figure:
+    """Per-layer forward+backward time as a ratio to BatchNorm2d (bench/results/speed.json ``layers``
+    records: ``layer``, ``shape``, ``K``, ``ratio_to_bn``) at ``k`` components: one bar per shape, the
+    goal of each layer (``goals`` {layer: ratio}) as a black tick, and 1x dotted."""
+    rows = [r for r in layers if int(r.get("K", k)) == k]
+    names = list(dict.fromkeys(r["layer"] for r in rows))
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
+    fig = go.Figure()
+    for i, shape in enumerate(shapes):
+        by = {r["layer"]: float(r["ratio_to_bn"]) for r in rows if tuple(r["shape"]) == shape}
+        label = "N={}, C={}, {}".format(shape[0], shape[1], "x".join(str(s) for s in shape[2:]))
+        fig.add_trace(go.Bar(x=names, y=[by.get(n) for n in names], name=label, marker_color=color(i),
+                             hovertemplate="%{x}<br>" + label + "<br>%{y:.2f}x BatchNorm2d<extra></extra>"))
+    if goals:
+        gx = [n for n in names if n in goals]
+        fig.add_trace(go.Scatter(x=gx, y=[float(goals[n]) for n in gx], mode="markers", name="goal",
+                                 marker=dict(symbol="line-ew-open", size=34, color="black", line=dict(width=3)),
+                                 hovertemplate="%{x}: goal %{y}x<extra></extra>"))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
+    fig.update_layout(barmode="group", height=height, margin=dict(l=50, r=10, t=20, b=45),
+                      yaxis_title=f"time / BatchNorm2d (K={k})", legend=dict(title_text="input"))
+    return fig
+
+
+def convergence_figure(runs: Sequence[dict], *, height: int = 420) -> go.Figure:
+    """Test accuracy against optimizer steps, the mean over seeds of each norm (bench/results/convergence.json
+    ``runs`` records: ``norm``, ``seed``, ``curve`` [[step, accuracy], ...]); seeds are aligned by step."""
+    series = []
+    for i, norm in enumerate(dict.fromkeys(r["norm"] for r in runs)):
+        curves = [dict((int(s), float(a)) for s, a in r["curve"]) for r in runs if r["norm"] == norm]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = [float(np.mean([c[s] for c in curves])) for s in steps]
+        series.append({"name": f"{norm} ({len(curves)} seeds)", "x": steps, "y": mean, "color": i,
+                       "width": 4 if norm == "bn" else 2})
+    fig = curves_figure(series, x_title="optimizer step", y_title="test accuracy (mean over seeds)",
+                        height=height)
+    fig.update_layout(legend=dict(title_text="norm"))
+    return fig

@@ -87,6 +87,25 @@ with S.guard("Compare normalizers"):
 
 with S.guard("Benchmark results"):
     st.subheader("Benchmarks")
+    plots = S.bench_plot_data(str(S.bench_dir()))
+    if "speed_layers" in plots:
+        st.markdown("**Cost of each layer** (`bench/speed.py`): forward + backward time as a multiple of "
+                    "`torch.nn.BatchNorm2d`'s on the same input; black ticks are the goals.")
+        fig_speed = F.speed_ratio_figure(plots["speed_layers"], plots["speed_goals"])
+        st.plotly_chart(fig_speed, key="cmp_bench_speed", config={"displaylogo": False})
+        m = plots["speed_machine"]
+        st.caption(f"Measured on {m.get('cpu', 'an unrecorded machine')} ({m.get('device', '?')}, "
+                   f"{m.get('torch_threads', '?')} torch threads, torch {m.get('torch', '?')}); "
+                   "per-layer tables, the whole network and each speed lever are in speed.json below.")
+    if "convergence_runs" in plots:
+        b = plots["convergence_budget"]
+        st.markdown("**Convergence** (`bench/convergence.py`): test accuracy against optimizer steps, mean "
+                    f"over seeds — {b.get('dataset', '?')}, {b.get('train_images', '?')} training images, "
+                    f"{b.get('epochs', '?')} epochs, width {b.get('width', '?')}.")
+        fig_conv = F.convergence_figure(plots["convergence_runs"])
+        st.plotly_chart(fig_conv, key="cmp_bench_conv", config={"displaylogo": False})
+        if b.get("note"):
+            st.caption(str(b["note"]))
     results = S.bench_results(str(S.bench_dir()))
     if not results:
         st.caption(f"No benchmark results in `{S.bench_dir()}`.")

@@ -262,8 +262,14 @@ def test_cluster_evolution_umap(app):
 def test_compare_defaults_and_changes(app, app_runs):
     app.switch_page(COMPARE).run()
     no_problem(app)
-    err, loss, live = charts(app)
+    err, loss, live, speed, conv = charts(app)
     assert [t["name"] for t in err["data"]] == ["acn", "bn", "cn"]
+    # bench/results/speed.json and convergence.json as plots: bars per input shape with goal ticks, curves
+    committed = json.loads((Path(APP).parent / "bench" / "results" / "speed.json").read_text())
+    goal = next(t for t in speed["data"] if t["name"] == "goal")
+    assert dict(zip(goal["x"], goal["y"])) == {k: v for k, v in committed["goals"].items() if k in goal["x"]}
+    assert sum(t["type"] == "bar" for t in speed["data"]) == len({tuple(r["shape"]) for r in committed["layers"]})
+    assert any(t["name"].startswith("bn (") for t in conv["data"])
     bn_metrics = json.loads((app_runs / "bn" / "metrics.json").read_text())
     np.testing.assert_allclose(arr(err["data"][1]["y"]), [1 - e["test_acc"] for e in bn_metrics["epochs"]])
     np.testing.assert_array_equal(arr(err["data"][1]["x"]), [e["step"] for e in bn_metrics["epochs"]])
@@ -283,7 +289,7 @@ def test_compare_defaults_and_changes(app, app_runs):
     app.multiselect(key="cmp_runs").set_value(["bn", "cn"])
     app.run()
     no_problem(app)
-    err, loss, live = charts(app)
+    err, loss, live, _, _ = charts(app)
     assert [t["name"] for t in err["data"]] == ["bn", "cn"]
     np.testing.assert_array_equal(arr(err["data"][0]["x"]), [e["epoch"] for e in bn_metrics["epochs"]])
     assert sum(t["type"] == "bar" for t in live["data"]) == 2
@@ -313,7 +319,7 @@ def test_damaged_run_shows_an_error_not_a_traceback(damaged_runs, monkeypatch):
         if page != COMPARE:  # the compare page only lists loadable runs
             assert any("config.json" in e.value and "malformed JSON" in e.value for e in at.error), page
         else:
-            assert len(charts(at)) == 3
+            assert len(charts(at)) == 5  # curves, losses, live panel, the two benchmark plots
 
 
 def test_missing_runs_directory_is_explained(tmp_path, monkeypatch):
@@ -334,7 +340,7 @@ def test_every_page_on_the_committed_checkpoints(monkeypatch):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception
     assert int(metric(at, "Runs loaded")) + int(metric(at, "Runs that cannot be loaded")) == len(runs)
-    expected = {HIST: 2, EVO: 2, DAYNIGHT: None, COMPARE: 3}  # the day-night page has its own tests
+    expected = {HIST: 2, EVO: 2, DAYNIGHT: None, COMPARE: 5}  # compare: 3 + the two benchmark plots  # the day-night page has its own tests
     for page, n in expected.items():
         at.switch_page(page).run()
         no_problem(at)

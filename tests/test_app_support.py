@@ -83,3 +83,44 @@ def test_fit_reducer_matches_reduce_features():
     for f, r in zip(feats, red):
         np.testing.assert_allclose(reducer(f), r, rtol=1e-5, atol=1e-6)
     assert analysis.fit_reducer(feats[-1], dims=50)(feats[0]).shape == (40, 12)
+
+
+# --------------------------------------------------------------------------- benchmark plots
+def test_speed_ratio_figure_bars_per_shape_and_goals():
+    from cbnorm import figures as F
+
+    layers = [{"layer": n, "shape": list(sh), "K": k, "ratio_to_bn": r}
+              for n, r0 in (("mn", 4.0), ("acn", 2.5)) for sh in ((256, 128, 8, 8), (64, 448, 4, 4))
+              for k, r in ((3, r0 + sh[1] / 1000), (5, 99.0))]
+    fig = F.speed_ratio_figure(layers, {"mn": 4, "acn": 3, "absent": 1})
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert [t.name for t in bars] == ["N=256, C=128, 8x8", "N=64, C=448, 4x4"]
+    assert list(bars[0].x) == ["mn", "acn"] and list(bars[0].y) == [4.128, 2.628]  # K=3 only
+    goal = [t for t in fig.data if t.name == "goal"][0]
+    assert list(goal.x) == ["mn", "acn"] and list(goal.y) == [4.0, 3.0]
+
+
+def test_convergence_figure_is_the_mean_over_seeds_at_shared_steps():
+    from cbnorm import figures as F
+
+    runs = [{"norm": "bn", "seed": 0, "curve": [[10, 0.5], [20, 0.7]]},
+            {"norm": "bn", "seed": 1, "curve": [[10, 0.6], [20, 0.8], [30, 0.9]]},
+            {"norm": "mn", "seed": 0, "curve": [[10, 0.4]]}]
+    fig = F.convergence_figure(runs)
+    assert [t.name for t in fig.data] == ["bn (2 seeds)", "mn (1 seeds)"]
+    assert list(fig.data[0].x) == [10, 20] and np.allclose(fig.data[0].y, [0.55, 0.75])
+
+
+def test_bench_plot_data_reads_the_files_and_drops_bad_ones(tmp_path):
+    import json
+
+    from cbnorm import app_state as S
+
+    (tmp_path / "speed.json").write_text(json.dumps({
+        "machine": {"cpu": "x"}, "goals": {"mn": 4, "bad": "no"},
+        "layers": [{"layer": "mn", "shape": [2, 3], "K": 3, "ratio_to_bn": 2.0}, {"layer": "broken"}]}))
+    (tmp_path / "convergence.json").write_text("{not json")
+    out = S.bench_plot_data(str(tmp_path))
+    assert out["speed_layers"] == [{"layer": "mn", "shape": [2, 3], "K": 3, "ratio_to_bn": 2.0}]
+    assert out["speed_goals"] == {"mn": 4} and "convergence_runs" not in out
+    assert S.bench_plot_data(str(tmp_path / "missing")) == {}
