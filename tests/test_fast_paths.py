@@ -186,3 +186,19 @@ def test_mn_compiled_train_step_matches_eager_for_two_fit_fractions():
         torch.testing.assert_close(yc, ye, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(layer.queue_means, eager_layer.queue_means)
+
+
+def test_centered_square_sums_matches_autograd_and_gradchecks():
+    from cbnorm.norms.mode import centered_square_sums
+
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(4, 3, 5, generator=g, dtype=torch.float64) * 3 + 20).requires_grad_()
+    shift = x.detach().mean(dim=(0, 2))
+    w = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    ours = centered_square_sums(x, shift)
+    (gx,) = torch.autograd.grad((ours * w).sum(), x)
+    ref = (x - shift[None, :, None]).pow(2).sum(dim=2)
+    (gr,) = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(gx, gr)
+    assert torch.autograd.gradcheck(lambda t: centered_square_sums(t, shift), (x,))

@@ -64,7 +64,7 @@ class BatchNorm(NormBase):
             count = allreduce_sum(x3.new_tensor(float(x3.shape[0] * x3.shape[2])), self.sync_stats)
             mean = allreduce_sum(x3.sum(dim=(0, 2)), self.sync_stats) / count
             centred = x3 - mean[None, :, None]
-            var = allreduce_sum(centred.pow(2).sum(dim=(0, 2)), self.sync_stats) / count
+            var = allreduce_sum(centred.square().sum(dim=(0, 2)), self.sync_stats) / count
             self._refuse_nonfinite(mean, var)
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -159,7 +159,7 @@ class ContextNorm(_ContextBase):
         sums = allreduce_sum(onehot.t() @ x3.sum(dim=2), self.sync_stats)  # (K, C)   eq. 23
         mean_b = sums / count.clamp_min(1)[:, None]
         centred = x3 - mean_b[context].unsqueeze(-1)
-        sq = allreduce_sum(onehot.t() @ centred.pow(2).sum(dim=2), self.sync_stats)  # eq. 24
+        sq = allreduce_sum(onehot.t() @ centred.square().sum(dim=2), self.sync_stats)  # eq. 24
         var_b = sq / count.clamp_min(1)[:, None]
         ok = (samples >= 2)[:, None]  # a context with 0 or 1 sample falls back to running statistics
         mean = torch.where(ok, mean_b, self.running_mean.to(x3.dtype))

@@ -19,7 +19,29 @@ from torch import Tensor, nn
 
 from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ema_update
 
-__all__ = ["ModeNorm"]
+__all__ = ["ModeNorm", "centered_square_sums"]
+
+
+class _CenteredSquareSums(torch.autograd.Function):
+    """s2 = sum_p (x - shift)^2 per (sample, channel), with a one-pass backward (dx = 2 (x - shift) ds2,
+    one addcmul, nothing of the size of x saved); autograd through pow would save x - shift and take
+    two passes of multiplications."""
+
+    @staticmethod
+    def forward(ctx, x3, shift):
+        ctx.save_for_backward(x3, shift)
+        return (x3 - shift[None, :, None]).square_().sum(dim=2)
+
+    @staticmethod
+    def backward(ctx, g):
+        x3, shift = ctx.saved_tensors
+        g2 = (2.0 * g).unsqueeze(-1)  # (N, C, 1)
+        return torch.addcmul(-shift[None, :, None] * g2, x3, g2), None
+
+
+def centered_square_sums(x3: Tensor, shift: Tensor) -> Tensor:
+    """sum over positions of (x3 - shift)^2: x3 (N, C, P), shift (C,) a constant -> (N, C)."""
+    return _CenteredSquareSums.apply(x3, shift.detach())
 
 
 class ModeNorm(NormBase):
@@ -66,9 +88,8 @@ class ModeNorm(NormBase):
             # the shift must be the same on every DDP rank for the all-reduced sums to cancel it
             total = allreduce_sum(x3.new_tensor(float(n * p)), self.sync_stats)
             shift = allreduce_sum(sums.detach().sum(dim=0), self.sync_stats) / total
-            xc = x3 - shift[None, :, None]
-            s1 = sums - p * shift  # (N, C) = xc.sum(dim=2)
-            s2 = xc.pow(2).sum(dim=2)
+            s1 = sums - p * shift  # (N, C) = (x - shift).sum(dim=2)
+            s2 = centered_square_sums(x3, shift)
             mc = mean - shift
             sq = allreduce_sum(g.t() @ s2 - 2 * mc * (g.t() @ s1), self.sync_stats) + nk[:, None] * mc * mc
             var = (sq / nk.clamp_min(1e-12)[:, None]).clamp_min(0)
