@@ -30,15 +30,9 @@ HIST, EVO, COMPARE = ("pages/1_Activation_Histograms.py", "pages/2_Cluster_Evolu
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from bench.common import cpu_model
+
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "device": "cuda" if torch.cuda.is_available() else "cpu", "loadavg_start": os.getloadavg()[0]}
 
@@ -136,23 +130,25 @@ def main(argv=None) -> None:
         import tempfile
 
         sys.path.insert(0, str(ROOT / "tests"))
-        from test_browser import free_port, start_server, stop_server, visit
+        from test_browser import visit
+
+        from bench.common import free_port, start_server, stop_server
 
         port = free_port()
         runs = Path(os.environ.get("CBNORM_RUNS") or ROOT / "checkpoints")
         t0 = time.perf_counter()
-        proc = start_server(runs.resolve(), port)
-        timings.append({"page": "(browser)", "action": "streamlit server start until healthy",
-                        "seconds": round(time.perf_counter() - t0, 3)})
-        try:
-            with tempfile.TemporaryDirectory() as shots:
-                for name, r in visit(f"http://127.0.0.1:{port}", Path(shots)).items():
+        with tempfile.TemporaryDirectory() as tmp:  # the server's log and the screenshots
+            proc = start_server(runs.resolve(), port, Path(tmp) / "streamlit.log")
+            timings.append({"page": "(browser)", "action": "streamlit server start until healthy",
+                            "seconds": round(time.perf_counter() - t0, 3)})
+            try:
+                for name, r in visit(f"http://127.0.0.1:{port}", Path(tmp)).items():
                     timings.append({"page": name, "action": "browser: first visit until idle with figures drawn "
                                     "(fresh server; histograms first, as a deep link)",
                                     "seconds": round(r["seconds"], 3), "figures": r["figures"]})
                     print(f"{name:12s} browser first visit {r['seconds']:8.2f} s", flush=True)
-        finally:
-            stop_server(proc)
+            finally:
+                stop_server(proc)
 
     info["loadavg_end"] = os.getloadavg()[0]
     result = {"benchmark": "app page renders and actions: AppTest (script time) and Chromium (until drawn)",

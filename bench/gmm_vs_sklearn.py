@@ -37,6 +37,7 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import cpu_model  # noqa: E402
 from cbnorm import gmm  # noqa: E402
 
 G, M, K, ITERS = 64, 4096, 3, 5
@@ -68,17 +69,6 @@ def fit_sklearn(x: np.ndarray, seed: int) -> gmm.GMM:
     return gmm.GMM(torch.tensor(np.stack([m.weights_ for m in models])),
                    torch.tensor(np.stack([m.means_ for m in models])),
                    torch.tensor(np.stack([m.covariances_ for m in models])))
-
-
-def cpu_model() -> str:
-    """platform.processor() is often empty on Linux; read the model name from /proc/cpuinfo there."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def timed(fn, *args):

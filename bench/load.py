@@ -44,19 +44,19 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
 import struct
 import subprocess
 import sys
 import time
-import urllib.request
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import cpu_model, free_port, start_server, stop_server  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 BUSY_FLAG = "/tmp/cbnorm_load_running"
@@ -151,56 +151,7 @@ def upload_files(seed: int = 0) -> dict[str, list[dict]]:
     return {"good": good, "accepted": accepted, "refused": refused}
 
 
-# ============================================================================ the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(runs: Path, port: int, log_path: Path, root: Path = ROOT, timeout: float = 90.0,
-                 extra_env: Optional[dict] = None) -> subprocess.Popen:
-    """`streamlit run <root>/app.py` on 127.0.0.1:port in its own process group (``root`` first on the
-    Python path, so its cbnorm is the one imported); waits for the health endpoint."""
-    path = os.pathsep.join([str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    env = dict(os.environ, CBNORM_RUNS=str(runs), PYTHONUNBUFFERED="1", PYTHONPATH=path, **(extra_env or {}))
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(root / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    stop_server(proc)
-    raise RuntimeError("streamlit did not become healthy in time")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL after 10 s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+# ============================================================================ the server: bench/common.py
 
 
 def trim_probe(pid: int) -> Optional[str]:
@@ -300,14 +251,7 @@ def tree_rss(pid: int) -> Optional[int]:
 
 # ============================================================================ machine
 def machine(root: Path = ROOT) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

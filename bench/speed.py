@@ -38,15 +38,9 @@ LAYERS = [("mn", {"num_components": None}), ("mn-fit25", {"num_components": None
 
 
 def machine(device: str) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from bench.common import cpu_model
+
+    info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": device,
             "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if device.startswith("cuda"):
@@ -243,7 +237,7 @@ def bench_levers(device: str, reps: int, compiled: bool = True) -> list[dict]:
 
     pairs = [
         ("bmm over N instead of matmul((K, C), (N, C, P))", "matmul", lambda: back(torch.matmul(w, x3)),
-         "bmm", lambda: back(mixing._batched_left(w, x3))),
+         "bmm", lambda: back(mixing.batched_left(w, x3))),
         ("hand-written backward of MN eq. 34-36", "autograd", plain_moments,
          "posterior_batch_norm", lambda: back(posterior_batch_norm(x3, resp, gain, bias, 1e-5)[0])),
         ("hand-written backward of ACN's posterior mixing (eq. 19)", "autograd", plain_mixture,

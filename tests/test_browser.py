@@ -10,16 +10,15 @@ missing. Runs against the small runs built by tests/test_app.py's fixture.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import free_port, start_server, stop_server  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 #: url path -> (name, number of Plotly figures the page shows with its defaults). The first visit is a deep
@@ -27,44 +26,6 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-b
 PAGES = {"Activation_Histograms": ("histograms", 2), "": ("home", 0), "Cluster_Evolution": ("evolution", 2),
          "Day_Night_Transfer": ("day_night", 1), "Compare_Normalizers": ("compare", 3)}
 ERROR_SELECTOR = "[data-testid='stException'], [data-testid='stAlertContentError']"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(runs: Path, port: int, timeout: float = 60.0) -> subprocess.Popen:
-    """`streamlit run app.py` headless on ``port`` with CBNORM_RUNS=runs; waits for its health endpoint."""
-    env = dict(os.environ, CBNORM_RUNS=str(runs), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("streamlit did not become healthy in time")
-
-
-def stop_server(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out or ""
 
 
 def wait_idle(page, timeout_ms: int) -> None:
@@ -121,11 +82,13 @@ def test_every_page_in_chromium(app_runs, tmp_path_factory):
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     shots = Path(os.environ.get("CBNORM_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
     port = free_port()
-    proc = start_server(app_runs, port)
+    log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
+    proc = start_server(app_runs, port, log_path)
     try:
         report = visit(f"http://127.0.0.1:{port}", shots)
     finally:
-        log = stop_server(proc)
+        stop_server(proc)
+    log = log_path.read_text()
     assert "Traceback" not in log, log[-3000:]
     for name, r in report.items():
         assert not r["errors"], f"{name}: error box shown: {r['errors']}"
@@ -140,9 +103,11 @@ if __name__ == "__main__":  # by hand: python tests/test_browser.py checkpoints/
     runs = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "checkpoints"
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/cbnorm-shots")
     port = free_port()
-    proc = start_server(runs.resolve(), port)
+    out.mkdir(parents=True, exist_ok=True)
+    proc = start_server(runs.resolve(), port, out / "streamlit.log")
     try:
         for k, v in visit(f"http://127.0.0.1:{port}", out).items():
             print(k, v)
     finally:
-        print(stop_server(proc)[-2000:])
+        stop_server(proc)
+        print((out / "streamlit.log").read_text()[-2000:])

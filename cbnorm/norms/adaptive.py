@@ -30,9 +30,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import NormBase, affine_params, check_positive_int, ema_update
-from .mixing import (check_posterior, flat_posteriors, joint_mixture_transform, log_posteriors, mix_affine,
-                     normalizing_coefficients)
+from .base import NormBase, affine_params, check_positive_int, ddp_active, ema_update
+from .mixing import (batched_left, check_posterior, flat_posteriors, joint_mixture_transform, log_posteriors,
+                     mix_affine, normalizing_coefficients)
 
 __all__ = ["AdaptiveContextNorm", "posterior_batch_norm", "weighted_moments"]
 
@@ -89,7 +89,7 @@ class _PosteriorBatchNorm(torch.autograd.Function):
         inv = torch.rsqrt(var + eps)
         a = inv * scale if gain is None else inv * scale * gain
         b = -m1 * a if bias is None else bias - m1 * a
-        y = torch.addcmul(_bmm_left(b.t(), resp), xs, _bmm_left(a.t(), resp))  # eq. 34 / 37
+        y = torch.addcmul(batched_left(b.t(), resp), xs, batched_left(a.t(), resp))  # eq. 34 / 37
         ctx.save_for_backward(xs, resp, a, m1, inv, scale, inv_nk, raw_var >= 0,
                               gain if gain is not None else inv.new_empty(0))
         ctx.has_gain, ctx.has_bias = gain is not None, bias is not None
@@ -115,14 +115,10 @@ class _PosteriorBatchNorm(torch.autograd.Function):
         dvar = torch.where(var_live, dinv * (-0.5) * inv * inv * inv + gvar, torch.zeros_like(dinv))
         ds2 = dvar * inv_nk  # var = s2 / n_k - m1^2,  m1 = s1 / n_k
         ds1 = (dm1 - 2.0 * m1 * dvar) * inv_nk
-        coef = _bmm_left(torch.cat([a, 2.0 * ds2, ds1], dim=1).t(), resp)  # (N, 3C, P)
+        coef = batched_left(torch.cat([a, 2.0 * ds2, ds1], dim=1).t(), resp)  # (N, 3C, P)
         dx = torch.addcmul(coef[:, 2 * c:], gy, coef[:, :c])
         dx.addcmul_(xs, coef[:, c:2 * c])
         return dx, None, dgain, dbias, None
-
-
-def _bmm_left(w: Tensor, x3: Tensor) -> Tensor:
-    return torch.bmm(w.expand(x3.shape[0], *w.shape), x3)
 
 
 def posterior_batch_norm(x3: Tensor, resp: Tensor, gain: Optional[Tensor], bias: Optional[Tensor],
@@ -214,8 +210,7 @@ class AdaptiveContextNorm(NormBase):
             raise ValueError(f"AdaptiveContextNorm: cannot initialise from this minibatch: {err}") from None
         weights = weights / weights.sum()
         vars = vars.clamp_min(self.eps)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if ddp_active():
             for t in (weights, means, vars):  # every rank starts from rank 0's components
                 torch.distributed.broadcast(t, src=0)
         if self.update == "weight":

@@ -218,15 +218,19 @@ def affine_params(module: nn.Module, shape: tuple[int, ...], enabled: bool) -> N
         module.register_parameter("bias", None)
 
 
+def ddp_active() -> bool:
+    """Whether a torch.distributed process group with more than one rank is up."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def allreduce_sum(t: Tensor, enabled: bool) -> Tensor:
     """Differentiable sum over DDP ranks (as SyncBatchNorm does) when ``enabled`` and a process group is up.
 
     Statistics are built from such sums (counts, first moments, centred second moments), so two ranks give
     the statistics one process computes on the joint batch.
     """
-    if not enabled or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return t
-    if torch.distributed.get_world_size() == 1:
+    if not enabled or not ddp_active():
         return t
     import warnings
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ema_update
+from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ddp_active, ema_update
 
 __all__ = ["BatchNorm", "LayerNorm", "GroupNorm"]
 
@@ -38,8 +38,7 @@ class BatchNorm(NormBase):
         return True
 
     def _distributed(self) -> bool:
-        return (self.sync_stats and torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1)
+        return self.sync_stats and ddp_active()
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
         weight = None if self.weight is None else self.weight.to(x3.dtype)

@@ -47,7 +47,7 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _batched_left(w: Tensor, x3: Tensor) -> Tensor:
+def batched_left(w: Tensor, x3: Tensor) -> Tensor:
     """(R, S) @ (N, S, P) -> (N, R, P) as one explicit bmm over N (no transposed copy of x3)."""
     return torch.bmm(w.expand(x3.shape[0], *w.shape), x3)
 
@@ -70,7 +70,7 @@ def joint_log_prob(x3: Tensor, means: Tensor, vars: Tensor) -> Tensor:
     xs = x3 - shift[None, :, None]
     mu = means - shift
     mp = mu * prec
-    maha = _batched_left(prec, xs * xs) - 2.0 * _batched_left(mp, xs) + (mu * mp).sum(-1)[None, :, None]
+    maha = batched_left(prec, xs * xs) - 2.0 * batched_left(mp, xs) + (mu * mp).sum(-1)[None, :, None]
     return lognorm[None, :, None] - 0.5 * maha.clamp(0.0, big)
 
 
@@ -116,8 +116,8 @@ def mix_affine(x3: Tensor, resp: Tensor, a: Tensor, b: Tensor, posterior: str) -
         r = resp[:, :, None, :]
         return (r * (a[None, :, :, None] * x3[:, None, :, :] + b[None, :, :, None])).sum(dim=1)
     else:  # resp (N, K, P): (C, K) @ (N, K, P) -> (N, C, P), channels-first like x3
-        coef_a = _batched_left(a.t(), resp)
-        coef_b = _batched_left(b.t(), resp)
+        coef_a = batched_left(a.t(), resp)
+        coef_b = batched_left(b.t(), resp)
     return torch.addcmul(coef_b, x3, coef_a)
 
 
@@ -134,10 +134,10 @@ class _JointMixtureTransform(torch.autograd.Function):
         big = torch.finfo(x3.dtype).max
         xs = x3 - shift[None, :, None]
         xs2 = (xs * xs).clamp_max_(big)  # finite, so 0 * x^2 stays 0 in the backward's matmuls
-        maha = _batched_left(prec, xs2) - 2.0 * _batched_left(m, xs) + const[None, :, None]
+        maha = batched_left(prec, xs2) - 2.0 * batched_left(m, xs) + const[None, :, None]
         live = (maha >= 0) & (maha <= big)
         tau = torch.softmax(c0[None, :, None] - 0.5 * maha.clamp_(0, big), dim=1)  # (N, K, P)
-        y = torch.addcmul(_batched_left(b.t(), tau), x3, _batched_left(a.t(), tau))
+        y = torch.addcmul(batched_left(b.t(), tau), x3, batched_left(a.t(), tau))
         ctx.save_for_backward(x3, xs, xs2, tau, live, prec, m, a, b)
         return y
 
@@ -146,7 +146,7 @@ class _JointMixtureTransform(torch.autograd.Function):
         x3, xs, xs2, tau, live, prec, m, a, b = ctx.saved_tensors
         gx = gy * x3
         rt = tau.transpose(1, 2)
-        dtau = _batched_left(a, gx) + _batched_left(b, gy)  # (N, K, P)
+        dtau = batched_left(a, gx) + batched_left(b, gy)  # (N, K, P)
         da = torch.bmm(gx, rt).sum(0).t()  # (K, C)
         db = torch.bmm(gy, rt).sum(0).t()
         dl = tau * (dtau - (tau * dtau).sum(1, keepdim=True))  # softmax backward
@@ -154,8 +154,8 @@ class _JointMixtureTransform(torch.autograd.Function):
         dmt = dmaha.transpose(1, 2)
         dprec = torch.bmm(xs2, dmt).sum(0).t()
         dm = -2.0 * torch.bmm(xs, dmt).sum(0).t()
-        dx = torch.addcmul(_batched_left(-2.0 * m.t(), dmaha), gy, _batched_left(a.t(), tau))
-        dx.addcmul_(xs, _batched_left(2.0 * prec.t(), dmaha))
+        dx = torch.addcmul(batched_left(-2.0 * m.t(), dmaha), gy, batched_left(a.t(), tau))
+        dx.addcmul_(xs, batched_left(2.0 * prec.t(), dmaha))
         return dx, None, dprec, dm, dmaha.sum(dim=(0, 2)), dl.sum(dim=(0, 2)), da, db
 
 
