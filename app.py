@@ -10,7 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from cbnorm import app_state as S
+from cbnorm.app import shared as S
 
 HERE = Path(__file__).resolve().parent
 S.set_app_dir(HERE)

@@ -1,8 +1,8 @@
 """Activation histograms: a layer's input and output per channel, with mixtures and normality numbers."""
 import streamlit as st
 
-from cbnorm import app_state as S
-from cbnorm import figures as F
+from cbnorm.app import shared as S
+from cbnorm.app import figures as F
 
 S.page_setup()  # inside app.py's frame, also when the page is opened directly
 

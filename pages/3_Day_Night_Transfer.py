@@ -1,8 +1,8 @@
 """Day <-> night: normalize with one context's parameters, de-normalize with the other's (CN paper IV-E)."""
 import streamlit as st
 
-from cbnorm import app_daynight as D
-from cbnorm import app_state as S
+from cbnorm.app import daynight as D
+from cbnorm.app import shared as S
 
 st.title("Day ↔ night transfer")
 st.caption("The \"American night\" experiment of the Context Normalization paper: an image is normalized with "

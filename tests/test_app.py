@@ -349,7 +349,8 @@ def test_every_page_on_the_committed_checkpoints(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- helpers
 def test_figure_frame_and_bench_results(tmp_path):
-    from cbnorm import app_state, figures
+    from cbnorm.app import figures
+    from cbnorm.app import shared as app_state
 
     rng = np.random.default_rng(0)
     w = np.full((2, 2), 0.5)

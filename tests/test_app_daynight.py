@@ -88,7 +88,7 @@ def test_fit_your_own_contexts(page):
 
 
 def test_translate_bytes_keeps_size_and_identity_at_strength_zero():
-    from cbnorm import app_daynight as D
+    from cbnorm.app import daynight as D
 
     img = Image.fromarray((np.random.default_rng(0).random((37, 53, 3)) * 255).astype(np.uint8))
     buf = io.BytesIO()
@@ -211,7 +211,7 @@ def test_hostile_own_context_photo_is_named_and_the_rest_works(page):
 def test_exif_rotated_upload_is_translated_upright():
     """The statistics translator at strength 0 returns the input's pixels: an EXIF orientation 6 PNG comes back
     turned 90° clockwise (pixels constructed here, not by PIL), its preview too."""
-    from cbnorm import app_daynight as D
+    from cbnorm.app import daynight as D
 
     a = _photo(30, 50)  # stored 50 wide, 30 high
     data = _enc(Image.fromarray(a), "PNG", exif=_exif(6))
@@ -223,7 +223,7 @@ def test_exif_rotated_upload_is_translated_upright():
 
 
 def test_oversized_upload_is_downscaled_and_says_so():
-    from cbnorm import app_daynight as D
+    from cbnorm.app import daynight as D
 
     img = Image.new("RGB", (9000, 30), (40, 80, 120))
     small, note = D.fit_page(img)
@@ -240,7 +240,7 @@ def test_oversized_upload_is_downscaled_and_says_so():
 
 
 def test_preview_is_small_upright_8bit():
-    from cbnorm import app_daynight as D
+    from cbnorm.app import daynight as D
 
     big = _enc(Image.fromarray(np.zeros((1200, 3000), np.uint16) + 5000), "PNG")
     prev = images.load_image(D.preview(big))

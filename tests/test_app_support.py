@@ -87,7 +87,7 @@ def test_fit_reducer_matches_reduce_features():
 
 # --------------------------------------------------------------------------- benchmark plots
 def test_speed_ratio_figure_bars_per_shape_and_goals():
-    from cbnorm import figures as F
+    from cbnorm.app import figures as F
 
     layers = [{"layer": n, "shape": list(sh), "K": k, "ratio_to_bn": r}
               for n, r0 in (("mn", 4.0), ("acn", 2.5)) for sh in ((256, 128, 8, 8), (64, 448, 4, 4))
@@ -101,7 +101,7 @@ def test_speed_ratio_figure_bars_per_shape_and_goals():
 
 
 def test_convergence_figure_is_the_mean_over_seeds_at_shared_steps():
-    from cbnorm import figures as F
+    from cbnorm.app import figures as F
 
     runs = [{"norm": "bn", "seed": 0, "curve": [[10, 0.5], [20, 0.7]]},
             {"norm": "bn", "seed": 1, "curve": [[10, 0.6], [20, 0.8], [30, 0.9]]},
@@ -114,7 +114,7 @@ def test_convergence_figure_is_the_mean_over_seeds_at_shared_steps():
 def test_bench_plot_data_reads_the_files_and_drops_bad_ones(tmp_path):
     import json
 
-    from cbnorm import app_state as S
+    from cbnorm.app import shared as S
 
     (tmp_path / "speed.json").write_text(json.dumps({
         "machine": {"cpu": "x"}, "goals": {"mn": 4, "bad": "no"},

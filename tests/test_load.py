@@ -138,7 +138,7 @@ class _FakeCached:
 def test_byte_budget_drops_least_recently_used_but_never_pinned_or_newest(monkeypatch):
     import numpy as np
 
-    from cbnorm import app_state as S
+    from cbnorm.app import shared as S
 
     monkeypatch.setitem(S.BUDGET_MB, "snapshot_features", 3)
     b, f = S._ByteBudget("snapshot_features"), _FakeCached()
@@ -161,7 +161,7 @@ def test_byte_budget_drops_least_recently_used_but_never_pinned_or_newest(monkey
 def test_evolution_reruns_need_no_features_even_with_no_budget(monkeypatch):
     """A colour change or snapshot move reruns S.evolution with the same parameters: with a budget of 0 bytes
     every snapshot's features are dropped right after the projection, yet the rerun computes none."""
-    from cbnorm import app_state as S
+    from cbnorm.app import shared as S
 
     runs = ROOT / "checkpoints"
     if not (runs / "fmnist-bn" / "config.json").is_file():

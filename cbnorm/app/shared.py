@@ -37,13 +37,13 @@ import numpy as np
 import streamlit as st
 import torch
 
-from . import analysis, probe
-from .runs import Run, load_run
+from cbnorm import analysis, probe
+from cbnorm.runs import Run, load_run
 
 log = logging.getLogger("cbnorm.app")
 
 RUNS_ENV = "CBNORM_RUNS"
-_APP_DIR = [Path(__file__).resolve().parents[1]]
+_APP_DIR = [Path(__file__).resolve().parents[2]]
 TTL = 3600  # seconds
 #: cap on the values of one channel kept for histograms / stats (a notice says when it applies)
 MAX_VALUES = 50_000
@@ -378,7 +378,7 @@ def selected_layer(sel: dict) -> tuple[Run, str, dict]:
 @st.cache_resource(max_entries=4, ttl=TTL, show_spinner="Loading the test set…")
 def test_data(name: str):
     """The test split of dataset ``name`` (cbnorm.data.load_dataset), arrays read-only (shared)."""
-    from .data import load_dataset
+    from cbnorm.data import load_dataset
 
     ds = load_dataset(name, "test")
     for arr in (ds.images, ds.labels, ds.contexts):

@@ -27,9 +27,10 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from . import app_state as S
-from . import images, transfer
-from .daynight import PHOTOS
+from cbnorm import images, transfer
+from cbnorm.daynight import PHOTOS
+
+from . import shared as S
 
 __all__ = ["TRANSLATORS", "translator_runs", "translate_bytes", "bundled_png", "context_bars", "bench_table",
            "fit_own_contexts", "translate_own", "png_bytes", "check_upload", "preview", "fit_page",

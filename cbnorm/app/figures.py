@@ -56,7 +56,7 @@ def _density(values: np.ndarray, bins: int, lo: float, hi: float) -> tuple[np.nd
 
 
 def _mixture_curves(grid: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from .analysis import mixture_curves
+    from cbnorm.analysis import mixture_curves
 
     comps, total = mixture_curves(grid, w[None], m[None], v[None])
     return comps[0], total[0]

@@ -1,0 +1,1 @@
+"""The Streamlit app's services (placeholder; filled in by the next commit)."""
