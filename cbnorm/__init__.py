@@ -1,17 +1,22 @@
 """cbnorm: multi-mode normalization layers (Mixture, Context, Cluster-based, Mode) for PyTorch.
 
-``import cbnorm``; ``cbnorm.build_norm("acn", 64, num_components=3)``; ``cbnorm.NORMS`` maps names to classes.
+``import cbnorm``; ``cbnorm.build_norm("acn", 64, num_components=3)``; ``cbnorm.NORMS`` maps names to classes;
+``cbnorm.convert(model, "mn", include="layer3.*", num_components=3)`` swaps the norm layers of any model;
+``cbnorm.ContextModel(model)(x, context=ids)`` routes context ids through a model that knows nothing of them.
 """
 from __future__ import annotations
 
 from .norms import (ALIASES, LAYERS, NORMS, AdaptiveContextNorm, BatchNorm, ContextNorm, ContextNormEmbed,
                     ContextNormX, GroupNorm, LayerNorm, MixtureNorm, ModeNorm, NormBase, build_norm, resolve_name)
 
+from .convert import ContextModel, convert, norm_layer_paths, route_contexts, select_layers
+
 __version__ = "0.1.0"
 
 __all__ = ["NORMS", "ALIASES", "LAYERS", "build_norm", "resolve_name", "NormBase", "BatchNorm", "LayerNorm",
            "GroupNorm", "MixtureNorm", "ModeNorm", "ContextNorm", "ContextNormX", "ContextNormEmbed",
-           "AdaptiveContextNorm"]
+           "AdaptiveContextNorm", "convert", "ContextModel", "route_contexts", "norm_layer_paths", "select_layers",
+           "load_run"]
 
 
 def __getattr__(name: str):  # lazy: heavy modules load on first use

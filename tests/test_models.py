@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import cbnorm
+from cbnorm.norms.base import ROUTED_CONTEXTS
 from cbnorm.models import CNN_BLOCKS, ShallowCNN, SmallViT, build_model, norm_layers_of
 
 
@@ -81,8 +82,9 @@ def _record_context(model):
     seen = {}
 
     def hook(name):
-        def fn(module, args, kwargs):
-            seen[name] = kwargs.get("context")
+        def fn(module, args, kwargs):  # what the layer uses: an explicit context, else the routed ids
+            explicit = kwargs.get("context")
+            seen[name] = explicit if explicit is not None else ROUTED_CONTEXTS.get().get(id(module))
         return fn
 
     for name, layer in norm_layers_of(model).items():

@@ -16,12 +16,18 @@ and running variances are unbiased (m / (m - 1)).
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Optional
+from contextvars import ContextVar
+from typing import ClassVar, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NormBase", "ema_update", "stat_dtype", "check_positive_int"]
+__all__ = ["NormBase", "ema_update", "stat_dtype", "check_positive_int", "ROUTED_CONTEXTS"]
+
+#: Context ids routed to context layers for the duration of one call (``cbnorm.convert.route_contexts``):
+#: id(layer) -> ids (N,). A ContextVar, so threads (and asyncio tasks) never see each other's ids, and the
+#: mapping is restored when the call ends or raises.
+ROUTED_CONTEXTS: ContextVar[Mapping[int, object]] = ContextVar("cbnorm_routed_contexts", default={})
 
 
 def stat_dtype(x: Tensor) -> torch.dtype:
@@ -182,6 +188,8 @@ class NormBase(nn.Module):
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:  # noqa: D401
         """Normalize ``x`` (N, C, *spatial) or (N, L, D) with ``channel_last=True``; ``context`` (N,) long."""
         self._check_input(x)
+        if context is None and self.uses_context:  # ids routed by a ContextModel / our models for this call
+            context = ROUTED_CONTEXTS.get().get(id(self))
         context = self._check_context(x, context)
         if self.training and x.shape[0] * (x.numel() // (x.shape[0] * self.num_features)) < 2 \
                 and self._needs_batch_statistics():
