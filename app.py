@@ -2,7 +2,7 @@
 
 The frame: page config, the shared sidebar (run, layer, seed in st.session_state; "Reload runs"), the
 navigation over the pages in pages/, and the Home page. Runs are read from $CBNORM_RUNS (default:
-checkpoints/ next to this file). Every number shown comes from cbnorm (cbnorm.app_state and what it calls).
+checkpoints/ next to this file). Every number shown comes from cbnorm.app (its services call the library).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from cbnorm.app import evolution as E
 from cbnorm.app import shared as S
 
 HERE = Path(__file__).resolve().parent
@@ -17,7 +18,7 @@ S.set_app_dir(HERE)
 
 st.set_page_config(page_title="cbnorm · normalizers at work", page_icon=":material/stacked_bar_chart:",
                    layout="wide")
-S.umap_warmup()  # compile UMAP once per process, in the background, long before the evolution page needs it
+E.umap_warmup()  # compile UMAP once per process, in the background, long before the evolution page needs it
 
 PAGES = {
     "hist": "pages/1_Activation_Histograms.py",

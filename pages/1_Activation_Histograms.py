@@ -1,8 +1,9 @@
 """Activation histograms: a layer's input and output per channel, with mixtures and normality numbers."""
 import streamlit as st
 
-from cbnorm.app import shared as S
 from cbnorm.app import figures as F
+from cbnorm.app import histograms as H
+from cbnorm.app import shared as S
 
 S.page_setup()  # inside app.py's frame, also when the page is opened directly
 
@@ -37,7 +38,7 @@ with S.guard("Activation histograms"):
     if mode == "random":
         count = c6.slider("How many channels", 1, min(16, n_channels), min(8, n_channels), key="hist_count",
                           help="A random subset of the layer's channels, drawn with the seed")
-        channels = S.pick_channels(n_channels, count, sel["seed"])
+        channels = H.pick_channels(n_channels, count, sel["seed"])
     else:
         channels = c6.multiselect("Channels to show", list(range(n_channels)), default=list(range(min(4, n_channels))),
                                   max_selections=16, key="hist_channels")
@@ -46,7 +47,7 @@ with S.guard("Activation histograms"):
             st.stop()
 
     with st.spinner(f"Running {run.path.name} on {size} test images and fitting mixtures…"):
-        panel = S.histogram_panel(str(run.path), S.device(), layer, size, sel["seed"], context_mode,
+        panel = H.histogram_panel(str(run.path), S.device(), layer, size, sel["seed"], context_mode,
                                   tuple(int(c) for c in channels), k)
     context_note = {"predicted": " · context inferred by the model", "true": " · true superclass given (oracle)"}
     st.caption(f"Run **{run.path.name}** ({run.norm}) · layer `{layer}` ({info['class']}) · {size} test images, seed "
@@ -65,21 +66,21 @@ with S.guard("Activation histograms"):
 
     st.subheader("Output of the layer")
     cols = st.columns(3)
-    for col, m in zip(cols, S.stats_summary(panel)):
+    for col, m in zip(cols, H.stats_summary(panel)):
         col.metric(m["label"], m["value"], m["delta"], delta_color="inverse", help=m["help"])
     st.caption(f"Overlaid: N(0, 1) dotted (what a normalizer aims at) and a {len(panel['names_out'])}-component GMM "
                "fit of the output (components dashed, mixture solid). Panel titles: skewness, excess kurtosis and "
                "Kolmogorov-Smirnov distance to N(0, 1).")
     fig_out = F.histogram_grid(panel["output"], panel["channels"], mixture=panel["mix_out"],
                                component_names=panel["names_out"], mixture_name="fitted mixture",
-                               reference_normal=True, subtitles=S.subtitle_stats(panel), x_title="output value")
+                               reference_normal=True, subtitles=H.subtitle_stats(panel), x_title="output value")
     st.plotly_chart(fig_out, key="hist_out_chart", config={"displaylogo": False})
     S.download_figure(fig_out, f"{run.path.name}_{layer}_output_histograms.csv", key="hist_out_dl")
 
     st.subheader("Normality per channel")
-    table = S.stats_table(panel)
+    table = H.stats_table(panel)
     st.dataframe(table, hide_index=True, key="hist_stats",
-                 column_config={c: st.column_config.NumberColumn(format="%.3f", help=S.STATS_HELP.get(c))
+                 column_config={c: st.column_config.NumberColumn(format="%.3f", help=H.STATS_HELP.get(c))
                                 for c in table.columns if c != "channel"})
     st.caption("Skewness and excess kurtosis are 0 for a Gaussian; KS is the Kolmogorov-Smirnov statistic and W1 "
                "the 1-Wasserstein distance between the channel's output values and N(0, 1).")

@@ -1,8 +1,9 @@
 """Cluster evolution: a fixed sample's activations at every snapshot, projected to 2-D and aligned."""
 import streamlit as st
 
-from cbnorm.app import shared as S
+from cbnorm.app import evolution as E
 from cbnorm.app import figures as F
+from cbnorm.app import shared as S
 
 S.page_setup()  # inside app.py's frame, also when the page is opened directly
 
@@ -13,7 +14,7 @@ st.caption("How the representation at one layer organizes itself during training
 sel = S.selection()
 with S.guard("Cluster evolution"):
     run, layer, info = S.selected_layer(sel)
-    all_steps = S.evolution_steps(run)
+    all_steps = E.evolution_steps(run)
     ss = st.session_state
 
     with st.form("evo_form"):
@@ -52,7 +53,7 @@ with S.guard("Cluster evolution"):
         st.form_submit_button("Run projection", type="primary", icon=":material/play_arrow:", on_click=S.set_flag,
                               args=("evo_submitted",))
 
-    params = S.EvolutionParams(run=str(run.path), layer=layer, size=int(size), seed=sel["seed"], which=which,
+    params = E.EvolutionParams(run=str(run.path), layer=layer, size=int(size), seed=sel["seed"], which=which,
                                pool=bool(pool), method=method, perplexity=float(perplexity), learning_rate=lr,
                                n_neighbors=int(neighbors), min_dist=float(min_dist), refine_iters=int(refine),
                                max_snapshots=int(max_snaps))
@@ -70,7 +71,7 @@ with S.guard("Cluster evolution"):
                 "**Run projection** to recompute.")
 
     bar = st.progress(0.0, text="Preparing…")
-    ev = S.evolution(shown, progress=lambda f, t: bar.progress(min(1.0, max(0.0, f)), text=t))
+    ev = E.evolution(shown, progress=lambda f, t: bar.progress(min(1.0, max(0.0, f)), text=t))
     bar.empty()
 
     n = len(ev["indices"])
@@ -82,7 +83,7 @@ with S.guard("Cluster evolution"):
     st.caption(f"Run **{run.path.name}** · layer `{shown.layer}` ({info['class']}) · {shown.which} "
                f"({ev['feature_dim']:,} features per image{', channel means' if shown.pool else ''}) · {details}")
 
-    colours = S.colourings(run, ev, info)
+    colours = E.colourings(run, ev, info)
     if ss.get("evo_colour") not in colours:
         ss["evo_colour"] = next(iter(colours))
     colour = st.radio("Colour by", list(colours), horizontal=True, key="evo_colour",
@@ -94,12 +95,12 @@ with S.guard("Cluster evolution"):
     step = st.select_slider("Snapshot (training step)", options=ev["steps"], key="evo_step",
                             help="Training step of the snapshot; step 0 is the initialization")
     i = ev["steps"].index(step)
-    hover = S.hover_text(run, ev)
+    hover = E.hover_text(run, ev)
     fig = F.embedding_figure(ev["coords"][i], groups[i], group_names, xlim=ev["xlim"], ylim=ev["ylim"],
                              method=ev["method"], info=ev["info"], legend_title=colour, hover=hover,
                              title=f"step {step}")
     st.plotly_chart(fig, key="evo_chart", config={"displaylogo": False})
-    S.download_frame(S.evolution_frame(run, ev, colours), f"{run.path.name}_{shown.layer}_{ev['method']}_evolution.csv",
+    S.download_frame(E.evolution_frame(run, ev, colours), f"{run.path.name}_{shown.layer}_{ev['method']}_evolution.csv",
                      key="evo_dl", label="Download every snapshot's projection (CSV)")
 
     st.subheader("Animation over training")

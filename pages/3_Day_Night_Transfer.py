@@ -2,6 +2,7 @@
 import streamlit as st
 
 from cbnorm.app import daynight as D
+from cbnorm.app import figures as F
 from cbnorm.app import shared as S
 
 st.title("Day ↔ night transfer")
@@ -59,7 +60,7 @@ with S.guard("Day ↔ night"):
     params = D.context_parameters(translators[label])
     layers = params["layers"]
     name = st.selectbox("Layer", [l["name"] for l in layers], key="dn_layer") if len(layers) > 1 else layers[0]["name"]
-    st.plotly_chart(D.context_bars(next(l for l in layers if l["name"] == name)), key="dn_bars")
+    st.plotly_chart(F.context_bars(next(l for l in layers if l["name"] == name)), key="dn_bars")
 
 with S.guard("Fit your own contexts"):
     st.subheader("Fit your own contexts")
@@ -77,7 +78,7 @@ with S.guard("Fit your own contexts"):
             st.error(f"Your contexts cannot be fitted: {err}", icon=":material/broken_image:")
             stats = None
         if stats is not None:
-            st.plotly_chart(D.context_bars(stats.parameters()["layers"][0]), key="dn_own_bars")
+            st.plotly_chart(F.context_bars(stats.parameters()["layers"][0]), key="dn_own_bars")
         if stats is not None and data is not None:
             own = D.translate_own(data, day_bytes, night_bytes, source, target, float(strength))
             st.image(D.preview(own), caption=f"the image above, {source} → {target} with your contexts",

@@ -1,8 +1,9 @@
 """Compare normalizers: curves, a table with the MN paper's speed-up measure, a live panel, benchmarks."""
 import streamlit as st
 
-from cbnorm.app import shared as S
+from cbnorm.app import compare as C
 from cbnorm.app import figures as F
+from cbnorm.app import shared as S
 
 S.page_setup()  # inside app.py's frame, also when the page is opened directly
 
@@ -35,12 +36,12 @@ with S.guard("Compare normalizers"):
     x_title = {"step": "optimizer step", "epoch": "epoch"}[x_axis]
     left, right = st.container(), st.container()
     with left:
-        fig_err = F.curves_figure(S.error_series(chosen, x_axis), x_title=x_title, y_title="test error (1 − accuracy)",
+        fig_err = F.curves_figure(C.error_series(chosen, x_axis), x_title=x_title, y_title="test error (1 − accuracy)",
                                   title="Test error (honest: inferred context)")
         st.plotly_chart(fig_err, key="cmp_err_chart", config={"displaylogo": False})
         S.download_figure(fig_err, "test_error.csv", key="cmp_err_dl")
     with right:
-        fig_loss = F.curves_figure(S.loss_series(chosen, x_axis, window), x_title=x_title, y_title="cross-entropy loss",
+        fig_loss = F.curves_figure(C.loss_series(chosen, x_axis, window), x_title=x_title, y_title="cross-entropy loss",
                                    title="Loss (training, moving average: solid; test at epoch ends: dotted)" if x_axis == "step"
                                    else "Test loss")
         st.plotly_chart(fig_loss, key="cmp_loss_chart", config={"displaylogo": False})
@@ -54,11 +55,11 @@ with S.guard("Compare normalizers"):
                                  help="Whose best test accuracy defines the target of 'steps to reach BN best'")
     else:
         st.info("No BatchNorm run is loaded, so 'steps to reach BN best' cannot be computed.")
-    table, target = S.compare_table(chosen, reference)
+    table, target = C.compare_table(chosen, reference)
     formats = {"test acc": "percent", "oracle acc": "percent", "best acc": "percent", "s / step": "%.3f",
                "params": "%d", "steps to BN best": "%d", "steps": "%d"}
     st.dataframe(table, hide_index=True, key="cmp_table", column_config={
-        c: st.column_config.NumberColumn(format=f, help=S.COMPARE_HELP.get(c)) for c, f in formats.items()})
+        c: st.column_config.NumberColumn(format=f, help=C.COMPARE_HELP.get(c)) for c, f in formats.items()})
     if target is not None:
         st.caption(f"**Steps to reach BN best**: the first evaluated step at which a run's test accuracy reaches "
                    f"{reference}'s best ({target:.2%}) — the MN paper's measure of faster training; None = never reached. Accuracy is evaluated at the end of each epoch, so steps are multiples of an epoch. "
@@ -72,7 +73,7 @@ with S.guard("Compare normalizers"):
     which = l2.radio("Values", ["output", "input"], horizontal=True, key="cmp_which",
                      help="What leaves (or enters) each run's studied layer, all channels pooled")
     with st.spinner(f"Running {len(chosen)} models on the same {size} test images…"):
-        outs = S.live_outputs(tuple(str(S.runs_root() / n) for n in chosen), S.device(), size, sel["seed"], which)
+        outs = C.live_outputs(tuple(str(S.runs_root() / n) for n in chosen), S.device(), size, sel["seed"], which)
     if any(o["subsampled"] for o in outs):
         st.info(f"Pooled values were subsampled to {S.MAX_VALUES:,} per run for the histograms.")
     fig_live = F.distributions_figure([o["values"] for o in outs], [o["name"] for o in outs],
@@ -80,14 +81,14 @@ with S.guard("Compare normalizers"):
                                       x_title=f"{which} value (all channels pooled)")
     st.plotly_chart(fig_live, key="cmp_live_chart", config={"displaylogo": False})
     S.download_figure(fig_live, f"live_{which}_distributions.csv", key="cmp_live_dl")
-    live = S.live_table(outs)
+    live = C.live_table(outs)
     st.dataframe(live, hide_index=True, key="cmp_live_table",
-                 column_config={c: st.column_config.NumberColumn(format="%.3f", help=S.LIVE_HELP.get(c))
+                 column_config={c: st.column_config.NumberColumn(format="%.3f", help=C.LIVE_HELP.get(c))
                                 for c in live.columns if c not in ("run", "layer")})
 
 with S.guard("Benchmark results"):
     st.subheader("Benchmarks")
-    plots = S.bench_plot_data(str(S.bench_dir()))
+    plots = C.bench_plot_data(str(S.bench_dir()))
     if "speed_layers" in plots:
         st.markdown("**Cost of each layer** (`bench/speed.py`): forward + backward time as a multiple of "
                     "`torch.nn.BatchNorm2d`'s on the same input; black ticks are the goals.")
@@ -106,7 +107,7 @@ with S.guard("Benchmark results"):
         st.plotly_chart(fig_conv, key="cmp_bench_conv", config={"displaylogo": False})
         if b.get("note"):
             st.caption(str(b["note"]))
-    results = S.bench_results(str(S.bench_dir()))
+    results = C.bench_results(str(S.bench_dir()))
     if not results:
         st.caption(f"No benchmark results in `{S.bench_dir()}`.")
     for res in results:

@@ -349,8 +349,7 @@ def test_every_page_on_the_committed_checkpoints(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- helpers
 def test_figure_frame_and_bench_results(tmp_path):
-    from cbnorm.app import figures
-    from cbnorm.app import shared as app_state
+    from cbnorm.app import compare, figures
 
     rng = np.random.default_rng(0)
     w = np.full((2, 2), 0.5)
@@ -368,6 +367,6 @@ def test_figure_frame_and_bench_results(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"machine": {"cpu": "x", "cpu_count": 2},
                                                  "rows": [{"k": 1, "t": [1, 2, 3, 4, 5]}], "note": "n"}))
     (tmp_path / "b.json").write_text("{broken")
-    a, b = app_state.bench_results.__wrapped__(str(tmp_path))
+    a, b = compare.bench_results.__wrapped__(str(tmp_path))
     assert a["machine"] == {"cpu": "x", "cpu_count": 2} and a["tables"] == [("rows", [{"k": 1}])]
     assert a["fields"] == {"note": "n"} and "cannot be read" in b["error"]

@@ -159,8 +159,9 @@ def test_byte_budget_drops_least_recently_used_but_never_pinned_or_newest(monkey
 
 
 def test_evolution_reruns_need_no_features_even_with_no_budget(monkeypatch):
-    """A colour change or snapshot move reruns S.evolution with the same parameters: with a budget of 0 bytes
+    """A colour change or snapshot move reruns E.evolution with the same parameters: with a budget of 0 bytes
     every snapshot's features are dropped right after the projection, yet the rerun computes none."""
+    from cbnorm.app import evolution as E
     from cbnorm.app import shared as S
 
     runs = ROOT / "checkpoints"
@@ -170,15 +171,15 @@ def test_evolution_reruns_need_no_features_even_with_no_budget(monkeypatch):
     monkeypatch.setitem(S.BUDGET_MB, "snapshot_features", 0)
     S.clear_caches()
     calls = []
-    real = S.analysis.flatten_features
-    monkeypatch.setattr(S.analysis, "flatten_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = E.analysis.flatten_features
+    monkeypatch.setattr(E.analysis, "flatten_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     run = S.run_by_name("fmnist-bn")
-    p = S.EvolutionParams(run=str(run.path), layer=S.studied_layer(run), size=100, seed=5, max_snapshots=3)
-    first = S.evolution(p)
+    p = E.EvolutionParams(run=str(run.path), layer=S.studied_layer(run), size=100, seed=5, max_snapshots=3)
+    first = E.evolution(p)
     assert len(first["steps"]) == 3 and len(calls) == 3  # one feature pass per snapshot, none repeated
     assert S.cache_bytes()["snapshot_features"] == 0  # all dropped once the projection no longer pins them
     calls.clear()
-    again = S.evolution(p)
+    again = E.evolution(p)
     assert calls == []  # nothing recomputed
     assert all((a == b).all() for a, b in zip(first["coords"], again["coords"]))
     assert again["feature_dim"] == first["feature_dim"] and len(again["predictions"]) == 3

@@ -1,4 +1,5 @@
-"""What the day <-> night page calls: cached translators, translation of uploaded bytes, context bar charts.
+"""Page 3, day <-> night: cached translators, translation of uploaded bytes, upload checks and previews, the
+context parameters (drawn by ``figures.context_bars``) and the measured quality table.
 
 Thin wrappers over ``cbnorm.transfer`` / ``cbnorm.images`` with Streamlit caches (bounded, never mutated:
 ``transfer.translate`` works on a copy of the shared model). Uploaded bytes only ever pass through
@@ -22,8 +23,6 @@ import json
 import math
 from typing import Optional, Sequence
 
-import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
@@ -32,7 +31,7 @@ from cbnorm.daynight import PHOTOS
 
 from . import shared as S
 
-__all__ = ["TRANSLATORS", "translator_runs", "translate_bytes", "bundled_png", "context_bars", "bench_table",
+__all__ = ["TRANSLATORS", "translator_runs", "translate_bytes", "bundled_png", "bench_table",
            "fit_own_contexts", "translate_own", "png_bytes", "check_upload", "preview", "fit_page",
            "UPLOAD_TYPES", "PAGE_MAX_PIXELS", "PAGE_MAX_SIDE", "PREVIEW_WIDTH", "OWN_MAX_FILES"]
 
@@ -208,23 +207,6 @@ def context_parameters(run_path: str) -> dict:
     if run_path == "stats":
         return training_stats().parameters()
     return transfer.context_parameters(S.get_run(run_path, S.device()))
-
-
-def context_bars(layer: dict) -> go.Figure:
-    """Grouped bars of the per-channel mean and standard deviation of each context for one layer."""
-    from plotly.subplots import make_subplots
-
-    channels = [str(c) for c in layer["channels"]]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean per channel", "standard deviation per channel"))
-    colours = {"day": "#f2a900", "night": "#2b4c9b"}
-    for col, key in ((1, "mean"), (2, "std")):
-        for ctx, values in layer[key].items():
-            fig.add_trace(go.Bar(x=channels, y=np.asarray(values, dtype=float), name=ctx,
-                                 marker_color=colours.get(ctx), legendgroup=ctx, showlegend=col == 1), row=1, col=col)
-    fig.update_layout(barmode="group", height=350, margin=dict(t=80, b=30, l=40, r=10),
-                      title=f"{layer['name']} ({layer.get('units', '')})")
-    fig.update_xaxes(title_text="channel")
-    return fig
 
 
 def bench_table() -> Optional[dict]:

@@ -11,6 +11,8 @@ traces into a long table for the CSV download buttons.
 * ``embedding_figure`` / ``embedding_animation``: 2-D projections of activations (Scattergl, one trace per
   colour group, fixed axis ranges); the animation has one frame per snapshot and its own play button/slider.
 * ``distributions_figure``: side-by-side histograms of several layers' outputs with N(0, 1) overlaid.
+* ``speed_ratio_figure`` / ``convergence_figure``: the benchmark results (bench/results) on the compare page.
+* ``context_bars``: each context's per-channel mean and standard deviation (day <-> night page).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 __all__ = ["COLORS", "color", "histogram_grid", "curves_figure", "embedding_figure", "embedding_animation",
-           "distributions_figure", "figure_frame", "frame_csv", "normal_pdf"]
+           "distributions_figure", "figure_frame", "frame_csv", "normal_pdf", "speed_ratio_figure",
+           "convergence_figure", "context_bars"]
 
 #: categorical colours: Plotly's 10, then Dark24 for more groups
 COLORS: list[str] = list(qualitative.Plotly) + list(qualitative.Dark24)
@@ -348,4 +351,20 @@ def convergence_figure(runs: Sequence[dict], *, height: int = 420) -> go.Figure:
     fig = curves_figure(series, x_title="optimizer step", y_title="test accuracy (mean over seeds)",
                         height=height)
     fig.update_layout(legend=dict(title_text="norm"))
+    return fig
+
+
+# ============================================================================ day <-> night
+def context_bars(layer: dict) -> go.Figure:
+    """Grouped bars of the per-channel mean and standard deviation of each context for one layer."""
+    channels = [str(c) for c in layer["channels"]]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean per channel", "standard deviation per channel"))
+    colours = {"day": "#f2a900", "night": "#2b4c9b"}
+    for col, key in ((1, "mean"), (2, "std")):
+        for ctx, values in layer[key].items():
+            fig.add_trace(go.Bar(x=channels, y=np.asarray(values, dtype=float), name=ctx,
+                                 marker_color=colours.get(ctx), legendgroup=ctx, showlegend=col == 1), row=1, col=col)
+    fig.update_layout(barmode="group", height=350, margin=dict(t=80, b=30, l=40, r=10),
+                      title=f"{layer['name']} ({layer.get('units', '')})")
+    fig.update_xaxes(title_text="channel")
     return fig

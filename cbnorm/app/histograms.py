@@ -1,0 +1,117 @@
+"""Page 1, activation histograms: a layer's input and output per channel on a minibatch, the mixture over
+the input (the layer's own, or a fit with cbnorm.gmm), a fit of the output, and normality statistics."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import streamlit as st
+import torch
+
+from cbnorm import analysis
+
+from . import activations as A
+from . import shared as S
+
+
+def pick_channels(num_channels: int, count: int, seed: int) -> list[int]:
+    """A random subset of ``count`` channels (sorted), drawn with ``seed``."""
+    count = int(min(max(1, count), num_channels))
+    rng = np.random.default_rng(int(seed) + 7919)
+    return sorted(int(c) for c in rng.choice(num_channels, size=count, replace=False))
+
+
+def _channel_values(acts: np.ndarray, channels: Sequence[int], channel_last: bool, seed: int) -> tuple[np.ndarray, bool]:
+    v = analysis.channel_values(torch.from_numpy(np.ascontiguousarray(acts)), channels, channel_last=channel_last)
+    if v.shape[1] > S.MAX_VALUES:
+        keep = np.sort(np.random.default_rng(seed).choice(v.shape[1], S.MAX_VALUES, replace=False))
+        return v[:, keep], True
+    return v, False
+
+
+def histogram_panel(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str,
+                    channels: tuple[int, ...], k: int) -> dict:
+    """The histogram page's panel (cached within ``BUDGET_MB["histogram_panel"]``; see :func:`_histogram_panel`)."""
+    args = (run_path, dev, layer, int(size), int(seed), context_mode, tuple(int(c) for c in channels), int(k))
+    out = _histogram_panel(*args)
+    S.BUDGETS["histogram_panel"].note(_histogram_panel, args, out)
+    return out
+
+
+@st.cache_data(max_entries=64, ttl=S.TTL, show_spinner=False)
+def _histogram_panel(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str,
+                     channels: tuple[int, ...], k: int) -> dict:
+    """Everything the histogram page draws for the chosen channels: input and output values (G, M), the
+    input mixture (the layer's own parameters when it has a mixture, else a K-component fit with
+    cbnorm.gmm), a K-component fit of the output, and normality statistics of input and output."""
+    run = S.get_run(run_path, dev)
+    acts = A.layer_activations(run_path, dev, layer, size, seed, context_mode)
+    info = acts["layer"]
+    vin, sub_in = _channel_values(acts["input"], channels, info["channel_last"], seed)
+    vout, sub_out = _channel_values(acts["output"], channels, info["channel_last"], seed)
+    if info["has_mixture"]:
+        module = dict(run.model.named_modules())[layer]
+        w, m, v = analysis.layer_channel_mixtures(module, channels)
+        source = f"the layer's own {info['class']} parameters"
+        names = S.component_names(run, info, w.shape[1])
+        if info["kind"] == "mn":
+            module_k = int(info["num_components"] or 1)
+            names = [f"fit {i // module_k + 1} · component {i % module_k + 1}" for i in range(w.shape[1])]
+            source += (f" — the inference mixture of eq. 38 over the {w.shape[1] // module_k} queued minibatch "
+                       f"fits of {module_k} components each")
+    else:
+        kk = int(min(k, vin.shape[1]))
+        w, m, v = analysis.fit_channel_mixtures(vin, kk, seed=seed)
+        source = f"a {kk}-component GMM fitted per channel with cbnorm.gmm"
+        names = [f"component {i + 1}" for i in range(kk)]
+    kk = int(min(k, vout.shape[1]))
+    wo, mo, vo = analysis.fit_channel_mixtures(vout, kk, seed=seed)
+    return {"channels": list(channels), "input": vin, "output": vout, "mix_in": (w, m, v), "names_in": names,
+            "source_in": source, "mix_out": (wo, mo, vo), "names_out": [f"component {i + 1}" for i in range(kk)],
+            "stats_in": analysis.normality_stats(vin), "stats_out": analysis.normality_stats(vout),
+            "subsampled": sub_in or sub_out, "points_per_channel": int(vin.shape[1]), "layer": info}
+
+
+def stats_table(panel: dict):
+    """Per-channel normality statistics of input and output as a DataFrame."""
+    import pandas as pd
+
+    si, so = panel["stats_in"], panel["stats_out"]
+    return pd.DataFrame({
+        "channel": panel["channels"],
+        "skew in": si["skewness"], "skew out": so["skewness"],
+        "ex. kurt in": si["excess_kurtosis"], "ex. kurt out": so["excess_kurtosis"],
+        "KS in": si["ks_to_normal"], "KS out": so["ks_to_normal"], "W1 out": so["w1_to_normal"],
+        "mean out": so["mean"], "std out": so["std"]})
+
+
+STATS_HELP = {
+    "skew in": "skewness of the layer's input (0 for a symmetric distribution)",
+    "skew out": "skewness of the layer's output",
+    "ex. kurt in": "excess kurtosis of the input (0 for a Gaussian; > 0 heavy tails)",
+    "ex. kurt out": "excess kurtosis of the output",
+    "KS in": "Kolmogorov-Smirnov distance between the input values and N(0, 1)",
+    "KS out": "Kolmogorov-Smirnov distance between the output values and N(0, 1)",
+    "W1 out": "1-Wasserstein distance between the output values and N(0, 1)",
+    "mean out": "mean of the output", "std out": "standard deviation of the output"}
+
+
+def stats_summary(panel: dict) -> list[dict]:
+    """Median over the shown channels of |skewness|, |excess kurtosis| and the KS distance to N(0, 1), for
+    the output with the change from the input: [{label, value, delta, help}] for st.metric."""
+    si, so = panel["stats_in"], panel["stats_out"]
+    med = lambda a: float(np.median(np.abs(a)))  # noqa: E731
+    out = []
+    for key, label, what in (("skewness", "median |skewness|", "0 for a symmetric distribution"),
+                             ("excess_kurtosis", "median |excess kurtosis|", "0 for a Gaussian"),
+                             ("ks_to_normal", "median KS distance to N(0,1)", "0 when the values follow N(0, 1)")):
+        a, b = med(si[key]), med(so[key])
+        out.append({"label": f"{label} (output)", "value": f"{b:.3f}", "delta": f"{b - a:+.3f} vs input",
+                    "help": f"Median over the shown channels; {what}. Input: {a:.3f}."})
+    return out
+
+
+def subtitle_stats(panel: dict) -> list[str]:
+    so = panel["stats_out"]
+    return [f"channel {c}<br><span style='font-size:10px'>skew {s:+.2f} · ex. kurt {k:+.2f} · KS {d:.2f}</span>"
+            for c, s, k, d in zip(panel["channels"], so["skewness"], so["excess_kurtosis"], so["ks_to_normal"])]
