@@ -114,13 +114,78 @@ def test_convergence_figure_is_the_mean_over_seeds_at_shared_steps():
 def test_bench_plot_data_reads_the_files_and_drops_bad_ones(tmp_path):
     import json
 
-    from cbnorm.app import shared as S
+    from cbnorm.app import compare as C
 
     (tmp_path / "speed.json").write_text(json.dumps({
         "machine": {"cpu": "x"}, "goals": {"mn": 4, "bad": "no"},
         "layers": [{"layer": "mn", "shape": [2, 3], "K": 3, "ratio_to_bn": 2.0}, {"layer": "broken"}]}))
     (tmp_path / "convergence.json").write_text("{not json")
-    out = S.bench_plot_data(str(tmp_path))
+    out = C.bench_plot_data(str(tmp_path))
     assert out["speed_layers"] == [{"layer": "mn", "shape": [2, 3], "K": 3, "ratio_to_bn": 2.0}]
     assert out["speed_goals"] == {"mn": 4} and "convergence_runs" not in out
-    assert S.bench_plot_data(str(tmp_path / "missing")) == {}
+    assert C.bench_plot_data(str(tmp_path / "missing")) == {}
+
+
+# --------------------------------------------------------------------------- layer selection (any module path)
+def _fake_run(model, layers, norm="bn"):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=model, config={"layers": layers}, norm=norm, path=Path("/runs/fake"))
+
+
+def _resnet_like():
+    """A module tree with the paths of CIFAR ResNet / DenseNet-BC norm layers (cbnorm layers at each)."""
+    nn = torch.nn
+
+    def block(norm):
+        return nn.ModuleDict({"bn1": cbnorm.build_norm("bn", 4), "bn2": cbnorm.build_norm(norm, 4, num_components=2)
+                              if norm == "mn" else cbnorm.build_norm(norm, 4)})
+
+    m = nn.Module()
+    m.bn1 = cbnorm.build_norm("bn", 4)
+    m.layer1 = nn.ModuleList([block("bn")])
+    m.layer3 = nn.ModuleList([block("mn"), block("mn")])
+    m.transition1 = nn.ModuleDict({"norm": cbnorm.build_norm("bn", 4)})
+    m.final = cbnorm.build_norm("bn", 4)
+    return m
+
+
+def test_studied_layers_match_fnmatch_patterns_and_block_names():
+    from cbnorm.app import shared as S
+
+    model = _resnet_like()
+    run = _fake_run(model, ["layer3.*", "transition*", "final"], norm="mn")
+    choices = S.layer_choices(run)
+    studied = ["layer3.0.bn1", "layer3.0.bn2", "layer3.1.bn1", "layer3.1.bn2", "transition1.norm", "final"]
+    assert choices[:6] == studied and sorted(choices[6:]) == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
+    assert S.studied_layer(run) == "layer3.0.bn1"
+    assert [S.is_studied(run, n) for n in ("layer1.0.bn2", "layer3.1.bn2", "final", "bn1")] == [False, True, True, False]
+    # the shallow CNN's runs name blocks: "conv3" means blocks.conv3.norm (and a plain string is one pattern)
+    assert S.matches_layer("blocks.conv3.norm", "conv3") and not S.matches_layer("blocks.conv31.norm", "conv3")
+    assert S.matches_layer("layer3.0.bn2", "layer3.*") and not S.matches_layer("layer30.0.bn2", "layer3.*")
+    assert S.studied_patterns({"layers": "conv3"}) == ["conv3"] and S.studied_patterns({}) == []
+    # nothing named: the layers of the run's norm type come first
+    assert S.layer_choices(_fake_run(model, [], norm="mn"))[:2] == ["layer3.0.bn2", "layer3.1.bn2"]
+
+
+def test_layer_labels_are_short_and_unique_for_any_path():
+    from cbnorm.app import shared as S
+
+    assert S.short_layer_names(["blocks.conv1.norm", "blocks.conv3.norm"]) == {
+        "blocks.conv1.norm": "conv1", "blocks.conv3.norm": "conv3"}
+    assert S.short_layer_names(["blocks.conv3.norm"]) == {"blocks.conv3.norm": "conv3"}
+    assert S.short_layer_names(["bn1", "layer3.0.bn2", "transition1.norm", "final"]) == {
+        "bn1": "bn1", "layer3.0.bn2": "layer3.0.bn2", "transition1.norm": "transition1", "final": "final"}
+    assert S.short_layer_names(["net.features.norm", "net.head.norm"]) == {  # the shared prefix goes
+        "net.features.norm": "features", "net.head.norm": "head"}
+    assert S.short_layer_names(["a.norm", "a", "b.norm"]) == {"a.norm": "a.norm", "a": "a", "b.norm": "b"}
+    run = _fake_run(_resnet_like(), ["layer3.*", "final"], norm="mn")
+    assert S.layer_label(run, "layer3.1.bn2") == "layer3.1.bn2 · mn (studied)"
+    assert S.layer_label(run, "transition1.norm") == "transition1 · bn"
+    assert S.layer_label(run, "final") == "final · bn (studied)"
+    info = S.layer_info(run, "layer3.0.bn2")
+    assert info["kind"] == "mn" and info["has_mixture"] and not info["uses_context"] and info["num_components"] == 2
+    assert not S.layer_info(run, "bn1")["has_mixture"]
+    with pytest.raises(ValueError, match="no layer 'nope'"):
+        S.layer_info(run, "nope")
