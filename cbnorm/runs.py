@@ -25,12 +25,15 @@ here (a pickled or ``torch.save`` file renamed ``.safetensors`` is refused with 
                      cbnorm.daynight.NightParams of the night context) and "translator" ("input" | "feature")
                      are required; model "daynight_siamese" | "daynight_ae" of cbnorm.models.DAYNIGHT_MODELS)
     cbnorm_version   version of the library that wrote it (informative)
-    model            {"name": "shallow_cnn" | "vit", "kwargs": architecture keywords (in_channels,
-                      num_classes, width / image_size, patch_size, dim, ...); the norm keywords below are
+    model            {"name": "shallow_cnn" | "vit" | "resnet20" | "resnet56" | "densenet40" | "densenet_bc100"
+                      (cbnorm.models.MODELS), "kwargs": architecture keywords (in_channels, num_classes,
+                      width / image_size, patch_size, dim, growth_rate, ...); the norm keywords below are
                       merged in by build_model_from_config}
     norm             canonical norm name of the studied layers ("acn", "cn", ...)
     norm_kwargs      keywords of those layers (num_components, num_contexts, priors, ...), JSON values
-    layers           which layers carry ``norm`` (["conv3"] for the CNN; ["patch_norm"] for the ViT)
+    layers           which layers carry ``norm``: block names for the CNN (["conv3"] = blocks.conv3.norm),
+                     ["patch_norm"] for the ViT, fnmatch patterns on module paths for the ResNets and
+                     DenseNets (["layer3.*"], ["transition*", "final"]; cbnorm.convert.select_layers)
     input_norm       norm on the image channels in front of the CNN, or null
     dataset          {"name", "train_samples", "test_samples", "limit_train", "limit_test", "subset_seed"}
     contexts         {"spec": "superclass" | "kmeans:K" | "none" | "domain", "num_contexts", "names",
@@ -366,6 +369,8 @@ def _validate_daynight(config: dict) -> None:
 
 
 def _model_kwargs(config: Mapping) -> dict:
+    from .models import PATH_MODELS
+
     name = config["model"]["name"]
     kw = dict(config["model"].get("kwargs") or {})
     norm = _norm_name(config["norm"], "norm")
@@ -375,6 +380,10 @@ def _model_kwargs(config: Mapping) -> dict:
     elif name == "shallow_cnn":
         kw.update(norm=norm, norm_layers=tuple(config["layers"]), norm_kwargs=norm_kwargs,
                   input_norm=config.get("input_norm"))
+    elif name in PATH_MODELS:
+        if config.get("input_norm"):
+            raise ValueError(f"config.json: input_norm is not supported by the {name} model")
+        kw.update(norm=norm, norm_layers=tuple(config["layers"]), norm_kwargs=norm_kwargs)
     elif name == "vit":
         if config.get("input_norm"):
             raise ValueError("config.json: input_norm is not supported by the vit model")

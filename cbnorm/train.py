@@ -54,7 +54,7 @@ __all__ = ["train", "main", "build_parser", "DEFAULTS"]
 #: every option of the CLI (dest name -> default)
 DEFAULTS: dict[str, Any] = {
     "dataset": "fashion-mnist", "model": "shallow_cnn", "norm": "bn", "components": 3, "contexts": None,
-    "context_priors": "data", "layers": "conv3", "width": 1.0, "input_norm": None, "norm_kwargs": None,
+    "context_priors": "data", "layers": None, "width": 1.0, "input_norm": None, "norm_kwargs": None,
     "model_kwargs": None, "epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-4,
     "optimizer": "adamw", "momentum": 0.9, "seed": 0, "snapshot_every": 200, "limit_train": None,
     "limit_test": None, "eval_batch_size": 1000, "out": None, "resume": False, "device": "auto",
@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     g = p.add_argument_group("experiment")
     g.add_argument("--dataset", help=f"fashion-mnist, mnist, cifar10, cifar100, svhn, digits ({d['dataset']})")
-    g.add_argument("--model", choices=("shallow_cnn", "vit"), help=f"({d['model']})")
+    from .models import MODELS
+
+    g.add_argument("--model", choices=sorted(MODELS), help=f"({d['model']}; resnet20/56: He et al.'s CIFAR "
+                                                          f"ResNets, densenet40: the MN paper's DenseNet)")
     g.add_argument("--norm", help=f"norm of the studied layers: bn ln gn mn mode cn cnx cn-embed acn (or an "
                                   f"alias) ({d['norm']})")
     g.add_argument("--components", type=int, help=f"num_components of mixture layers ({d['components']})")
@@ -83,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-priors", choices=("data", "uniform"),
                    help="priors lambda_k of context layers: share of training samples per context, or uniform "
                         f"({d['context_priors']})")
-    g.add_argument("--layers", help=f"comma-separated CNN blocks that get --norm, among conv1..conv4 "
-                                    f"({d['layers']}); the ViT always uses its patch norm")
-    g.add_argument("--width", type=float, help=f"CNN channel multiplier ({d['width']})")
+    g.add_argument("--layers", help="which norm layers get --norm: for shallow_cnn comma-separated blocks among "
+                                    "conv1..conv4 (conv3); for resnet*/densenet* comma-separated fnmatch patterns "
+                                    "on module paths, e.g. 'layer3.*' or 'transition*,final' (all: '*'); the ViT "
+                                    "always uses its patch norm")
+    g.add_argument("--width", type=float, help=f"channel multiplier of the CNN / ResNet / DenseNet ({d['width']})")
     g.add_argument("--input-norm", help="norm on the image channels in front of the CNN (e.g. cn)")
     g.add_argument("--norm-kwargs", help='extra JSON keywords for the norm layers, e.g. \'{"update": '
                                          '"moving_average"}\'')
@@ -278,13 +283,18 @@ def _prepare(a: dict, stored: Optional[dict]):
         mean, std = compute_mean_std(train.images)
         pre = {"channels": train.channels, "image_size": [int(s) for s in train.images.shape[1:3]],
                "mean": [float(m) for m in mean], "std": [float(max(s, 1e-8)) for s in std]}
+    from .models import PATH_MODELS
+
     model_kwargs = {"in_channels": train.channels, "num_classes": train.num_classes}
-    if a["model"] == "shallow_cnn":
+    if a["input_norm"] and a["model"] != "shallow_cnn":
+        raise ValueError("--input-norm is only supported by --model shallow_cnn")
+    if a["model"] in ("shallow_cnn",) + PATH_MODELS:
         model_kwargs["width"] = a["width"]
-        layers = [s.strip() for s in str(a["layers"]).split(",") if s.strip()]
+        default = "conv3" if a["model"] == "shallow_cnn" else "*"
+        layers = [s.strip() for s in str(a["layers"] or default).split(",") if s.strip()]
+        if not layers:
+            raise ValueError(f"--layers holds no layer name or pattern: {a['layers']!r}")
     else:
-        if a["input_norm"]:
-            raise ValueError("--input-norm is only supported by --model shallow_cnn")
         h, w = pre["image_size"]
         if h != w:
             raise ValueError(f"the vit model needs square images, got {h}x{w}")
