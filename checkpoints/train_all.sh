@@ -18,4 +18,5 @@ for name in "${NAMES[@]}"; do
   # shellcheck disable=SC2086
   python -m cbnorm.train "${COMMON[@]}" ${EXTRA[$name]} --out "checkpoints/fmnist-$name"
   python -m cbnorm.evaluate "checkpoints/fmnist-$name" --check
+  rm -f "checkpoints/fmnist-$name/resume.safetensors"  # optimizer state: not needed by the app
 done
