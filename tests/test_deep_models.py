@@ -72,6 +72,7 @@ st = pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 PAGES = ("pages/1_Activation_Histograms.py", "pages/2_Cluster_Evolution.py", "pages/4_Compare_Normalizers.py")
+DAYNIGHT = "pages/3_Day_Night_Transfer.py"  # its runs are day<->night translators: it must explain, not fail
 
 
 def _clean(at) -> None:
@@ -98,3 +99,5 @@ def test_every_page_on_deep_runs_with_any_layer(deep_runs, monkeypatch, run_name
             at.switch_page(page).run()
             _clean(at)
             assert len(at.get("plotly_chart")) >= 1, (page, layer)
+    at.switch_page(DAYNIGHT).run()
+    assert not at.exception, [e.value for e in at.exception]
