@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, build_model_from_config, count_parameters,
+from .. import __version__
+from .schedules import SCHEDULES, check_schedule, lr_at, parse_milestones, snapshot_steps
+from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, build_model_from_config, count_parameters,
                    load_resume_state, preprocess_images, read_json, save_config, save_metrics,
                    save_resume_state, save_snapshot, save_weights, snapshot_name, validate_config)
 
@@ -56,7 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "dataset": "fashion-mnist", "model": "shallow_cnn", "norm": "bn", "components": 3, "contexts": None,
     "context_priors": "data", "layers": None, "width": 1.0, "input_norm": None, "norm_kwargs": None,
     "model_kwargs": None, "epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-4,
-    "optimizer": "adamw", "momentum": 0.9, "seed": 0, "snapshot_every": 200, "limit_train": None,
+    "optimizer": "adamw", "momentum": 0.9, "nesterov": False, "schedule": "constant", "lr_factor": 0.1,
+    "lr_every": 1, "milestones": None, "warmup_steps": 0, "seed": 0, "snapshot_every": 200, "snapshot_early": 0,
+    "eval_every": 0, "eval_subset": 1000, "amp": False, "limit_train": None,
     "limit_test": None, "eval_batch_size": 1000, "out": None, "resume": False, "device": "auto",
     "threads": None, "quiet": False, "context_head": False,
 }
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     g = p.add_argument_group("experiment")
     g.add_argument("--dataset", help=f"fashion-mnist, mnist, cifar10, cifar100, svhn, digits ({d['dataset']})")
-    from .models import MODELS
+    from ..models import MODELS
 
     g.add_argument("--model", choices=sorted(MODELS), help=f"({d['model']}; resnet20/56: He et al.'s CIFAR "
                                                           f"ResNets, densenet40: the MN paper's DenseNet)")
@@ -105,9 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, help=f"({d['weight_decay']})")
     t.add_argument("--optimizer", choices=OPTIMIZERS, help=f"({d['optimizer']})")
     t.add_argument("--momentum", type=float, help=f"momentum of sgd / rmsprop ({d['momentum']})")
+    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum for --optimizer sgd (the "
+                                                            "DenseNet / ResNet protocol)")
+    t.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (cbnorm.train.schedules): "
+                   "constant, exponential (x --lr-factor every --lr-every epochs; the MN paper: 0.93 every 2), "
+                   f"step (x --lr-factor at --milestones), cosine ({d['schedule']})")
+    t.add_argument("--lr-factor", type=float, help=f"factor of the exponential / step schedules ({d['lr_factor']})")
+    t.add_argument("--lr-every", type=int, help=f"epochs between exponential decays ({d['lr_every']})")
+    t.add_argument("--milestones", help="step schedule: fractions of the epochs, e.g. 0.5,0.75")
+    t.add_argument("--warmup-steps", type=int, help=f"linear warm-up over this many updates ({d['warmup_steps']})")
+    t.add_argument("--amp", action="store_true", help="mixed precision: float16 autocast + GradScaler on CUDA "
+                                                       "(bfloat16 autocast on CPU)")
     t.add_argument("--seed", type=int, help=f"({d['seed']})")
     t.add_argument("--snapshot-every", type=int, help=f"steps between snapshots, 0 = only first and last "
                                                       f"({d['snapshot_every']})")
+    t.add_argument("--snapshot-early", type=int, help="also this many log-spaced snapshots before the first "
+                                                      "regular one (dense where training moves fast) (0)")
+    t.add_argument("--eval-every", type=int, help="evaluate every this many steps (and at step 0) on a fixed "
+                                                  "stratified test subset of --eval-subset images; the full test "
+                                                  "set is scored at every epoch end (0 = epoch ends only)")
+    t.add_argument("--eval-subset", type=int, help=f"size of that subset ({d['eval_subset']})")
     t.add_argument("--limit-train", type=int, help="train on a stratified subset of this many images")
     t.add_argument("--limit-test", type=int, help="test on a stratified subset of this many images")
     t.add_argument("--eval-batch-size", type=int, help=f"({d['eval_batch_size']})")
@@ -136,6 +156,8 @@ def _given(args_or_config: Any) -> dict[str, Any]:
         raise ValueError(f"unknown training options {unknown}; valid: {sorted(DEFAULTS)}")
     if not given.get("out"):
         raise ValueError("the output run directory 'out' is required")
+    if given.get("milestones") is not None:
+        given["milestones"] = parse_milestones(given["milestones"])
     return given
 
 
@@ -154,7 +176,7 @@ def _json_opt(value: Any, name: str) -> dict:
 
 
 def _check_args(a: dict) -> None:
-    from .norms import resolve_name
+    from ..norms import resolve_name
 
     for k in ("epochs", "batch_size", "components", "eval_batch_size"):
         if isinstance(a[k], bool) or not isinstance(a[k], int) or a[k] < 1:
@@ -162,8 +184,16 @@ def _check_args(a: dict) -> None:
     for k in ("limit_train", "limit_test"):
         if a[k] is not None and (not isinstance(a[k], int) or a[k] < 1):
             raise ValueError(f"--{k.replace('_', '-')} must be a positive integer, got {a[k]!r}")
-    if not isinstance(a["snapshot_every"], int) or a["snapshot_every"] < 0:
-        raise ValueError(f"--snapshot-every must be >= 0, got {a['snapshot_every']!r}")
+    for k in ("snapshot_every", "snapshot_early", "eval_every"):
+        if isinstance(a[k], bool) or not isinstance(a[k], int) or a[k] < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be an integer >= 0, got {a[k]!r}")
+    if isinstance(a["eval_subset"], bool) or not isinstance(a["eval_subset"], int) or a["eval_subset"] < 1:
+        raise ValueError(f"--eval-subset must be a positive integer, got {a['eval_subset']!r}")
+    check_schedule(a["schedule"], a["lr_factor"], a["lr_every"], a["milestones"], a["warmup_steps"])
+    if a["milestones"] is not None:
+        a["milestones"] = parse_milestones(a["milestones"])
+    if a["nesterov"] and (a["optimizer"] != "sgd" or not a["momentum"] > 0):
+        raise ValueError("--nesterov needs --optimizer sgd and --momentum > 0")
     if a["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {a['optimizer']!r}")
     if not (a["lr"] > 0 and math.isfinite(a["lr"])) or a["weight_decay"] < 0:
@@ -234,8 +264,8 @@ def _needs_unused_detection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 # ============================================================================ data / config
 def _prepare(a: dict, stored: Optional[dict]):
     """Training split (ArrayDataset with contexts) and the config of the run."""
-    from .data import ArrayDataset, apply_contexts, compute_mean_std, load_dataset, subset
-    from .norms import NORMS, accepted_kwargs, resolve_name
+    from ..data import ArrayDataset, apply_contexts, compute_mean_std, load_dataset, subset
+    from ..norms import NORMS, accepted_kwargs, resolve_name
 
     train = load_dataset(a["dataset"], "train")
     n_full = len(train)
@@ -247,7 +277,7 @@ def _prepare(a: dict, stored: Optional[dict]):
     a["contexts"] = str(spec).strip().lower()
     km_state = (stored or {}).get("contexts", {}).get("kmeans") if stored else None
     if km_state:  # resume: the stored clustering, not a new fit
-        from .data import KMeansContexts
+        from ..data import KMeansContexts
 
         km = KMeansContexts.from_state(km_state)
         train = train.with_contexts(km.predict(train.images), [f"cluster {i}" for i in range(km.n_contexts)])
@@ -283,7 +313,7 @@ def _prepare(a: dict, stored: Optional[dict]):
         mean, std = compute_mean_std(train.images)
         pre = {"channels": train.channels, "image_size": [int(s) for s in train.images.shape[1:3]],
                "mean": [float(m) for m in mean], "std": [float(max(s, 1e-8)) for s in std]}
-    from .models import PATH_MODELS
+    from ..models import PATH_MODELS
 
     model_kwargs = {"in_channels": train.channels, "num_classes": train.num_classes}
     if a["input_norm"] and a["model"] != "shallow_cnn":
@@ -325,7 +355,7 @@ def _prepare(a: dict, stored: Optional[dict]):
 
 
 def _make_optimizer(model: nn.Module, a: dict) -> torch.optim.Optimizer:
-    from .norms import NormBase
+    from ..norms import NormBase
 
     in_norm = {id(p) for m in model.modules() if isinstance(m, NormBase) for p in m.parameters()}
     decay, no_decay = [], []
@@ -337,7 +367,7 @@ def _make_optimizer(model: nn.Module, a: dict) -> torch.optim.Optimizer:
     if a["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=a["lr"])
     if a["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=a["lr"], momentum=a["momentum"])
+        return torch.optim.SGD(groups, lr=a["lr"], momentum=a["momentum"], nesterov=bool(a["nesterov"]))
     return torch.optim.RMSprop(groups, lr=a["lr"], momentum=a["momentum"])
 
 
@@ -383,6 +413,9 @@ def train(args_or_config: Any) -> Path:
                              + ", ".join(f"{k}: stored {s!r}, given {g!r}" for k, (s, g) in diff.items())
                              + f"; only {list(_RESUMABLE)} may change")
         a = {**DEFAULTS, **stored_args, **given}
+        if a["epochs"] != stored_args.get("epochs") and a.get("schedule") in ("step", "cosine"):
+            raise ValueError(f"--resume cannot change --epochs of a run with --schedule {a['schedule']}: its "
+                             f"learning rates depend on the total length (stored {stored_args.get('epochs')})")
     else:
         a = {**DEFAULTS, **given}
     _check_args(a)
@@ -396,7 +429,8 @@ def train(args_or_config: Any) -> Path:
 
 
 def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, DistributedSampler) -> Path:
-    from .evaluate import load_split, score
+    from ..data import subset
+    from ..evaluate import load_split, score
 
     device = dist.device
     if a["batch_size"] % dist.world:
@@ -419,7 +453,7 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
     uses_ctx = bool(getattr(model, "uses_context", False))
     has_predictor = getattr(model, "context_predictor", None) is not None
 
-    metrics: dict[str, Any] = {"loss": [], "epochs": []}
+    metrics: dict[str, Any] = {"loss": [], "lr": [], "evals": [], "epochs": []}
     start_epoch, step, wall0 = 0, 0, 0.0
     resume_path = out / files["resume"]
     if stored is not None and resume_path.is_file():
@@ -427,6 +461,8 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
         start_epoch, step, wall0 = int(state["epochs_done"]), int(state["step"]), float(state["wall"])
         old = read_json(out / files["metrics"], "metrics.json")
         metrics["loss"] = [r for r in old.get("loss", []) if r[0] <= step]
+        metrics["lr"] = [r for r in old.get("lr", []) if r[0] <= step]
+        metrics["evals"] = [r for r in old.get("evals", []) if r["step"] <= step]
         metrics["epochs"] = [r for r in old.get("epochs", []) if r["epoch"] <= start_epoch]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and device.type == "cuda":
@@ -469,6 +505,25 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
         unused = _needs_unused_detection(model, *batch(first), dist)
         net = DDP(model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=unused)
     show = not a["quiet"] and dist.main
+    total_steps = a["epochs"] * steps_per_epoch
+    snaps = snapshot_steps(total_steps, a["snapshot_every"], a["snapshot_early"])
+    sched = dict(schedule=a["schedule"], steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                 factor=a["lr_factor"], every=a["lr_every"], milestones=a["milestones"], warmup_steps=a["warmup_steps"])
+    cuda = device.type == "cuda"
+    amp_dtype = torch.float16 if cuda else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=bool(a["amp"]) and cuda)
+    eval_ds = subset(test_ds, a["eval_subset"], seed=0) if a["eval_every"] and a["eval_subset"] < len(test_ds) \
+        else test_ds
+    eval_images, eval_labels = torch.from_numpy(eval_ds.images), torch.from_numpy(eval_ds.labels)
+
+    def eval_subset_now() -> None:
+        """Honest accuracy and loss on the fixed subset (inferred contexts), appended to metrics["evals"]."""
+        part = torch.arange(dist.rank, len(eval_labels), dist.world)
+        c, l, n = dist.sum(score(model, eval_images, eval_labels, pre, None, a["eval_batch_size"], device, part))
+        metrics["evals"].append({"step": step, "test_acc": c / max(n, 1), "test_loss": l / max(n, 1), "n": int(n)})
+
+    if a["eval_every"] and step == 0 and not metrics["evals"]:
+        eval_subset_now()
     session_start = time.perf_counter()
     for epoch in range(start_epoch, a["epochs"]):
         sampler.set_epoch(epoch)
@@ -481,15 +536,20 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
         for b in range(steps_per_epoch):
             t0 = time.perf_counter()
             x, y, ctx = batch(order[b * local_bs:(b + 1) * local_bs])
-            if has_predictor:  # joint loss: classes + the context predictor (on the training contexts)
-                logits, ctx_logits = net(x, context=ctx, return_context_logits=True)
-                loss = F.cross_entropy(logits, y) + F.cross_entropy(ctx_logits, ctx)
-            else:
-                logits = net(x, context=ctx)
-                loss = F.cross_entropy(logits, y)
+            lr = lr_at(step, a["lr"], **sched)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=bool(a["amp"])):
+                if has_predictor:  # joint loss: classes + the context predictor (on the training contexts)
+                    logits, ctx_logits = net(x, context=ctx, return_context_logits=True)
+                    loss = F.cross_entropy(logits.float(), y) + F.cross_entropy(ctx_logits.float(), ctx)
+                else:
+                    logits = net(x, context=ctx)
+                    loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             with torch.no_grad():
                 correct += int((logits.argmax(1) == y).sum())
@@ -497,8 +557,11 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
             loss_val = dist.sum([float(loss.detach())])[0] / dist.world
             step_time += time.perf_counter() - t0
             metrics["loss"].append([step, loss_val])
-            if dist.main and a["snapshot_every"] and step % a["snapshot_every"] == 0:
+            metrics["lr"].append([step, lr])
+            if dist.main and step in snaps:
                 save_snapshot(out, model, step, files)
+            if a["eval_every"] and step % a["eval_every"] == 0:
+                eval_subset_now()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}")
         bar.close()

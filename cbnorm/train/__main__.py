@@ -1,0 +1,5 @@
+import sys
+
+from .classify import main
+
+sys.exit(main())
