@@ -18,7 +18,7 @@ names, failed = [], {}
 
 def walk(path, prefix):  # pkgutil.walk_packages would import cbnorm.app to look inside it
     for info in pkgutil.iter_modules(path, prefix):
-        if info.name == "cbnorm.app":
+        if info.name == "cbnorm.app" or info.name.endswith(".__main__"):  # __main__ runs a program
             continue
         try:
             module = importlib.import_module(info.name)
