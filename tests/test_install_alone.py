@@ -20,7 +20,8 @@ CHECK = textwrap.dedent("""
     import cbnorm
     for name in ("streamlit", "plotly", "pandas", "sklearn", "umap", "openTSNE"):
         assert importlib.util.find_spec(name) is None, name + " is installed without the extras"
-    mods = [m.name for m in pkgutil.walk_packages(cbnorm.__path__, "cbnorm.") if not m.name.startswith("cbnorm.app")]
+    mods = [m.name for m in pkgutil.walk_packages(cbnorm.__path__, "cbnorm.")
+            if not m.name.startswith("cbnorm.app") and not m.name.endswith("__main__")]
     for m in mods:
         importlib.import_module(m)
     assert not any(k.split(".")[0] in ("streamlit", "plotly") for k in sys.modules)
