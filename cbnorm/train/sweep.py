@@ -38,7 +38,7 @@ import numpy as np
 
 from ..runs import read_json, write_json_atomic
 
-__all__ = ["plan", "run_sweep", "summarize", "curve_of", "main"]
+__all__ = ["plan", "run_sweep", "summarize", "summarize_groups", "curve_of", "main"]
 
 
 def _parse_setting(text: str) -> tuple[str, list[str]]:
@@ -152,23 +152,16 @@ def _group(runs: Sequence[tuple[int, dict]]) -> dict:
             "steps_done": [m.get("steps_done") for _, m in runs]}
 
 
-def summarize(out: Path, reference: str = "bn") -> dict:
-    """The summary of the sweep in ``out`` (module docstring), also written to ``out/summary.json``."""
+def summarize_groups(settings: Mapping[str, Mapping[str, Sequence[tuple[int, Mapping]]]], reference: str = "bn"
+                     ) -> dict:
+    """The summary (module docstring) of runs grouped as {setting: {norm: [(seed, metrics.json dict), ...]}}."""
     from scipy import stats
 
-    out = Path(out)
-    if not out.is_dir():
-        raise ValueError(f"no sweep directory {out}")
     result: dict[str, Any] = {"reference_norm": reference, "settings": {}}
-    for sdir in sorted(p for p in out.iterdir() if p.is_dir()):
-        groups: dict[str, list[tuple[int, dict]]] = {}
-        for ndir in sorted(p for p in sdir.iterdir() if p.is_dir()):
-            for rdir in sorted(ndir.glob("seed*")):
-                if _state(rdir) == "done":
-                    groups.setdefault(ndir.name, []).append((int(rdir.name[4:]), read_json(rdir / "metrics.json")))
-        if not groups:
+    for name, groups in settings.items():
+        setting = {norm: _group(runs) for norm, runs in groups.items() if runs}
+        if not setting:
             continue
-        setting = {norm: _group(runs) for norm, runs in groups.items()}
         ref = setting.get(reference)
         entry: dict[str, Any] = {"norms": setting}
         if ref is not None:
@@ -187,16 +180,34 @@ def summarize(out: Path, reference: str = "bn") -> dict:
                                    + (b_r.var(ddof=1) / b_r.size if b_r.size > 1 else 0.0)))
                 p = (float(stats.ttest_ind(b_x, b_r, equal_var=False).pvalue)
                      if norm != reference and b_x.size > 1 and b_r.size > 1 and se > 0 else None)
+                all_reached = len(reached) == len(per_seed)
                 g.update(steps_to_reference=mean_step, steps_to_reference_per_seed=per_seed,
-                         steps_to_reference_mean=float(np.mean(reached)) if len(reached) == len(per_seed) else None,
-                         steps_to_reference_ci95=_bootstrap_mean(reached) if len(reached) == len(per_seed) else None,
+                         steps_to_reference_mean=float(np.mean(reached)) if all_reached else None,
+                         steps_to_reference_ci95=_bootstrap_mean(reached) if all_reached else None,
                          seeds_reaching_reference=len(reached),
                          reduction_vs_reference_pct=(100.0 * (1 - mean_step / ref_step)
                                                      if mean_step is not None and ref_step else None),
                          best_acc_mean=float(b_x.mean()), best_acc_sd=float(b_x.std(ddof=1)) if b_x.size > 1 else 0.0,
                          best_acc_diff_to_reference=diff, best_acc_diff_se=se, welch_p=p,
                          difference_exceeds_seed_spread=(abs(diff) > 2 * se) if norm != reference and se > 0 else None)
-        result["settings"][sdir.name] = entry
+        result["settings"][name] = entry
+    return result
+
+
+def summarize(out: Path, reference: str = "bn") -> dict:
+    """The summary of the finished runs of the sweep in ``out`` (``OUT/SETTING/NORM/seedS``), also written to
+    ``out/summary.json``."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ValueError(f"no sweep directory {out}")
+    settings: dict[str, dict[str, list[tuple[int, dict]]]] = {}
+    for sdir in sorted(p for p in out.iterdir() if p.is_dir()):
+        for ndir in sorted(p for p in sdir.iterdir() if p.is_dir()):
+            for rdir in sorted(ndir.glob("seed*")):
+                if _state(rdir) == "done":
+                    settings.setdefault(sdir.name, {}).setdefault(ndir.name, []).append(
+                        (int(rdir.name[4:]), read_json(rdir / "metrics.json")))
+    result = summarize_groups(settings, reference)
     write_json_atomic(out / "summary.json", result)
     return result
 
