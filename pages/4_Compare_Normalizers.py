@@ -1,4 +1,5 @@
-"""Compare normalizers: curves, a table with the MN paper's speed-up measure, a live panel, benchmarks."""
+"""Compare normalizers: curves, a table with the MN paper's speed-up measure, runs grouped by seed (mean ± sd),
+a live panel, the reproduction of the MN paper's claim, benchmarks."""
 import streamlit as st
 
 from cbnorm.app import compare as C
@@ -66,6 +67,69 @@ with S.guard("Compare normalizers"):
                    "Test accuracy is honest (context inferred from the image); the oracle column feeds the true "
                    "superclass and leaks the label. Time per step is what the trainer measured on its machine.")
 
+    st.subheader("Seeds")
+    groups, seed_summary = C.seed_groups(names)
+    many = [g for g in groups if len(g["seeds"]) > 1]
+    if not many:
+        st.info("Every recipe here has one run (one seed), so there is no spread over seeds to show: the per-run "
+                "curves above are the whole story. Runs that differ only in `--seed` are grouped here, with "
+                "their mean ± sd.")
+    else:
+        st.caption("Runs that differ only in their seed form a group (same task, data, model, norm and its "
+                   "options, studied layers and training options). Test error on the dense evaluation steps "
+                   "(`--eval-every`; else the epoch ends), mean over seeds with a ±1 sd band, as the MN paper's "
+                   "Fig. 2; groups of one seed are plain lines. The table's numbers are "
+                   "`cbnorm.train.sweep.summarize_groups` of each setting, BatchNorm's group as the reference.")
+        labels = [g["label"] for g in groups]
+        if "cmp_groups" not in ss:
+            ss["cmp_groups"] = labels[:12]
+        ss["cmp_groups"] = [n for n in ss["cmp_groups"] if n in labels]
+        g1, g2 = st.columns([4, 1])
+        shown = g1.multiselect("Groups", labels, key="cmp_groups",
+                               format_func=lambda n: f"{n} ({len(next(g for g in groups if g['label'] == n)['seeds'])})",
+                               help="Groups of runs (number of seeds); each run stays selectable alone above")
+        each_seed = g2.toggle("Each seed's curve", key="cmp_seed_lines", help="Add every seed's own curve, dotted")
+        colors = {label: i for i, label in enumerate(labels)}
+        seed_cols = {"best acc mean": st.column_config.NumberColumn(format="percent", help=C.SEEDS_HELP["best acc mean"]),
+                     "best acc sd": st.column_config.NumberColumn(format="percent", help=C.SEEDS_HELP["best acc sd"]),
+                     "steps to BN best": st.column_config.NumberColumn(format="%d", help=C.SEEDS_HELP["steps to BN best"]),
+                     "reduction vs BN %": st.column_config.NumberColumn(format="%.1f", help=C.SEEDS_HELP["reduction vs BN %"]),
+                     "Welch p": st.column_config.NumberColumn(format="%.3g", help=C.SEEDS_HELP["Welch p"])}
+        seed_cols.update({c: st.column_config.Column(help=h) for c, h in C.SEEDS_HELP.items() if c not in seed_cols})
+        n_drawn = 0
+        for si, (setting, info) in enumerate(seed_summary.items()):
+            members = [g for g in groups if g["setting"] == setting and g["label"] in shown]
+            if not any(len(g["seeds"]) > 1 for g in members):
+                continue
+            rec = members[0]["setting_recipe"]
+            if len(seed_summary) > 1:
+                st.markdown(f"**Setting: {setting}** — {rec}")
+            else:
+                st.caption(f"Setting: {rec}")
+            summ = info["summary"]
+            ref_acc = summ.get("reference_acc")
+            fig_seeds = F.seed_band_figure(C.seed_series(members, summ, colors, each_seed),
+                                           reference_y=1.0 - ref_acc if ref_acc is not None else None,
+                                           title="Test error over seeds (mean ± 1 sd)")
+            st.plotly_chart(fig_seeds, key=f"cmp_seeds_chart_{si}", config={"displaylogo": False})
+            S.download_figure(fig_seeds, f"seeds_{si}.csv", key=f"cmp_seeds_dl_{si}")
+            st.dataframe(C.seeds_table(members, summ), hide_index=True, key=f"cmp_seeds_table_{si}",
+                         column_config=seed_cols)
+            if info["reference"] is None:
+                st.info("This setting has no BatchNorm group, so 'steps to BN best' and the comparison to BN "
+                        "cannot be computed.")
+            else:
+                st.caption(f"BN's best: {ref_acc:.2%}, the maximum of {info['reference']}'s mean curve, reached at step "
+                           f"{summ.get('reference_step'):,}. Curves are compared on the steps all seeds of a group have.")
+            for label, why in info["skipped"].items():
+                st.warning(f"Group {label} is left out: {why}.")
+            dups = [(g["label"], d) for g in members for d in g["duplicates"]]
+            if dups:
+                st.caption("Left out, a seed already in the group: " + ", ".join(f"{d} ({l})" for l, d in dups))
+            n_drawn += 1
+        if not n_drawn:
+            st.info("None of the chosen groups has more than one seed.")
+
     st.subheader("Live: the studied layers on the same minibatch")
     l1, l2 = st.columns(2)
     size = l1.select_slider("Minibatch size", options=[32, 64, 128, 256, 512], value=128, key="cmp_size",
@@ -86,9 +150,41 @@ with S.guard("Compare normalizers"):
                  column_config={c: st.column_config.NumberColumn(format="%.3f", help=C.LIVE_HELP.get(c))
                                 for c in live.columns if c not in ("run", "layer")})
 
+with S.guard("Reproduction of the MN paper's claim"):
+    st.subheader("Reproduction of the MN paper's claim")
+    rep = C.reproduction(str(C.bench_dir()))
+    if rep["status"] == "missing":
+        st.info(rep["message"])
+    elif rep["status"] == "malformed":
+        st.warning(rep["message"])
+    else:
+        ref_norm = rep["reference_norm"]
+        st.markdown("`bench/reproduce_mn.py` trains the MN paper's protocol (Sec. 4.1) with several seeds per "
+                    "norm: test error, mean ± 1 sd over seeds (the paper's Fig. 2), and its Table 3 — steps to "
+                    "reach BatchNorm's maximum test accuracy — in our numbers beside the paper's.")
+        for si, (setting, entry) in enumerate(rep["settings"].items()):
+            st.markdown(f"**{setting}** ({C.SETTING_NAMES.get(setting, 'setting')})")
+            ref_acc = entry.get("reference_acc")
+            fig_rep = F.seed_band_figure(C.reproduction_series(entry, ref_norm),
+                                         reference_y=1.0 - ref_acc if ref_acc is not None else None,
+                                         title=f"Test error, {setting}: mean ± 1 sd over seeds")
+            st.plotly_chart(fig_rep, key=f"cmp_repro_chart_{si}", config={"displaylogo": False})
+            S.download_figure(fig_rep, f"reproduce_mn_{setting}.csv", key=f"cmp_repro_dl_{si}")
+            table = C.reproduction_table(entry, setting, rep["paper"], ref_norm)
+            cols = {c: st.column_config.NumberColumn(format=C.repro_format(c), help=C.REPRO_HELP.get(c))
+                    for c in table.columns if table[c].dtype.kind in "fi" and c != "seeds"}
+            cols.update({c: st.column_config.Column(help=h) for c, h in C.REPRO_HELP.items()
+                         if c in table.columns and c not in cols})
+            st.dataframe(table, hide_index=True, key=f"cmp_repro_table_{si}", column_config=cols)
+            if ref_acc is not None:
+                st.caption(f"BN's best (maximum of its mean curve): {ref_acc:.2%} at step "
+                           f"{entry.get('reference_step')}. The paper's numbers are CIFAR's (100 epochs, "
+                           "another scale), so compare the reductions and the ordering, not the step counts.")
+        st.caption(C.protocol_caption(rep))
+
 with S.guard("Benchmark results"):
     st.subheader("Benchmarks")
-    plots = C.bench_plot_data(str(S.bench_dir()))
+    plots = C.bench_plot_data(str(C.bench_dir()))
     if "speed_layers" in plots:
         st.markdown("**Cost of each layer** (`bench/speed.py`): forward + backward time as a multiple of "
                     "`torch.nn.BatchNorm2d`'s on the same input; black ticks are the goals.")
@@ -107,9 +203,9 @@ with S.guard("Benchmark results"):
         st.plotly_chart(fig_conv, key="cmp_bench_conv", config={"displaylogo": False})
         if b.get("note"):
             st.caption(str(b["note"]))
-    results = C.bench_results(str(S.bench_dir()))
+    results = C.bench_results(str(C.bench_dir()))
     if not results:
-        st.caption(f"No benchmark results in `{S.bench_dir()}`.")
+        st.caption(f"No benchmark results in `{C.bench_dir()}`.")
     for res in results:
         with st.expander(res["name"], expanded=False):
             if res["error"]:

@@ -5,6 +5,7 @@ generic listing of every result file)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -192,10 +193,15 @@ def bench_plot_data(bench_dir: str) -> dict:
     return out
 
 
+#: keys of a result file that the page draws above (curves, summaries): the generic listing leaves them out
+DRAWN_ABOVE = {"reproduce_mn.json": ("summary", "runs")}
+
+
 @st.cache_data(max_entries=4, ttl=300, show_spinner=False)
 def bench_results(bench_dir: str) -> list[dict]:
     """Every ``*.json`` in ``bench_dir``: its tables (lists of records), the machine it ran on
-    (a "machine" or "env" object) and its other scalar fields; unreadable files come with ``error``."""
+    (a "machine" or "env" object) and its other scalar fields (without what :data:`DRAWN_ABOVE` names);
+    unreadable files come with ``error``."""
     out = []
     d = Path(bench_dir)
     for p in sorted(d.glob("*.json")) if d.is_dir() else []:
@@ -209,6 +215,8 @@ def bench_results(bench_dir: str) -> list[dict]:
             out.append(entry)
             continue
         for k, v in obj.items():
+            if k in DRAWN_ABOVE.get(p.name, ()):
+                continue
             if k in ("machine", "env") and isinstance(v, dict):
                 entry["machine"] = _flat(v)
             elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
@@ -224,3 +232,494 @@ def bench_results(bench_dir: str) -> list[dict]:
                 entry["fields"][k] = v
         out.append(entry)
     return out
+
+
+# ============================================================================ runs grouped by recipe (seeds)
+#: training options that change nothing a run learns (bookkeeping, environment) and the seed itself: runs
+#: that differ only in these are seeds of one recipe
+NOT_RECIPE = ("seed", "world_size", "out", "resume", "device", "threads", "quiet", "snapshot_every",
+              "snapshot_early", "eval_batch_size")
+#: training options stored again at the top of config.json (the top-level value is the one used)
+_DUPLICATED = ("dataset", "model", "norm", "layers", "width", "norm_kwargs", "model_kwargs", "limit_train",
+               "limit_test", "input_norm")
+#: recipe fields that say which normalizer a run has: groups differing only in these share a *setting*
+#: (the same model, data and optimisation), and the BatchNorm group of a setting is its reference
+NORM_FIELDS = ("norm", "components", "contexts", "context_priors", "context_head", "input_norm")
+#: fields whose value alone names them in a group label ("rmsprop", not "optimizer rmsprop")
+_BARE = ("task", "dataset", "model", "optimizer", "layers", "schedule", "norm")
+#: what a setting's caption names first (then whatever else tells the settings apart)
+SETTING_SUMMARY = ("dataset", "model", "model.width", "layers", "optimizer", "lr", "batch_size", "epochs",
+                   "schedule")
+_SEP = " · "
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_value(x) for x in v)
+    if v is None:
+        return "none"
+    return str(v)
+
+
+def recipe(config: dict) -> dict[str, str]:
+    """What makes a run what it is, seed aside, as flat {field: JSON text}: task, dataset (name, training and
+    test limits), model name and kwargs, norm and norm_kwargs, studied layers, the context spec and every
+    training option except the seed and runtime keys (:data:`NOT_RECIPE`). Training options a run's
+    config lacks (written by an older trainer) count as the trainer's defaults."""
+    from cbnorm.train.classify import DEFAULTS
+
+    dumps = lambda v: json.dumps(v, sort_keys=True)  # noqa: E731
+    ds = config.get("dataset") or {}
+    model = config.get("model") or {}
+    out = {"task": dumps(config.get("task", "classify")), "dataset": dumps(ds.get("name")),
+           "limit_train": dumps(ds.get("limit_train")), "limit_test": dumps(ds.get("limit_test")),
+           "model": dumps(model.get("name")), "norm": dumps(config.get("norm")),
+           "layers": dumps(config.get("layers")), "input_norm": dumps(config.get("input_norm")),
+           "contexts": dumps((config.get("contexts") or {}).get("spec"))}
+    for k, v in sorted((model.get("kwargs") or {}).items()):
+        out[f"model.{k}"] = dumps(v)
+    for k, v in sorted((config.get("norm_kwargs") or {}).items()):
+        out[f"norm_kwargs.{k}"] = dumps(v)
+    training = {**{k: v for k, v in DEFAULTS.items() if k not in NOT_RECIPE}, **(config.get("training") or {})}
+    for k, v in sorted(training.items()):
+        if k not in NOT_RECIPE and k not in _DUPLICATED:
+            out[k] = dumps(v)
+    return out
+
+
+def _is_norm_field(key: str) -> bool:
+    return key in NORM_FIELDS or key.startswith("norm_kwargs.")
+
+
+def _describe(fields: dict[str, str], keys: Sequence[str]) -> str:
+    """" · "-joined ``keys`` of a recipe: "rmsprop", "lr 0.01", "em_iters 1" (norm_kwargs./model. dropped)."""
+    parts = []
+    for k in keys:
+        v = _value(json.loads(fields[k])) if k in fields else "—"
+        short = k.split(".", 1)[1] if k.startswith(("norm_kwargs.", "model.")) else k
+        parts.append(v if k in _BARE else f"{short} {v}")
+    return _SEP.join(parts)
+
+
+def _differing(recipes: Sequence[dict[str, str]]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in recipes for k in r))
+    return [k for k in keys if len({r.get(k) for r in recipes}) > 1]
+
+
+def _name_prefix(names: Sequence[str]) -> str:
+    """The common prefix of a group's run names without a trailing seed marker ("fmnist-bn", "fmnist-bn-s1"
+    -> "fmnist-bn"; "bn-seed0", "bn-seed1" -> "bn"); one run: its name."""
+    if len(names) == 1:
+        return names[0]
+    p = os.path.commonprefix(list(names))
+    for marker in ("seed", "s"):
+        stripped = p.rstrip("-_. ")
+        if stripped.lower().endswith(marker) and len(stripped) > len(marker) and stripped[-len(marker) - 1] in "-_. ":
+            p = stripped[:-len(marker)]
+    return p.rstrip("-_. ")
+
+
+def group_runs(runs: Sequence[tuple[str, dict, dict]]) -> list[dict]:
+    """Runs ``(name, config.json dict, metrics.json dict)`` grouped by :func:`recipe`: runs of one group differ
+    only in ``config["training"]["seed"]``. Groups that differ only in the norm fields (:data:`NORM_FIELDS`,
+    norm_kwargs) share a *setting*. Each group::
+
+        {"label": the common prefix of its run names when that is a distinct name (else the recipe text),
+         "recipe": norm and whatever else tells it from the other groups ("mn · lr 0.01"),
+         "norm", "setting": its setting's label ("" when there is one setting; else what tells the settings
+         apart, e.g. "lr 0.01"), "setting_recipe": the setting in words (dataset, model, optimiser, ...),
+         "members": [(run name, seed), ...] by seed, "seeds": [...],
+         "metrics": [(seed, metrics), ...] (summarize_groups' input), "duplicates": run names left out
+         because an earlier run of the group has their seed, "is_reference": the setting's BatchNorm}
+
+    Runs without any test curve (no "evals", no epochs) are left out. Sorted by setting, reference first,
+    then label."""
+    from cbnorm.train.sweep import curve_of
+
+    by_key: dict[str, dict] = {}
+    for name, config, metrics in sorted(runs, key=lambda r: r[0]):
+        if not curve_of(metrics)[0].size:
+            continue
+        rec = recipe(config)
+        key = json.dumps(rec, sort_keys=True)
+        g = by_key.setdefault(key, {"recipe_fields": rec, "norm": str(config.get("norm")), "runs": []})
+        g["runs"].append((name, int((config.get("training") or {}).get("seed", 0) or 0), metrics))
+    groups = list(by_key.values())
+    if not groups:
+        return []
+    recs = [g["recipe_fields"] for g in groups]
+    diff = _differing(recs)
+    setting_keys = [k for k in diff if not _is_norm_field(k)]
+    # a norm's own options are named only where groups of that norm differ in them ("mn · em_iters 1")
+    norm_keys = {norm: [k for k in _differing([g["recipe_fields"] for g in groups if g["norm"] == norm])
+                        if _is_norm_field(k)] for norm in {g["norm"] for g in groups}}
+    settings = {json.dumps({k: r.get(k) for k in setting_keys}, sort_keys=True) for r in recs}
+    for g in groups:
+        rec = g["recipe_fields"]
+        members, seen, dups = [], set(), []
+        for name, seed, m in sorted(g["runs"], key=lambda r: (r[1], r[0])):
+            if seed in seen:
+                dups.append(name)
+                continue
+            seen.add(seed)
+            members.append((name, seed, m))
+        g.update(members=[(n, s) for n, s, _ in members], seeds=[s for _, s, _ in members],
+                 metrics=[(s, m) for _, s, m in members], duplicates=dups,
+                 setting=_describe(rec, setting_keys) if len(settings) > 1 else "",
+                 recipe=_describe(rec, ["norm", *norm_keys[g["norm"]], *setting_keys]))
+        g["setting_recipe"] = _describe(rec, [k for k in SETTING_SUMMARY if k in rec]
+                                        + [k for k in setting_keys if k not in SETTING_SUMMARY])
+        del g["runs"]
+    # labels: the run names' common prefix when every group has a distinct, non-trivial one
+    prefixes = [_name_prefix([n for n, _ in g["members"]]) for g in groups]
+    use_prefix = all(len(p) >= 2 for p in prefixes) and len(set(prefixes)) == len(prefixes)
+    for g, p in zip(groups, prefixes):
+        g["label"] = p if use_prefix else g["recipe"]
+    for setting in {g["setting"] for g in groups}:
+        members = [g for g in groups if g["setting"] == setting]
+        bn = [g for g in members if g["norm"] == "bn"]
+        bn.sort(key=lambda g: (-len(g["seeds"]), g["label"]))
+        for g in members:
+            g["is_reference"] = bool(bn) and g is bn[0]
+    groups.sort(key=lambda g: (g["setting"], not g["is_reference"], g["label"]))
+    for g in groups:
+        del g["recipe_fields"]
+    return groups
+
+
+NO_REFERENCE = "(no BatchNorm group)"
+
+
+def summarize_seed_groups(groups: Sequence[dict]) -> dict[str, dict]:
+    """``cbnorm.train.sweep.summarize_groups`` of each setting of :func:`group_runs`' groups (keyed by group
+    label, the setting's BatchNorm group as the reference): {setting: {"reference": label or None,
+    "summary": summarize_groups' entry of that setting ({"norms": {label: ...}, "reference_acc", ...}),
+    "skipped": {label: why}}}. A group whose seeds share no evaluated step is skipped."""
+    from cbnorm.train.sweep import curve_of, summarize_groups
+
+    out: dict[str, dict] = {}
+    for setting in dict.fromkeys(g["setting"] for g in groups):
+        members = [g for g in groups if g["setting"] == setting]
+        skipped, ok = {}, {}
+        for g in members:
+            common = set.intersection(*(set(curve_of(m)[0].tolist()) for _, m in g["metrics"]))
+            if not common:
+                skipped[g["label"]] = "its seeds share no evaluated step"
+            else:
+                ok[g["label"]] = list(g["metrics"])
+        ref = next((g["label"] for g in members if g["is_reference"] and g["label"] in ok), None)
+        res = summarize_groups({"setting": ok}, reference=ref or NO_REFERENCE) if ok else {"settings": {}}
+        out[setting] = {"reference": ref, "skipped": skipped,
+                        "summary": res["settings"].get("setting", {"norms": {}})}
+    return out
+
+
+def _runs_fingerprint(root: Path, names: Sequence[str]) -> tuple:
+    fp = []
+    for n in names:
+        try:
+            fp.append((n, (root / n / "metrics.json").stat().st_mtime_ns, (root / n / "config.json").stat().st_mtime_ns))
+        except OSError:
+            fp.append((n, None, None))
+    return tuple(fp)
+
+
+@st.cache_data(max_entries=8, ttl=S.TTL, show_spinner=False)
+def _seed_groups_cached(root: str, fingerprint: tuple, dev: str) -> tuple[list[dict], dict]:
+    runs = []
+    for name, *_ in fingerprint:
+        run = S.get_run(str(Path(root) / name), dev)
+        runs.append((name, run.config, run.metrics))
+    groups = group_runs(runs)
+    return groups, summarize_seed_groups(groups)
+
+
+def seed_groups(names: Sequence[str]) -> tuple[list[dict], dict]:
+    """:func:`group_runs` and :func:`summarize_seed_groups` of the named runs of the runs directory, cached
+    until a run's config.json or metrics.json changes."""
+    root = S.runs_root()
+    return _seed_groups_cached(str(root), _runs_fingerprint(root, sorted(names)), S.device())
+
+
+def seed_series(groups: Sequence[dict], summary: dict, colors: dict[str, int], each_seed: bool = False) -> list[dict]:
+    """Series of figures.seed_band_figure for one setting: test error 1 - accuracy, mean over seeds and
+    ±1 sd (error's sd = accuracy's), on the steps every seed has; ``each_seed`` adds every seed's curve."""
+    out = []
+    norms = summary.get("norms", {})
+    for g in groups:
+        s = norms.get(g["label"])
+        if s is None:
+            continue
+        n = len(s["seeds"])
+        out.append({"name": f"{g['label']} ({n} seed{'s' if n != 1 else ''})", "x": np.asarray(s["steps"]),
+                    "mean": 1.0 - np.asarray(s["mean"], dtype=np.float64),
+                    "sd": np.asarray(s["sd"], dtype=np.float64) if n > 1 else None,
+                    "color": colors.get(g["label"], 0), "reference": bool(g["is_reference"]),
+                    "seeds": [(seed, 1.0 - np.asarray(c, dtype=np.float64)) for seed, c in zip(s["seeds"], s["curves"])]
+                    if each_seed and n > 1 else []})
+    return out
+
+
+def _numeric(df, columns: Sequence[str]):
+    """``columns`` of ``df`` as floats (None -> NaN), also when every value is None."""
+    for c in columns:
+        if c in df.columns:
+            df[c] = df[c].astype("float64")
+    return df
+
+
+def _fmt_steps(v: Optional[float]) -> str:
+    return "never" if v is None else f"{v:,.0f}"
+
+
+def _ci(ci: Optional[Sequence[float]], reached: int, n: int) -> str:
+    if ci is None:
+        return f"— ({reached} of {n} seeds reach it)" if n else "—"
+    return f"[{ci[0]:,.0f}, {ci[1]:,.0f}]"
+
+
+def _yes_no(v: Optional[bool]) -> str:
+    return "—" if v is None else ("yes" if v else "no")
+
+
+def seeds_table(groups: Sequence[dict], summary: dict):
+    """One row per group of a setting from summarize_groups' numbers: seeds, best accuracy (max of each
+    seed's curve) mean and sd, steps to reach BN's best on the mean curve and per seed with the bootstrap
+    95% interval of their mean, the reduction against BN in %, and whether the best-accuracy difference to
+    BN exceeds the seed spread (twice its standard error), with Welch's p."""
+    import pandas as pd
+
+    rows = []
+    norms = summary.get("norms", {})
+    for g in groups:
+        s = norms.get(g["label"])
+        if s is None:
+            continue
+        n = len(s["seeds"])
+        best = np.asarray(s["best_acc"], dtype=np.float64)
+        has_ref = "best_acc_mean" in s
+        mean = s["best_acc_mean"] if has_ref else float(best.mean())
+        sd = s["best_acc_sd"] if has_ref else (float(best.std(ddof=1)) if n > 1 else 0.0)
+        per_seed = s.get("steps_to_reference_per_seed") or []
+        rows.append({
+            "group": g["label"], "recipe": g["recipe"], "seeds": n, "seed ids": ", ".join(str(x) for x in s["seeds"]),
+            "runs": ", ".join(name for name, _ in g["members"]),
+            "best acc": f"{mean:.2%} ± {sd:.2%}" if n > 1 else f"{mean:.2%} (1 seed)",
+            "best acc mean": mean, "best acc sd": sd if n > 1 else None,
+            "steps to BN best": s.get("steps_to_reference"),
+            "per seed": ", ".join(_fmt_steps(x) for x in per_seed) if has_ref else "—",
+            "95% interval (seeds)": _ci(s.get("steps_to_reference_ci95"), s.get("seeds_reaching_reference", 0), n)
+            if has_ref else "—",
+            "reduction vs BN %": s.get("reduction_vs_reference_pct"),
+            "beyond seed spread": "reference" if g["is_reference"] else _yes_no(s.get("difference_exceeds_seed_spread")),
+            "Welch p": s.get("welch_p"),
+            "curve": f"{s['source']} ({len(s['steps'])} steps)"})
+    return _numeric(pd.DataFrame(rows), ("best acc mean", "best acc sd", "steps to BN best", "reduction vs BN %",
+                                         "Welch p"))
+
+
+SEEDS_HELP = {
+    "group": "Runs of one recipe (everything but the seed); the label is their names' common part",
+    "recipe": "The norm and whatever else tells this group from the others",
+    "seeds": "Number of seeds (runs) in the group",
+    "best acc": "Best test accuracy of each seed's curve: mean ± sd over seeds",
+    "best acc mean": "Mean over seeds of each seed's best test accuracy",
+    "best acc sd": "Standard deviation over seeds of the best test accuracy (none for one seed)",
+    "steps to BN best": "First evaluated step where the group's MEAN curve reaches the maximum of BatchNorm's "
+                        "mean curve (the MN paper's Table 3 measure); None = never",
+    "per seed": "The same step for each seed's own curve",
+    "95% interval (seeds)": "Bootstrap 95% interval of the mean over seeds of the per-seed steps (only when every "
+                            "seed reaches BN's best)",
+    "reduction vs BN %": "1 − steps / BN's steps, in percent (the paper's \"31-47% fewer steps\")",
+    "beyond seed spread": "Whether |best-accuracy difference to BN| exceeds twice its standard error over seeds",
+    "Welch p": "Welch's t-test p-value of the best accuracies against BN's (two seeds or more on both sides)",
+    "curve": "The curve used: dense 'evals' on a fixed test subset, or the full test set at epoch ends"}
+
+
+# ============================================================================ the MN paper's claim, reproduced
+#: where the app reads the benchmark results: ``$CBNORM_BENCH`` when set, else bench/results next to app.py
+BENCH_ENV = "CBNORM_BENCH"
+REPRODUCE_FILE = "reproduce_mn.json"
+PAPER_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+SETTING_NAMES = {"small": "small learning rate", "large": "large learning rate"}
+
+
+def bench_dir() -> Path:
+    """The benchmark results folder: ``$CBNORM_BENCH`` when set (a test's or a screenshot's own results),
+    else ``shared.bench_dir()`` (bench/results next to app.py)."""
+    env = os.environ.get(BENCH_ENV)
+    return Path(env).expanduser() if env else S.bench_dir()
+
+
+def _check_group(where: str, g: Any) -> None:
+    if not isinstance(g, dict):
+        raise ValueError(f"{where} is not an object")
+    for k in ("steps", "mean", "sd", "seeds"):
+        if not isinstance(g.get(k), list):
+            raise ValueError(f"{where} has no list {k!r}")
+    n = len(g["steps"])
+    if not n:
+        raise ValueError(f"{where} has no steps")
+    for k in ("mean", "sd"):
+        if len(g[k]) != n:
+            raise ValueError(f"{where}: {k!r} has {len(g[k])} values but 'steps' has {n}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in g[k]):
+            raise ValueError(f"{where}: {k!r} holds values that are not numbers")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in g["steps"]):
+        raise ValueError(f"{where}: 'steps' holds values that are not numbers")
+
+
+@st.cache_data(max_entries=4, ttl=300, show_spinner=False)
+def reproduction(bench_dir: str) -> dict:
+    """bench/results/reproduce_mn.json (bench/reproduce_mn.py) checked for what the page draws:
+    {"status": "missing" | "malformed" | "ok", "message" (why, when not ok), "path", and when ok
+    "settings" {name: summarize_groups' entry}, "reference_norm", "paper", "machine", "protocol",
+    "failed" (run folders that failed)}."""
+    path = Path(bench_dir) / REPRODUCE_FILE
+    out: dict[str, Any] = {"status": "missing", "message": None, "path": str(path)}
+    if not path.exists():
+        out["message"] = (f"No `{REPRODUCE_FILE}` in `{bench_dir}` yet: `python bench/reproduce_mn.py` runs the "
+                          "MN paper's protocol and writes it.")
+        return out
+    out["status"] = "malformed"
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        out["message"] = f"`{REPRODUCE_FILE}` cannot be read: {err}"
+        return out
+    try:
+        if not isinstance(obj, dict):
+            raise ValueError("it is not a JSON object")
+        summary = obj.get("summary")
+        if not isinstance(summary, dict) or not isinstance(summary.get("settings"), dict) or not summary["settings"]:
+            raise ValueError("it has no 'summary' with 'settings' (the output of cbnorm.train.sweep.summarize)")
+        for name, entry in summary["settings"].items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("norms"), dict) or not entry["norms"]:
+                raise ValueError(f"summary.settings.{name} has no 'norms'")
+            for norm, g in entry["norms"].items():
+                _check_group(f"summary.settings.{name}.norms.{norm}", g)
+            for k in ("reference_acc", "reference_step"):
+                if entry.get(k) is not None and not isinstance(entry[k], (int, float)):
+                    raise ValueError(f"summary.settings.{name}.{k} is not a number")
+    except ValueError as err:
+        out["message"] = f"`{REPRODUCE_FILE}` is not in the expected shape: {err}"
+        return out
+    paper = obj.get("paper") if isinstance(obj.get("paper"), dict) else {}
+    out.update(status="ok", settings=summary["settings"], reference_norm=str(summary.get("reference_norm") or "bn"),
+               paper=paper, machine=obj.get("machine") if isinstance(obj.get("machine"), dict) else {},
+               protocol=obj.get("protocol") if isinstance(obj.get("protocol"), dict) else {},
+               failed=[str(f) for f in obj.get("failed") or [] if isinstance(f, str)])
+    return out
+
+
+def reproduction_series(entry: dict, reference: str = "bn") -> list[dict]:
+    """Mean ± sd test-error series of each norm of one setting of reproduce_mn.json."""
+    out = []
+    for i, (norm, g) in enumerate(entry["norms"].items()):
+        n = len(g["seeds"])
+        out.append({"name": f"{norm} ({n} seed{'s' if n != 1 else ''})", "x": np.asarray(g["steps"]),
+                    "mean": 1.0 - np.asarray(g["mean"], dtype=np.float64),
+                    "sd": np.asarray(g["sd"], dtype=np.float64) if n > 1 else None,
+                    "color": i, "reference": norm == reference})
+    return out
+
+
+def _num(v: Any) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _paper_entry(paper: dict, dataset: str, setting: str, norm: str) -> dict:
+    d = paper.get(dataset)
+    s = d.get(setting) if isinstance(d, dict) else None
+    e = s.get(norm) if isinstance(s, dict) else None
+    return e if isinstance(e, dict) else {}
+
+
+def reproduction_table(entry: dict, setting: str, paper: dict, reference: str = "bn"):
+    """The MN paper's Table 3 in our numbers, one row per norm of one setting: steps to reach BN's best (mean
+    curve; each seed's; the bootstrap 95% interval), the reduction against BN in %, the best accuracy mean ±
+    sd over seeds (in %, as the paper), whether the difference to BN exceeds the seed spread; beside them the
+    paper's steps, maximum accuracy and reduction for each dataset of its "paper" key."""
+    import pandas as pd
+
+    datasets = [d for d, v in paper.items() if isinstance(v, dict)]
+    rows = []
+    for norm, g in entry["norms"].items():
+        n = len(g["seeds"])
+        mean, sd = _num(g.get("best_acc_mean")), _num(g.get("best_acc_sd"))
+        per_seed = g.get("steps_to_reference_per_seed") if isinstance(g.get("steps_to_reference_per_seed"), list) else []
+        ci = g.get("steps_to_reference_ci95")
+        ci = ci if isinstance(ci, list) and len(ci) == 2 and all(_num(x) is not None for x in ci) else None
+        row = {"norm": norm, "seeds": n,
+               "steps to BN best": _num(g.get("steps_to_reference")),
+               "per seed": ", ".join(_fmt_steps(_num(x)) for x in per_seed) or "—",
+               "95% interval (seeds)": _ci(ci, int(_num(g.get("seeds_reaching_reference")) or 0), n),
+               "reduction vs BN %": _num(g.get("reduction_vs_reference_pct")),
+               "best acc %": (f"{100 * mean:.2f} ± {100 * sd:.2f}" if mean is not None and sd is not None and n > 1
+                              else f"{100 * mean:.2f}" if mean is not None else "—"),
+               "best acc mean %": 100 * mean if mean is not None else None,
+               "best acc sd %": 100 * sd if sd is not None else None,
+               "beyond seed spread": "reference" if norm == reference
+               else _yes_no(g.get("difference_exceeds_seed_spread")),
+               "Welch p": _num(g.get("welch_p"))}
+        for d in datasets:
+            label = PAPER_DATASETS.get(d, d)
+            p, ref = _paper_entry(paper, d, setting, norm), _paper_entry(paper, d, setting, reference)
+            steps, ref_steps = _num(p.get("steps_to_bn_best")), _num(ref.get("steps_to_bn_best"))
+            row[f"paper {label}: steps to BN best"] = steps
+            row[f"paper {label}: reduction %"] = (100.0 * (1 - steps / ref_steps) if steps is not None and ref_steps
+                                                  else None)
+            row[f"paper {label}: max acc %"] = _num(p.get("max_acc"))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return _numeric(df, [c for c in df.columns if c not in ("norm", "seeds", "per seed", "95% interval (seeds)",
+                                                            "best acc %", "beyond seed spread")])
+
+
+REPRO_HELP = {
+    "steps to BN best": "First evaluated step where the norm's mean curve over seeds reaches the maximum of "
+                        "BatchNorm's mean curve (Table 3's 'steps to reach BN's maximum test accuracy')",
+    "per seed": "The same step for each seed's curve (never = that seed does not reach it)",
+    "95% interval (seeds)": "Bootstrap 95% interval of the mean of the per-seed steps",
+    "reduction vs BN %": "1 − steps / BN's steps, in percent; the paper reports 31-47% for MN",
+    "best acc %": "Best test accuracy of each seed's curve, mean ± sd over seeds, in percent",
+    "beyond seed spread": "Whether |best-accuracy difference to BN| exceeds twice its standard error",
+    "Welch p": "Welch's t-test p-value of the best accuracies against BN's"}
+
+
+def repro_format(column: str) -> str:
+    """printf format of a numeric column of :func:`reproduction_table`."""
+    if column == "Welch p":
+        return "%.3g"
+    if "acc" in column:
+        return "%.2f"
+    if "%" in column:
+        return "%.1f"
+    return "%d"
+
+
+def protocol_caption(rep: dict) -> str:
+    """The machine and the protocol of reproduce_mn.json in one caption."""
+    m, p = rep.get("machine") or {}, rep.get("protocol") or {}
+    machine = ", ".join(str(x) for x in (m.get("cpu"), m.get("gpu"), m.get("device") and f"device {m['device']}",
+                                         m.get("torch_threads") and f"{m['torch_threads']} torch threads",
+                                         m.get("torch") and f"torch {m['torch']}") if x) or "not recorded"
+    parts = [f"**Machine**: {machine}."]
+    if p.get("common_args"):
+        parts.append("**Protocol**: `" + " ".join(str(a) for a in p["common_args"]) + "`")
+    settings = p.get("settings")
+    if isinstance(settings, dict) and settings:
+        parts.append("settings " + "; ".join(f"{k}: `{' '.join(str(a) for a in v) if isinstance(v, list) else v}`"
+                                             for k, v in settings.items()))
+    if p.get("seeds"):
+        parts.append(f"seeds {', '.join(str(s) for s in p['seeds'])}.")
+    if p.get("why_this_scale"):
+        parts.append(str(p["why_this_scale"]))
+    claim = (rep.get("paper") or {}).get("claim")
+    if claim:
+        parts.append(f"**The paper's claim**: {claim}.")
+    if rep.get("failed"):
+        parts.append(f"**Failed runs** (left out): {', '.join(rep['failed'])}.")
+    return " ".join(parts)

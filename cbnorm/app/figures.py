@@ -11,6 +11,8 @@ traces into a long table for the CSV download buttons.
 * ``embedding_figure`` / ``embedding_animation``: 2-D projections of activations (Scattergl, one trace per
   colour group, fixed axis ranges); the animation has one frame per snapshot and its own play button/slider.
 * ``distributions_figure``: side-by-side histograms of several layers' outputs with N(0, 1) overlaid.
+* ``seed_band_figure``: runs grouped by recipe, mean over seeds with a ±1 sd band (MN paper Fig. 2), on the
+  compare page's "Seeds" section and its reproduction of the MN paper's claim.
 * ``speed_ratio_figure`` / ``convergence_figure``: the benchmark results (bench/results) on the compare page.
 * ``context_bars``: each context's per-channel mean and standard deviation (day <-> night page).
 """
@@ -26,7 +28,7 @@ from plotly.subplots import make_subplots
 
 __all__ = ["COLORS", "color", "histogram_grid", "curves_figure", "embedding_figure", "embedding_animation",
            "distributions_figure", "figure_frame", "frame_csv", "normal_pdf", "speed_ratio_figure",
-           "convergence_figure", "context_bars"]
+           "convergence_figure", "seed_band_figure", "context_bars"]
 
 #: categorical colours: Plotly's 10, then Dark24 for more groups
 COLORS: list[str] = list(qualitative.Plotly) + list(qualitative.Dark24)
@@ -310,6 +312,63 @@ def figure_frame(fig: go.Figure):
 def frame_csv(df) -> bytes:
     """CSV bytes of a DataFrame (for st.download_button)."""
     return df.to_csv(index=False).encode("utf-8")
+
+
+# ============================================================================ seeds
+def rgba(hex_color: str, alpha: float) -> str:
+    """"#rrggbb" as "rgba(r, g, b, alpha)"."""
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r}, {g}, {b}, {alpha})"
+
+
+def seed_band_figure(series: Sequence[dict], *, x_title: str = "optimizer step",
+                     y_title: str = "test error (1 − accuracy)", title: str = "",
+                     reference_y: Optional[float] = None, reference_name: str = "BN's best (mean curve)",
+                     height: int = 440) -> go.Figure:
+    """Mean curves over seeds with a ±1 sd band (the MN paper's Fig. 2 shading). ``series``: dicts with
+    ``name`` (legend text, e.g. "mn (3 seeds)"), ``x``, ``mean`` (arrays), ``sd`` (array, or None for one
+    seed: a plain line, no band), optional ``color`` index, ``reference`` (bool: a thicker line) and
+    ``seeds`` [(seed, y), ...] (each seed's curve, thin and dotted).
+
+    Traces of a series, in order: the band as two traces, "NAME − 1 sd" (no line) then "NAME + 1 sd"
+    (``fill="tonexty"`` down to the first); then the seeds' curves; then the mean line "NAME". They share a
+    legend group, so clicking the legend entry toggles the band too. ``reference_y`` adds a dotted
+    horizontal line (BatchNorm's best)."""
+    fig = go.Figure()
+    for i, s in enumerate(series):
+        x = np.asarray(s["x"])
+        mean = np.asarray(s["mean"], dtype=np.float64)
+        c = color(s.get("color", i))
+        group = s["name"]
+        sd = s.get("sd")
+        if sd is not None:
+            sd = np.asarray(sd, dtype=np.float64)
+            fig.add_trace(go.Scatter(x=x, y=mean - sd, mode="lines", line=dict(width=0, color=c), name=f"{group} − 1 sd",
+                                     legendgroup=group, showlegend=False, hoverinfo="skip"))
+            fig.add_trace(go.Scatter(x=x, y=mean + sd, mode="lines", line=dict(width=0, color=c), name=f"{group} + 1 sd",
+                                     legendgroup=group, showlegend=False, fill="tonexty", fillcolor=rgba(c, 0.2),
+                                     hoverinfo="skip"))
+        for seed, y in s.get("seeds") or ():
+            fig.add_trace(go.Scatter(x=x, y=np.asarray(y, dtype=np.float64), mode="lines", name=f"{group} seed {seed}",
+                                     legendgroup=group, showlegend=False, line=dict(color=c, width=1, dash="dot"),
+                                     hovertemplate=f"{group} seed {seed}<br>{x_title} %{{x}}<br>{y_title} %{{y:.4g}}"
+                                                   "<extra></extra>"))
+        hover = f"{group}<br>{x_title} %{{x}}<br>mean %{{y:.4g}}"
+        extra = {}
+        if sd is not None:
+            hover += " ± %{customdata:.3g}"
+            extra["customdata"] = sd
+        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=group, legendgroup=group,
+                                 line=dict(color=c, width=3.5 if s.get("reference") else 2),
+                                 hovertemplate=hover + "<extra></extra>", **extra))
+    if reference_y is not None and np.isfinite(reference_y):
+        fig.add_hline(y=float(reference_y), line_dash="dot", line_color="gray", annotation_text=reference_name,
+                      annotation_position="top right", annotation_font_size=11)
+    fig.update_layout(title=title or None, height=height, margin=dict(l=50, r=10, t=50 if title else 20, b=45),
+                      xaxis_title=x_title, yaxis_title=y_title, hovermode="closest",
+                      legend=dict(title_text="group (seeds)"))
+    return fig
 
 
 # ============================================================================ benchmark results
