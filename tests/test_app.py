@@ -93,6 +93,47 @@ def texts(at) -> str:
     return "\n".join(str(p) for p in parts)
 
 
+def chart(at, key: str) -> dict:
+    """The Plotly figure of the chart with widget key ``key``."""
+    for c in at.get("plotly_chart"):
+        if c.proto.id.endswith(f"-{key}"):
+            return json.loads(c.proto.spec)
+    raise AssertionError(f"no chart {key!r} among {chart_keys(at)}")
+
+
+def chart_keys(at) -> list[str]:
+    return [c.proto.id.rsplit("-", 1)[-1] for c in at.get("plotly_chart")]
+
+
+def compare_chart_keys(runs_dir: Path, bench_dir: Path = ROOT / "bench" / "results") -> set:
+    """The charts the compare page draws with its defaults, from what is there: the two curve figures and
+    the live panel; a seed figure per setting where some recipe has several seeds; the reproduction's
+    curves per setting, and the speed / convergence plots, when bench/results holds them."""
+    from cbnorm.app import compare as C
+
+    keys = {"cmp_err_chart", "cmp_loss_chart", "cmp_live_chart"}
+    runs = []
+    for p in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        try:
+            cfg, m = (json.loads((p / f).read_text()) for f in ("config.json", "metrics.json"))
+        except (OSError, ValueError):
+            continue
+        if cfg.get("task", "classify") == "classify":
+            runs.append((p.name, cfg, m))
+    groups = C.group_runs(runs)
+    settings = list(dict.fromkeys(g["setting"] for g in groups))
+    shown = {g["label"] for g in groups[:12]}
+    keys |= {f"cmp_seeds_chart_{i}" for i, s in enumerate(settings)
+             if any(len(g["seeds"]) > 1 and g["label"] in shown for g in groups if g["setting"] == s)}
+    rep = C.reproduction.__wrapped__(str(bench_dir))
+    if rep["status"] == "ok":
+        keys |= {f"cmp_repro_chart_{i}" for i in range(len(rep["settings"]))}
+    plots = C.bench_plot_data(str(bench_dir))
+    keys |= {k for k, need in (("cmp_bench_speed", "speed_layers"), ("cmp_bench_conv", "convergence_runs"))
+             if need in plots}
+    return keys
+
+
 def metric(at, label_start: str) -> str:
     for m in at.metric:
         if m.label.startswith(label_start):
@@ -262,8 +303,12 @@ def test_cluster_evolution_umap(app):
 def test_compare_defaults_and_changes(app, app_runs):
     app.switch_page(COMPARE).run()
     no_problem(app)
-    err, loss, live, speed, conv = charts(app)
+    assert set(chart_keys(app)) == compare_chart_keys(app_runs)
+    err, loss, live = (chart(app, k) for k in ("cmp_err_chart", "cmp_loss_chart", "cmp_live_chart"))
+    speed, conv = chart(app, "cmp_bench_speed"), chart(app, "cmp_bench_conv")
     assert [t["name"] for t in err["data"]] == ["acn", "bn", "cn"]
+    # one run per recipe: the Seeds section says so and draws nothing
+    assert any("one run (one seed)" in i.value for i in app.info)
     # bench/results/speed.json and convergence.json as plots: bars per input shape with goal ticks, curves
     committed = json.loads((Path(APP).parent / "bench" / "results" / "speed.json").read_text())
     goal = next(t for t in speed["data"] if t["name"] == "goal")
@@ -289,13 +334,13 @@ def test_compare_defaults_and_changes(app, app_runs):
     app.multiselect(key="cmp_runs").set_value(["bn", "cn"])
     app.run()
     no_problem(app)
-    err, loss, live, _, _ = charts(app)
+    err, loss, live = (chart(app, k) for k in ("cmp_err_chart", "cmp_loss_chart", "cmp_live_chart"))
     assert [t["name"] for t in err["data"]] == ["bn", "cn"]
     np.testing.assert_array_equal(arr(err["data"][0]["x"]), [e["epoch"] for e in bn_metrics["epochs"]])
     assert sum(t["type"] == "bar" for t in live["data"]) == 2
     app.radio(key="cmp_which").set_value("input").run()
     no_problem(app)
-    assert "input value" in charts(app)[2]["layout"]["xaxis"]["title"]["text"]
+    assert "input value" in chart(app, "cmp_live_chart")["layout"]["xaxis"]["title"]["text"]
 
 
 def test_day_night_page_renders(app):
@@ -319,7 +364,7 @@ def test_damaged_run_shows_an_error_not_a_traceback(damaged_runs, monkeypatch):
         if page != COMPARE:  # the compare page only lists loadable runs
             assert any("config.json" in e.value and "malformed JSON" in e.value for e in at.error), page
         else:
-            assert len(charts(at)) == 5  # curves, losses, live panel, the two benchmark plots
+            assert set(chart_keys(at)) == compare_chart_keys(damaged_runs)  # curves, losses, live, benchmarks
 
 
 def test_missing_runs_directory_is_explained(tmp_path, monkeypatch):
@@ -340,11 +385,17 @@ def test_every_page_on_the_committed_checkpoints(monkeypatch):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception
     assert int(metric(at, "Runs loaded")) + int(metric(at, "Runs that cannot be loaded")) == len(runs)
-    expected = {HIST: 2, EVO: 2, DAYNIGHT: None, COMPARE: 5}  # compare: 3 + the two benchmark plots  # the day-night page has its own tests
+    expected = {HIST: 2, EVO: 2, DAYNIGHT: None, COMPARE: None}  # the day-night page has its own tests
     for page, n in expected.items():
         at.switch_page(page).run()
         no_problem(at)
         assert n is None or len(charts(at)) == n, page
+        if page == COMPARE:  # what is drawn follows what is there: groups of seeds, bench/results
+            assert set(chart_keys(at)) == compare_chart_keys(ckpt)
+            for key in (k for k in chart_keys(at) if k.startswith(("cmp_seeds_chart", "cmp_repro_chart"))):
+                fig = chart(at, key)
+                multi = [t for t in fig["data"] if t["name"].endswith(" seeds)")]
+                assert sum(t.get("fill") == "tonexty" for t in fig["data"]) == len(multi) >= 1, key
 
 
 # ----------------------------------------------------------------------------------------------- helpers
