@@ -197,8 +197,8 @@ def bench_levers(device: str, reps: int, compiled: bool = True) -> list[dict]:
     """Each speed lever A/B on N=256, C=128, 8x8, K=3: the plain formulation (still in the library or
     written out here) against the one the layers use, forward+backward, interleaved."""
     from cbnorm import gmm
-    from cbnorm.norms import mixing
-    from cbnorm.norms.adaptive import posterior_batch_norm, weighted_moments
+    from cbnorm.norms import functional
+    from cbnorm.norms.functional import posterior_batch_norm, weighted_moments
 
     n, c, p, k = 256, 128, 64, 3
     g = torch.Generator(device=device).manual_seed(0)
@@ -213,8 +213,8 @@ def bench_levers(device: str, reps: int, compiled: bool = True) -> list[dict]:
 
     def plain_moments():
         lam, mean, var = weighted_moments(x3, resp, "joint")
-        a, b = mixing.normalizing_coefficients(mean, var, 1e-5, torch.rsqrt(lam)[:, None], gain, bias)
-        back(mixing.mix_affine(x3, resp, a, b, "joint"))
+        a, b = functional.normalizing_coefficients(mean, var, 1e-5, torch.rsqrt(lam)[:, None], gain, bias)
+        back(functional.mix_affine(x3, resp, a, b, "joint"))
 
     pts = x3.detach().transpose(1, 2).reshape(n * p, c)[None]  # (1, M, C) contiguous
     pts_t = x3.detach().transpose(0, 1).reshape(c, n * p)  # (C, M) contiguous
@@ -232,16 +232,16 @@ def bench_levers(device: str, reps: int, compiled: bool = True) -> list[dict]:
     wa = torch.randn(k, c, device=device, generator=g).requires_grad_()
 
     def plain_mixture():
-        resp = mixing.log_posteriors(x3, means, vars_, logw, "joint").exp()
-        back(mixing.mix_affine(x3, resp, wa, w, "joint"))
+        resp = functional.log_posteriors(x3, means, vars_, logw, "joint").exp()
+        back(functional.mix_affine(x3, resp, wa, w, "joint"))
 
     pairs = [
         ("bmm over N instead of matmul((K, C), (N, C, P))", "matmul", lambda: back(torch.matmul(w, x3)),
-         "bmm", lambda: back(mixing.batched_left(w, x3))),
+         "bmm", lambda: back(functional.batched_left(w, x3))),
         ("hand-written backward of MN eq. 34-36", "autograd", plain_moments,
          "posterior_batch_norm", lambda: back(posterior_batch_norm(x3, resp, gain, bias, 1e-5)[0])),
         ("hand-written backward of ACN's posterior mixing (eq. 19)", "autograd", plain_mixture,
-         "joint_mixture_transform", lambda: back(mixing.joint_mixture_transform(x3, means, vars_, logw, wa, w))),
+         "joint_mixture_transform", lambda: back(functional.joint_mixture_transform(x3, means, vars_, logw, wa, w))),
         ("GMM fit on the (C, M) layout, no input check (MN)", "(M, C) + check", lambda: gmm.fit(pts, k),
          "(C, M)", lambda: gmm.fit(pts_t.t()[None], k, check_finite=False)),
         ("fit on 25% of the points (MN fit_fraction)", "all points", lambda: gmm.fit(pts_t.t()[None], k, check_finite=False),

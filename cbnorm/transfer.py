@@ -239,7 +239,7 @@ def _pre(run) -> tuple[np.ndarray, np.ndarray]:
 
 def _coefficients(layer) -> tuple[np.ndarray, np.ndarray]:
     """(A, B) (K, C) of a context layer's eval transform y = A_k x + B_k (read-only)."""
-    from .norms.mixing import normalizing_coefficients
+    from .norms.functional import normalizing_coefficients
 
     with torch.no_grad():
         mean, var = layer.context_statistics()

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import cbnorm
-import cbnorm.norms.mixing as mixing
-from cbnorm.norms.adaptive import posterior_batch_norm, weighted_moments
+import cbnorm.norms.functional as functional
+from cbnorm.norms.functional import posterior_batch_norm, weighted_moments
 from conftest import make_layer, randomize
 
 
 def reference_posterior_bn(x3, resp, gain, bias, eps):
     lam, mean, var = weighted_moments(x3, resp, "joint")
-    a, b = mixing.normalizing_coefficients(mean, var, eps, torch.rsqrt(lam)[:, None], gain, bias)
-    return mixing.mix_affine(x3, resp, a, b, "joint"), lam, mean, var
+    a, b = functional.normalizing_coefficients(mean, var, eps, torch.rsqrt(lam)[:, None], gain, bias)
+    return functional.mix_affine(x3, resp, a, b, "joint"), lam, mean, var
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -72,11 +72,11 @@ def test_compile_formulation_equals_eager_formulation(offset, monkeypatch):
     vars_ = torch.rand(4, 7, generator=g) * 4 + 0.5
     logw = torch.log_softmax(torch.randn(4, generator=g), 0)
     a, b = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
-    eager = [mixing.log_posteriors(x3, means, vars_, logw, p) for p in ("joint", "sample")]
-    eager.append(mixing.mix_affine(x3, eager[0].exp(), a, b, "joint"))
-    monkeypatch.setattr(mixing, "_compiling", lambda: True)
-    fused = [mixing.log_posteriors(x3, means, vars_, logw, p) for p in ("joint", "sample")]
-    fused.append(mixing.mix_affine(x3, fused[0].exp(), a, b, "joint"))
+    eager = [functional.log_posteriors(x3, means, vars_, logw, p) for p in ("joint", "sample")]
+    eager.append(functional.mix_affine(x3, eager[0].exp(), a, b, "joint"))
+    monkeypatch.setattr(functional, "_compiling", lambda: True)
+    fused = [functional.log_posteriors(x3, means, vars_, logw, p) for p in ("joint", "sample")]
+    fused.append(functional.mix_affine(x3, fused[0].exp(), a, b, "joint"))
     for e, f in zip(eager, fused):
         torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-3)
 
@@ -122,7 +122,7 @@ def test_batchnorm_native_path_equals_allreduce_path(monkeypatch):
 
 
 def composed_joint_mixture(x3, means, vars_, logw, a, b):
-    return mixing.mix_affine(x3, mixing.log_posteriors(x3, means, vars_, logw, "joint").exp(), a, b, "joint")
+    return functional.mix_affine(x3, functional.log_posteriors(x3, means, vars_, logw, "joint").exp(), a, b, "joint")
 
 
 @pytest.mark.parametrize("offset", [0.0, 40.0])
@@ -136,7 +136,7 @@ def test_joint_mixture_transform_matches_autograd_composition(offset):
     w = torch.randn(6, 5, 7, generator=g)
     inputs = (x, means, vars_, logw, a, b)
     outs = []
-    for fn in (mixing.joint_mixture_transform, composed_joint_mixture):
+    for fn in (functional.joint_mixture_transform, composed_joint_mixture):
         y = fn(*inputs)
         outs.append((y, *torch.autograd.grad((y * w).sum(), inputs)))
     for name, ours, ref in zip(("y", "x", "means", "vars", "log_weights", "a", "b"), *outs):
@@ -151,7 +151,7 @@ def test_joint_mixture_transform_gradcheck_float64():
     vars_ = (torch.rand(2, 4, generator=g, **d) + 0.5).requires_grad_()
     logw = torch.log(torch.tensor([0.3, 0.7], **d)).requires_grad_()
     a, b = torch.randn(2, 4, generator=g, **d).requires_grad_(), torch.randn(2, 4, generator=g, **d).requires_grad_()
-    assert torch.autograd.gradcheck(mixing.joint_mixture_transform, (x, means, vars_, logw, a, b),
+    assert torch.autograd.gradcheck(functional.joint_mixture_transform, (x, means, vars_, logw, a, b),
                                     eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -161,7 +161,7 @@ def test_joint_mixture_transform_huge_activation_is_finite_with_finite_gradients
     x.requires_grad_()
     means, vars_ = torch.randn(2, 3, requires_grad=True), torch.ones(2, 3, requires_grad=True)
     a, b = torch.ones(2, 3, requires_grad=True), torch.zeros(2, 3, requires_grad=True)
-    y = mixing.joint_mixture_transform(x, means, vars_, torch.log(torch.tensor([0.5, 0.5])), a, b)
+    y = functional.joint_mixture_transform(x, means, vars_, torch.log(torch.tensor([0.5, 0.5])), a, b)
     assert torch.isfinite(y).all()
     y[1:].sum().backward()  # the other samples' gradients are untouched by the capped one
     assert torch.isfinite(means.grad).all() and torch.isfinite(vars_.grad).all() and torch.isfinite(x.grad).all()

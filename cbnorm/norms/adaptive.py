@@ -31,103 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from .base import NormBase, affine_params, check_positive_int, ddp_active, ema_update
-from .mixing import (batched_left, check_posterior, flat_posteriors, joint_mixture_transform, log_posteriors,
-                     mix_affine, normalizing_coefficients)
+from .functional import (check_posterior, flat_posteriors, joint_mixture_transform, log_posteriors, mix_affine,
+                         normalizing_coefficients, posterior_batch_norm, weighted_moments)
 
-__all__ = ["AdaptiveContextNorm", "posterior_batch_norm", "weighted_moments"]
-
-
-def weighted_moments(x3: Tensor, resp: Tensor, posterior: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Posterior-weighted statistics (MN eq. 35-36): lambda (K,) or (K, C), mean (K, C), biased var (K, C).
-
-    x3 (N, C, P); resp (N, K, P) for "joint" or (N, C, P, K) for "channel". Differentiable in x3.
-    Moments are taken around the detached batch mean (limits cancellation in E[x^2] - E[x]^2), with batched
-    matmuls on the channels-first layout, never an (M, K, C) tensor.
-    """
-    n, c, p = x3.shape
-    shift = x3.detach().mean(dim=(0, 2))  # (C,)
-    xc = x3 - shift[None, :, None]
-    if posterior == "channel":
-        nk = resp.sum(dim=(0, 2))  # (C, K)
-        inv = torch.reciprocal(nk.clamp_min(1e-12))
-        m1 = (xc.unsqueeze(-1) * resp).sum(dim=(0, 2)) * inv  # (C, K)
-        m2 = (xc.square().unsqueeze(-1) * resp).sum(dim=(0, 2)) * inv
-        lam, m1, m2 = (nk / (n * p)).t(), m1.t(), m2.t()
-    else:
-        nk = resp.sum(dim=(0, 2))  # (K,)
-        rt = resp.transpose(1, 2)  # (N, P, K) view
-        inv = torch.reciprocal(nk.clamp_min(1e-12))[:, None]
-        m1 = torch.bmm(xc, rt).sum(0).t() * inv  # (K, C)
-        m2 = torch.bmm(xc * xc, rt).sum(0).t() * inv
-        lam = nk / (n * p)
-    var = (m2 - m1 * m1).clamp_min(0)
-    return lam, m1 + shift, var
-
-
-class _PosteriorBatchNorm(torch.autograd.Function):
-    """MN eq. 34-36 (and ACN's moving-average train step) for ``posterior="joint"``, with a hand-written
-    backward. Same numbers as ``weighted_moments`` + ``normalizing_coefficients`` + ``mix_affine`` under
-    autograd (tested, and gradchecked in float64), in about half the passes over the (N, C, P) data:
-    forward 2 moment reads, 2 coefficient writes and one fused output; backward 2 reads for the
-    coefficient gradients and one stacked (N, 3C, P) bmm for everything that flows back to x. Posteriors
-    are constants (detached, as MN prescribes).
-    """
-
-    @staticmethod
-    def forward(ctx, x3, resp, gain, bias, eps):
-        n, c, p = x3.shape
-        center = x3.sum(dim=2).mean(dim=0) / p  # (C,) batch mean, a constant: limits cancellation below
-        xs = x3 - center[None, :, None]
-        rt = resp.transpose(1, 2)  # (N, P, K) view
-        nk = resp.sum(dim=(0, 2))  # (K,)
-        inv_nk = torch.reciprocal(nk.clamp_min(1e-12))[:, None]
-        m1 = torch.bmm(xs, rt).sum(0).t() * inv_nk  # (K, C), around center
-        raw_var = torch.bmm(xs * xs, rt).sum(0).t() * inv_nk - m1 * m1
-        var = raw_var.clamp_min(0)
-        lam = nk / (n * p)
-        scale = torch.rsqrt(lam.clamp_min(1e-12))[:, None]  # 1 / sqrt(lambda_k), eq. 34
-        inv = torch.rsqrt(var + eps)
-        a = inv * scale if gain is None else inv * scale * gain
-        b = -m1 * a if bias is None else bias - m1 * a
-        y = torch.addcmul(batched_left(b.t(), resp), xs, batched_left(a.t(), resp))  # eq. 34 / 37
-        ctx.save_for_backward(xs, resp, a, m1, inv, scale, inv_nk, raw_var >= 0,
-                              gain if gain is not None else inv.new_empty(0))
-        ctx.has_gain, ctx.has_bias = gain is not None, bias is not None
-        ctx.mark_non_differentiable(lam)
-        return y, lam, m1 + center, var
-
-    @staticmethod
-    def backward(ctx, gy, _glam, gmean, gvar):
-        xs, resp, a, m1, inv, scale, inv_nk, var_live, gain = ctx.saved_tensors
-        c = xs.shape[1]
-        rt = resp.transpose(1, 2)
-        da = torch.bmm(gy * xs, rt).sum(0).t()  # dL/dA (K, C)
-        db = torch.bmm(gy, rt).sum(0).t()  # dL/dB (K, C)
-        dgain = dbias = None
-        if ctx.has_bias:
-            dbias = db.sum(0)
-        da_tot = da - db * m1  # B = bias - m1 * A
-        dm1 = -db * a + gmean  # the returned mean m1 + center is differentiable too
-        dinv = da_tot * scale
-        if ctx.has_gain:
-            dgain = (dinv * inv).sum(0)
-            dinv = dinv * gain
-        dvar = torch.where(var_live, dinv * (-0.5) * inv * inv * inv + gvar, torch.zeros_like(dinv))
-        ds2 = dvar * inv_nk  # var = s2 / n_k - m1^2,  m1 = s1 / n_k
-        ds1 = (dm1 - 2.0 * m1 * dvar) * inv_nk
-        coef = batched_left(torch.cat([a, 2.0 * ds2, ds1], dim=1).t(), resp)  # (N, 3C, P)
-        dx = torch.addcmul(coef[:, 2 * c:], gy, coef[:, :c])
-        dx.addcmul_(xs, coef[:, c:2 * c])
-        return dx, None, dgain, dbias, None
-
-
-def posterior_batch_norm(x3: Tensor, resp: Tensor, gain: Optional[Tensor], bias: Optional[Tensor],
-                         eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y = gain * sum_k tau_k / sqrt(lambda_k) (x - mu_k) / sqrt(sigma_k^2 + eps) + bias with the
-    posterior-weighted minibatch statistics of MN eq. 35-36, for x3 (N, C, P) and constant posteriors resp
-    (N, K, P). Returns (y (N, C, P), lambda (K,), mu (K, C), sigma^2 (K, C)); y, mu, sigma^2 are
-    differentiable in x3 (and y in gain, bias (C,))."""
-    return _PosteriorBatchNorm.apply(x3, resp.detach(), gain, bias, eps)
+__all__ = ["AdaptiveContextNorm"]
 
 
 class AdaptiveContextNorm(NormBase):

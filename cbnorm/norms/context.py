@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ema_update
-from .mixing import check_posterior, flat_posteriors, log_posteriors, mix_affine, normalizing_coefficients
+from .functional import check_posterior, flat_posteriors, log_posteriors, mix_affine, normalizing_coefficients
 
 __all__ = ["ContextNorm", "ContextNormX", "ContextNormEmbed"]
 

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from .. import gmm
-from .adaptive import posterior_batch_norm, weighted_moments
 from .base import NormBase, affine_params, check_positive_int
-from .mixing import check_posterior, log_posteriors, mix_affine, normalizing_coefficients
+from .functional import (check_posterior, log_posteriors, mix_affine, normalizing_coefficients,
+                         posterior_batch_norm, weighted_moments)
 
 __all__ = ["MixtureNorm"]
 
