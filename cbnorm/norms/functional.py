@@ -128,29 +128,61 @@ def mix_affine(x3: Tensor, resp: Tensor, a: Tensor, b: Tensor, posterior: str) -
     return torch.addcmul(coef_b, x3, coef_a)
 
 
+def _double_backward(fn, inputs: tuple, grad_outputs: tuple, needs: tuple) -> tuple:
+    """The backward of a hand-written Function when a second derivative is wanted (``create_graph=True``,
+    gradient penalties, ``gradgradcheck``): ``fn(*inputs)`` recomputed with autograd from the saved *inputs*
+    and differentiated with ``create_graph=True``. Each input is differentiated through an alias
+    (``view_as``), so the result is the partial derivative even when one input is computed from another
+    (ACN's m = mu / var and 1 / var), while second derivatives still reach the originals. ``needs``:
+    ``ctx.needs_input_grad``."""
+    with torch.enable_grad():
+        alias = tuple(t.view_as(t) if n else t for t, n in zip(inputs, needs))
+        outputs = fn(*alias)
+    want = [t for t, n in zip(alias, needs) if n]
+    got = iter(torch.autograd.grad(outputs, want, grad_outputs, create_graph=True, allow_unused=True))
+    return tuple(next(got) if n else None for n in needs)
+
+
+def _joint_mixture(x3, shift, prec, m, const, c0, a, b, fast: bool):
+    """The forward of ``_JointMixtureTransform``: (y (N, C, P), xs, xs2, tau (N, K, P), live (N, K, P)).
+
+    ``fast`` (inside the Function's forward, no autograd): in-place clamps. Otherwise out-of-place, so that
+    autograd differentiates it (the double-backward path); the clamps then give zero gradient where clamped,
+    as the hand-written backward does."""
+    big = torch.finfo(x3.dtype).max
+    xs = x3 - shift[None, :, None]
+    xs2 = xs * xs
+    xs2 = xs2.clamp_max_(big) if fast else xs2.clamp_max(big)  # finite: 0 * x^2 stays 0 in the matmuls
+    maha = batched_left(prec, xs2) - 2.0 * batched_left(m, xs) + const[None, :, None]
+    live = (maha >= 0) & (maha <= big) if fast else None
+    maha = maha.clamp_(0, big) if fast else maha.clamp(0, big)
+    tau = torch.softmax(c0[None, :, None] - 0.5 * maha, dim=1)  # (N, K, P)
+    y = torch.addcmul(batched_left(b.t(), tau), x3, batched_left(a.t(), tau))
+    return y, xs, xs2, tau, live
+
+
 class _JointMixtureTransform(torch.autograd.Function):
-    """y = sum_k tau_k(x) (A_k x + B_k) with tau = softmax_k(c0_k - maha_k / 2) for the "joint" posterior,
-    differentiable in x and in every coefficient, with a hand-written backward: the same numbers as
-    ``log_posteriors`` + ``mix_affine`` under autograd (tested) in about 1.3x less time on CPU, because the
-    backward reuses the saved centred x and x^2 instead of re-deriving the matmul expansion's graph.
-    maha_k = prec_k . xs^2 - 2 m_k . xs + const_k on xs = x - shift (see ``joint_log_prob``), clamped to
-    [0, finfo.max] with zero gradient where clamped."""
+    """y = sum_k tau_k(x) (A_k x + B_k) with tau = softmax_k(c0_k - maha_k / 2) for the "joint" posterior
+    (CB-Norm eq. 6 / PKN eq. 19), x3 (N, C, P), coefficients (K, C), differentiable in x and in every
+    coefficient. The first backward is hand-written (the same numbers as ``log_posteriors`` + ``mix_affine``
+    under autograd, tested): it reuses the saved centred x and x^2 instead of re-deriving the matmul
+    expansion's graph. maha_k = prec_k . xs^2 - 2 m_k . xs + const_k on xs = x - shift (see
+    ``joint_log_prob``), clamped to [0, finfo.max] with zero gradient where clamped. Under
+    ``create_graph=True`` the backward differentiates the same formula recomputed from the saved inputs
+    with autograd, so second derivatives are exact (gradgradcheck-tested)."""
 
     @staticmethod
     def forward(ctx, x3, shift, prec, m, const, c0, a, b):
-        big = torch.finfo(x3.dtype).max
-        xs = x3 - shift[None, :, None]
-        xs2 = (xs * xs).clamp_max_(big)  # finite, so 0 * x^2 stays 0 in the backward's matmuls
-        maha = batched_left(prec, xs2) - 2.0 * batched_left(m, xs) + const[None, :, None]
-        live = (maha >= 0) & (maha <= big)
-        tau = torch.softmax(c0[None, :, None] - 0.5 * maha.clamp_(0, big), dim=1)  # (N, K, P)
-        y = torch.addcmul(batched_left(b.t(), tau), x3, batched_left(a.t(), tau))
-        ctx.save_for_backward(x3, xs, xs2, tau, live, prec, m, a, b)
+        y, xs, xs2, tau, live = _joint_mixture(x3, shift, prec, m, const, c0, a, b, fast=True)
+        ctx.save_for_backward(x3, shift, prec, m, const, c0, a, b, xs, xs2, tau, live)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x3, xs, xs2, tau, live, prec, m, a, b = ctx.saved_tensors
+        x3, shift, prec, m, const, c0, a, b, xs, xs2, tau, live = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            return _double_backward(lambda *t: _joint_mixture(*t, fast=False)[0],
+                                    (x3, shift, prec, m, const, c0, a, b), (gy,), ctx.needs_input_grad)
         gx = gy * x3
         rt = tau.transpose(1, 2)
         dtau = batched_left(a, gx) + batched_left(b, gy)  # (N, K, P)
@@ -203,9 +235,10 @@ def normalizing_coefficients(means: Tensor, vars: Tensor, eps: float, scale: Ten
 def weighted_moments(x3: Tensor, resp: Tensor, posterior: str) -> tuple[Tensor, Tensor, Tensor]:
     """Posterior-weighted statistics (MN eq. 35-36): lambda (K,) or (K, C), mean (K, C), biased var (K, C).
 
-    x3 (N, C, P); resp (N, K, P) for "joint" or (N, C, P, K) for "channel". Differentiable in x3.
-    Moments are taken around the detached batch mean (limits cancellation in E[x^2] - E[x]^2), with batched
-    matmuls on the channels-first layout, never an (M, K, C) tensor.
+    x3 (N, C, P); resp (N, K, P) for "joint" or (N, C, P, K) for "channel". lambda_k = mean_i nu_ik,
+    mu_k = sum_i nu_hat_ik x_i, sigma_k^2 = sum_i nu_hat_ik (x_i - mu_k)^2 with nu_hat_ik = nu_ik / sum_j nu_jk.
+    Differentiable in x3. Moments are taken around the detached batch mean (limits cancellation in
+    E[x^2] - E[x]^2), with batched matmuls on the channels-first layout, never an (M, K, C) tensor.
     """
     n, c, p = x3.shape
     shift = x3.detach().mean(dim=(0, 2))  # (C,)
@@ -227,14 +260,26 @@ def weighted_moments(x3: Tensor, resp: Tensor, posterior: str) -> tuple[Tensor, 
     return lam, m1 + shift, var
 
 
+def posterior_batch_norm_reference(x3: Tensor, resp: Tensor, gain: Optional[Tensor], bias: Optional[Tensor],
+                                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``posterior_batch_norm`` composed of autograd ops (``weighted_moments`` + ``normalizing_coefficients``
+    + ``mix_affine``): what its double backward differentiates, and the tests' reference."""
+    lam, mean, var = weighted_moments(x3, resp, "joint")
+    scale = torch.rsqrt(lam.clamp_min(1e-12))[:, None]
+    a, b = normalizing_coefficients(mean, var, eps, scale, gain, bias)
+    return mix_affine(x3, resp, a, b, "joint"), lam, mean, var
+
+
 class _PosteriorBatchNorm(torch.autograd.Function):
-    """MN eq. 34-36 (and ACN's moving-average train step) for ``posterior="joint"``, with a hand-written
-    backward. Same numbers as ``weighted_moments`` + ``normalizing_coefficients`` + ``mix_affine`` under
-    autograd (tested, and gradchecked in float64), in about half the passes over the (N, C, P) data:
-    forward 2 moment reads, 2 coefficient writes and one fused output; backward 2 reads for the
-    coefficient gradients and one stacked (N, 3C, P) bmm for everything that flows back to x. Posteriors
-    are constants (detached, as MN prescribes).
-    """
+    """MN eq. 34-36 (and ACN's moving-average train step) for ``posterior="joint"``, x3 (N, C, P), posteriors
+    (N, K, P) constant (detached, as MN prescribes), with a hand-written first backward: the same numbers as
+    ``posterior_batch_norm_reference`` under autograd (tested, and gradchecked in float64) in about half the
+    passes over the (N, C, P) data: forward 2 moment reads, 2 coefficient writes and one fused output;
+    backward 2 reads for the coefficient gradients and one stacked (N, 3C, P) bmm for everything that flows
+    back to x (on the saved centred copy xs). The input x3 is saved as well (one more activation held
+    when nothing else keeps the input alive) for the double backward: under ``create_graph=True`` it
+    differentiates ``posterior_batch_norm_reference`` recomputed from the saved inputs, so second derivatives
+    are exact (gradgradcheck-tested)."""
 
     @staticmethod
     def forward(ctx, x3, resp, gain, bias, eps):
@@ -253,16 +298,27 @@ class _PosteriorBatchNorm(torch.autograd.Function):
         a = inv * scale if gain is None else inv * scale * gain
         b = -m1 * a if bias is None else bias - m1 * a
         y = torch.addcmul(batched_left(b.t(), resp), xs, batched_left(a.t(), resp))  # eq. 34 / 37
-        ctx.save_for_backward(xs, resp, a, m1, inv, scale, inv_nk, raw_var >= 0,
-                              gain if gain is not None else inv.new_empty(0))
-        ctx.has_gain, ctx.has_bias = gain is not None, bias is not None
+        empty = inv.new_empty(0)
+        # the inputs for the double backward, and the centred copy xs for the fast one
+        ctx.save_for_backward(x3, resp, gain if gain is not None else empty, bias if bias is not None else empty,
+                              xs, a, m1, inv, scale, inv_nk, raw_var >= 0)
+        ctx.has_gain, ctx.has_bias, ctx.eps = gain is not None, bias is not None, eps
         ctx.mark_non_differentiable(lam)
         return y, lam, m1 + center, var
 
     @staticmethod
     def backward(ctx, gy, _glam, gmean, gvar):
-        xs, resp, a, m1, inv, scale, inv_nk, var_live, gain = ctx.saved_tensors
-        c = xs.shape[1]
+        x3, resp, gain, bias, xs, a, m1, inv, scale, inv_nk, var_live = ctx.saved_tensors
+        gain = gain if ctx.has_gain else None
+        bias = bias if ctx.has_bias else None
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            def composed(*t):
+                y, _, mean, var = posterior_batch_norm_reference(*t, ctx.eps)
+                return y, mean, var
+
+            return (*_double_backward(composed, (x3, resp, gain, bias), (gy, gmean, gvar),
+                                      ctx.needs_input_grad[:4]), None)
+        c = x3.shape[1]
         rt = resp.transpose(1, 2)
         da = torch.bmm(gy * xs, rt).sum(0).t()  # dL/dA (K, C)
         db = torch.bmm(gy, rt).sum(0).t()  # dL/dB (K, C)
@@ -287,7 +343,7 @@ class _PosteriorBatchNorm(torch.autograd.Function):
 def posterior_batch_norm(x3: Tensor, resp: Tensor, gain: Optional[Tensor], bias: Optional[Tensor],
                          eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = gain * sum_k tau_k / sqrt(lambda_k) (x - mu_k) / sqrt(sigma_k^2 + eps) + bias with the
-    posterior-weighted minibatch statistics of MN eq. 35-36, for x3 (N, C, P) and constant posteriors resp
+    posterior-weighted minibatch statistics of MN eq. 34-36, for x3 (N, C, P) and constant posteriors resp
     (N, K, P). Returns (y (N, C, P), lambda (K,), mu (K, C), sigma^2 (K, C)); y, mu, sigma^2 are
-    differentiable in x3 (and y in gain, bias (C,))."""
+    differentiable in x3 (and y in gain, bias (C,)), to any order."""
     return _PosteriorBatchNorm.apply(x3, resp.detach(), gain, bias, eps)
