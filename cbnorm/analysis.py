@@ -61,19 +61,16 @@ def fit_channel_mixtures(values: np.ndarray, k: int, *, iters: int = 30, seed: i
 
 
 def layer_channel_mixtures(layer, channels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A layer's own mixture (``mixture_parameters()``) marginalised to each channel: (G, K) each.
+    """A layer's own mixture (``channel_mixture_parameters()``) marginalised to each channel: (G, K) each.
 
-    The marginal of a diagonal Gaussian on channel c is N(mu_kc, var_kc); the weights are the layer's
-    (per-channel weights for MN with ``posterior="channel"``).
+    The marginal of a diagonal Gaussian on channel c is N(mu_kc, var_kc); the weights are the layer's on that
+    channel (they differ per channel for MN with ``posterior="channel"``). Only for ``layer.has_mixture``.
     """
-    try:
-        params = layer.mixture_parameters(per_channel=True)
-    except TypeError:
-        params = layer.mixture_parameters()
-    w, mu, var = (t.detach().float().cpu().numpy().astype(np.float64) for t in params)
+    if not getattr(layer, "has_mixture", False):
+        raise ValueError(f"{type(layer).__name__} has no mixture (has_mixture=False)")
+    w, mu, var = (t.detach().float().cpu().numpy().astype(np.float64) for t in layer.channel_mixture_parameters())
     ch = np.asarray([int(c) for c in channels])
-    weights = w[:, ch].T if w.ndim == 2 else np.tile(w, (len(ch), 1))
-    return weights, mu[:, ch].T, var[:, ch].T
+    return w[:, ch].T, mu[:, ch].T, var[:, ch].T
 
 
 def mixture_curves(grid: np.ndarray, weights: np.ndarray, means: np.ndarray, vars: np.ndarray

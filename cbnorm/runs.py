@@ -453,21 +453,21 @@ def _match_state(model: nn.Module, tensors: Mapping[str, Tensor], what: str, con
 
 
 #: state entries that a layer can only ever hold >= 0 (variances, mixture weights, counters)
-NONNEGATIVE_STATE = frozenset({"running_var", "queue_vars", "running_weights", "queue_weights",
-                               "num_batches_tracked", "queue_count", "queue_ptr", "priors"})
-
-
-#: buffers added to a layer after runs were first saved, with the value a file without them implies
-#: (ACN's data_initialized: a saved model has been trained or initialised already)
-LEGACY_BUFFERS = {"data_initialized": 1}
+NONNEGATIVE_STATE = frozenset({"running_var", "queue_vars", "queue_fit_vars", "running_weights", "queue_weights",
+                               "queue_fit_weights", "num_batches_tracked", "queue_count", "queue_ptr", "priors"})
 
 
 def _with_legacy_buffers(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` of a file written by an older version, in this version's layout: every cbnorm layer of
+    ``model`` upgrades its own entries (``NormBase.upgrade_state_dict``: ACN's data_initialized = 1, MN's queue
+    fits from its queued moments, num_batches_tracked dropped from layers without running statistics). Safetensors files carry no state-dict version; the hooks only
+    fill keys that are missing and drop keys the layer no longer has, so a current file is unchanged."""
+    from .norms import NormBase
+
     out = dict(tensors)
-    for k, v in _state_tensors(model).items():
-        leaf = k.rsplit(".", 1)[-1]
-        if k not in out and leaf in LEGACY_BUFFERS:
-            out[k] = torch.full_like(v, LEGACY_BUFFERS[leaf], device="cpu")
+    for name, module in model.named_modules():
+        if isinstance(module, NormBase):
+            module.upgrade_state_dict(out, f"{name}." if name else "")
     return out
 
 

@@ -31,12 +31,32 @@ def test_registry_errors():
         cbnorm.build_norm("cn", 4, num_contexts=2.5)
 
 
+#: layers whose running statistics are averages with BatchNorm's momentum (MN's running state is its queue)
+MOMENTUM = ("bn", "mode", "cn", "acn")
+#: layers with running statistics (RunningStatsNorm: num_batches_tracked, reset_running_stats)
+RUNNING = ("bn", "mn", "mode", "cn", "acn")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_uniform_constructor(name):
-    layer = make_layer(name, 6, eps=1e-3, momentum=0.2, affine=False)
-    assert layer.num_features == 6 and layer.eps == 1e-3 and layer.momentum == 0.2
+    kw = {"momentum": 0.2} if name in MOMENTUM else {}
+    layer = make_layer(name, 6, eps=1e-3, affine=False, **kw)
+    assert layer.num_features == 6 and layer.eps == 1e-3
     assert layer.uses_context == (name in ("cn", "cnx", "cn-embed"))
     assert not any(n in ("weight", "bias") for n, _ in layer.named_parameters())
+    assert layer.takes_momentum == (name in MOMENTUM) == ("momentum" in cbnorm.norms.accepted_kwargs(type(layer)))
+    assert isinstance(layer, cbnorm.norms.RunningStatsNorm) == (name in RUNNING)
+    assert ("num_batches_tracked" in dict(layer.named_buffers())) == (name in RUNNING)
+    if name in MOMENTUM:
+        assert layer.momentum == 0.2 and f"momentum=0.2" in repr(layer)
+        assert make_layer(name, 6, momentum=None).momentum is None  # cumulative average
+        for bad in (-0.1, 1.5, float("nan"), "0.1", True):
+            with pytest.raises(ValueError, match="momentum must be in"):
+                make_layer(name, 6, momentum=bad)
+    else:  # no running average: momentum would be silently ignored, so it is refused, by name
+        assert not hasattr(layer, "momentum") and "momentum" not in repr(layer)
+        with pytest.raises(TypeError, match="momentum"):
+            make_layer(name, 6, momentum=0.1)
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -118,17 +138,33 @@ def test_to_double_moves_every_buffer(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_mixture_parameters(name):
-    layer = warm_up(make_layer(name, 4))
-    if not layer.has_mixture:
-        with pytest.raises(NotImplementedError):
-            layer.mixture_parameters()
-        return
-    w, mu, var = layer.mixture_parameters()
-    k = w.shape[0]
-    assert mu.shape == (k, 4) and var.shape == (k, 4)
-    torch.testing.assert_close(w.sum(), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
-    assert (var > 0).all() and (w >= 0).all()
+def test_mixture_parameters_one_signature(name):
+    """mixture_parameters() -> (weights (K,), means (K, C), variances (K, C)), no arguments, on every layer;
+    has_mixture tells which layers have one; channel_mixture_parameters() gives (K, C) weights."""
+    import inspect
+
+    for kw in ({}, {"posterior": "channel"}) if name in ("mn", "acn") else ({},):
+        layer = warm_up(make_layer(name, 4, **kw))
+        assert isinstance(type(layer).has_mixture, bool)
+        assert list(inspect.signature(layer.mixture_parameters).parameters) == []
+        if not layer.has_mixture:
+            assert name in ("bn", "ln", "gn")
+            with pytest.raises(NotImplementedError, match="has no mixture"):
+                layer.mixture_parameters()
+            continue
+        w, mu, var = layer.mixture_parameters()
+        k = w.shape[0]
+        assert w.shape == (k,) and mu.shape == (k, 4) and var.shape == (k, 4)
+        torch.testing.assert_close(w.sum(), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+        assert (var > 0).all() and (w >= 0).all()
+        assert not any(t.requires_grad for t in (w, mu, var))
+        wc, muc, varc = layer.channel_mixture_parameters()
+        assert wc.shape == (k, 4)
+        torch.testing.assert_close(wc.sum(0), torch.ones(4), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(wc.mean(1), w)  # the mixture weights are the channels' average
+        torch.testing.assert_close(muc, mu), torch.testing.assert_close(varc, var)
+        if name == "mn" and kw:  # per-channel weights really differ per channel
+            assert not torch.allclose(wc, wc[:, :1].expand_as(wc))
 
 
 # -------------------------------------------------------------------------------------------- errors

@@ -271,28 +271,57 @@ def test_mode_against_loop():
 
 
 # ------------------------------------------------------------------------------ MixtureNorm
-def test_mn_train_against_loop_given_posteriors(monkeypatch):
-    layer = randomize(make_layer("mn", 3, num_components=3)).double()
-    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
-    m = 4 * 4
-    resp = torch.softmax(torch.randn(m, 3, dtype=torch.float64) * 3, dim=1)
-    monkeypatch.setattr(layer, "fit_posteriors", lambda x3: resp.view(4, 4, 3).permute(0, 2, 1))  # (N, K, P)
-    y = layer(x)
-    pts = np.concatenate(npoints(x))
-    nu = resp.numpy()
+def mn_posteriors_loop(pts, w, m, v):
+    """eq. 31 in numpy: nu (M, K) of points (M, C) under the diagonal GMM (w (K,), m (K, C), v (K, C))."""
+    logp = np.array([[np.log(w[k]) + gauss_logpdf(p, m[k], v[k]) for k in range(len(w))] for p in pts])
+    nu = np.exp(logp - logp.max(1, keepdims=True))
+    return nu / nu.sum(1, keepdims=True)
+
+
+def mn_train_loop(pts, nu, g, b, eps=1e-5):
+    """eq. 34-36 in numpy: output (M, C) and the moments lambda (K,), mu (K, C), sigma^2 (K, C)."""
     lam = nu.mean(0)
     nu_hat = nu / nu.sum(0)  # eq. 36
-    g, b = layer.weight.detach().numpy(), layer.bias.detach().numpy()
-    out = np.zeros_like(pts)
-    for k in range(3):
-        mu = (nu_hat[:, k:k + 1] * pts).sum(0)  # eq. 35
-        var = (nu_hat[:, k:k + 1] * (pts - mu) ** 2).sum(0)
-        out += nu[:, k:k + 1] / np.sqrt(lam[k]) * (pts - mu) / np.sqrt(var + 1e-5)  # eq. 34
-    out = g * out + b
+    mus = np.stack([(nu_hat[:, k:k + 1] * pts).sum(0) for k in range(nu.shape[1])])  # eq. 35
+    var = np.stack([(nu_hat[:, k:k + 1] * (pts - mus[k]) ** 2).sum(0) for k in range(nu.shape[1])])
+    out = sum(nu[:, k:k + 1] / np.sqrt(lam[k]) * (pts - mus[k]) / np.sqrt(var[k] + eps)  # eq. 34
+              for k in range(nu.shape[1]))
+    return g * out + b, lam, mus, var
+
+
+def test_mn_train_against_loop_given_fit(monkeypatch):
+    """eq. 31 + 34-36 from a given GMM fit (w, m, v), in numpy; the queue stores the fit and the moments."""
+    layer = randomize(make_layer("mn", 3, num_components=3)).double()
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    w = torch.softmax(torch.randn(3, generator=g, dtype=torch.float64), 0)
+    m = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    v = torch.rand(3, 3, generator=g, dtype=torch.float64) + 0.5
+    monkeypatch.setattr(layer, "fit_mixture", lambda x3: (w.log(), m, v))
+    y = layer(x)
+    pts = np.concatenate(npoints(x))
+    nu = mn_posteriors_loop(pts, w.numpy(), m.numpy(), v.numpy())
+    out, lam, mus, var = mn_train_loop(pts, nu, layer.weight.detach().numpy(), layer.bias.detach().numpy())
     torch.testing.assert_close(y.permute(0, 2, 3, 1).reshape(-1, 3), torch.tensor(out))
-    # the queue got this fit
     assert int(layer.queue_count) == 1
-    torch.testing.assert_close(layer.queue_weights[0], torch.tensor(lam))
+    for buf, ref in ((layer.queue_weights, lam), (layer.queue_means, mus), (layer.queue_vars, var),
+                     (layer.queue_fit_weights, w), (layer.queue_fit_means, m), (layer.queue_fit_vars, v)):
+        torch.testing.assert_close(buf[0], torch.as_tensor(ref))
+
+
+def mn_eval_loop(pts, fits, moments, tau, eps=1e-5):
+    """eq. 38 in numpy, our reading: posteriors over every (t, k) from the stored fits (weights tau^t w_k^t),
+    component (t, k) normalized by the stored moments with scale 1 / sqrt(lambda_k^t)."""
+    out = np.zeros_like(pts)
+    for i, p in enumerate(pts):
+        logp = {(t, k): np.log(tau[t] * fits[t][0][k]) + gauss_logpdf(p, fits[t][1][k], fits[t][2][k])
+                for t in range(len(tau)) for k in range(len(fits[t][0]))}
+        mx = max(logp.values())
+        z = sum(np.exp(l - mx) for l in logp.values())
+        for (t, k), l in logp.items():
+            lam, mu, var = (a[k] for a in moments[t])
+            out[i] += np.exp(l - mx) / z / np.sqrt(lam) * (p - mu) / np.sqrt(var + eps)
+    return out
 
 
 def test_mn_eval_against_loop_eq38():
@@ -301,48 +330,16 @@ def test_mn_eval_against_loop_eq38():
     layer = layer.double().eval()
     x = torch.randn(2, 2, 2, 2, dtype=torch.float64)
     y = layer(x)
-    T, K = 3, 2
+    T = 3
     ptr = int(layer.queue_ptr)
     tau = np.array([(1 - 0.5) / (1 - 0.5 ** T) * 0.5 ** (T - t - 1) for t in range(T)])  # eq. 39, t=T-1 newest
-    order = [(ptr + t) % T for t in range(T)]  # slot of the t-th oldest fit
-    lamq, muq, varq = (layer.queue_weights.numpy(), layer.queue_means.numpy(), layer.queue_vars.numpy())
-    eps = 1e-5
-    pts = np.concatenate(npoints(x))
-    out = np.zeros_like(pts)
-    for i, v in enumerate(pts):
-        logp = {(t, k): np.log(tau[t] * lamq[s, k]) + gauss_logpdf(v, muq[s, k], varq[s, k] + eps)
-                for t, s in enumerate(order) for k in range(K)}
-        mx = max(logp.values())
-        z = sum(np.exp(l - mx) for l in logp.values())
-        for (t, k), l in logp.items():
-            s = order[t]
-            out[i] += np.exp(l - mx) / z / np.sqrt(lamq[s, k]) * (v - muq[s, k]) / np.sqrt(varq[s, k] + eps)
+    order = [(ptr + t) % T for t in range(T)]  # slot of the t-th oldest step
+    q = {n: b.numpy() for n, b in layer.named_buffers()}
+    fits = [(q["queue_fit_weights"][s], q["queue_fit_means"][s], q["queue_fit_vars"][s]) for s in order]
+    moments = [(q["queue_weights"][s], q["queue_means"][s], q["queue_vars"][s]) for s in order]
+    out = mn_eval_loop(np.concatenate(npoints(x)), fits, moments, tau)
     g, b = layer.weight.detach().numpy(), layer.bias.detach().numpy()
     torch.testing.assert_close(y.permute(0, 2, 3, 1).reshape(-1, 2), torch.tensor(g * out + b))
-
-
-def test_mn_eval_with_identical_fits_reproduces_training_transform(monkeypatch):
-    """Our reading of eq. 38 (scale 1/sqrt(lambda), not 1/sqrt(tau lambda)): T equal fits = one fit."""
-    from cbnorm import gmm
-
-    layer = randomize(make_layer("mn", 2, num_components=2, queue_size=4)).double()
-    x = torch.cat([torch.randn(8, 2, 3, 3) - 3, torch.randn(8, 2, 3, 3) + 3]).double()
-    x3 = x.permute(0, 2, 3, 1).reshape(1, -1, 2)
-    torch.manual_seed(0)
-    fitted = gmm.fit(x3, 2, iters=30)
-    lam, mu, var = fitted.weights[0], fitted.means[0], fitted.vars[0]
-    with torch.no_grad():
-        layer.queue_weights.copy_(lam.expand(4, 2))
-        layer.queue_means.copy_(mu.expand(4, 2, 2))
-        layer.queue_vars.copy_((var - 1e-5).clamp_min(1e-9).expand(4, 2, 2))
-        layer.queue_count.fill_(4)
-    layer.eval()
-    y = layer(x)
-    resp = gmm.posteriors(fitted, x3)[0]
-    a = resp / lam.sqrt()
-    ref = ((x3[0, :, None, :] - mu) / (var - 1e-5).clamp_min(1e-9).add(1e-5).sqrt() * a[:, :, None]).sum(1)
-    ref = ref * layer.weight + layer.bias
-    torch.testing.assert_close(y.permute(0, 2, 3, 1).reshape(-1, 2), ref.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_mn_fit_uses_real_gmm_and_separates_modes():
@@ -372,10 +369,9 @@ def test_gradcheck_float64(name, kw, monkeypatch):
     layer = randomize(make_layer(name, 4, **kw)).double()
     x = torch.randn(6, 4, 2, 2, dtype=torch.float64, requires_grad=True)
     ctx = torch.tensor([0, 1, 0, 1, 1, 0]) if layer.uses_context else None
-    if name == "mn":  # posteriors come from a fit outside the graph; freeze them for the finite differences
-        with torch.no_grad():
-            resp = layer.fit_posteriors(layer._to_ncp(x))
-        monkeypatch.setattr(layer, "fit_posteriors", lambda x3: resp)
+    if name == "mn":  # posteriors come from a fit outside the graph; freeze it for the finite differences
+        frozen = layer.fit_posteriors(layer._to_ncp(x))
+        monkeypatch.setattr(layer, "fit_posteriors", lambda x3: frozen)
     if kw.get("update") == "moving_average":
         state = {n: b.clone() for n, b in layer.named_buffers()}
         import cbnorm.norms.adaptive as adaptive

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .adaptive import AdaptiveContextNorm
-from .base import NormBase
+from .base import NormBase, RunningStatsNorm
 from .batch import BatchNorm, GroupNorm, LayerNorm
 from .context import ContextNorm, ContextNormEmbed, ContextNormX
 from .mixture import MixtureNorm
@@ -54,6 +54,6 @@ def build_norm(name: str, num_features: int, **kwargs) -> NormBase:
         raise TypeError(f"{cls.__name__} ({cls.names[0]!r}): {err}") from None
 
 
-__all__ = ["NORMS", "ALIASES", "LAYERS", "build_norm", "resolve_name", "accepted_kwargs", "NormBase", "BatchNorm", "LayerNorm",
+__all__ = ["NORMS", "ALIASES", "LAYERS", "build_norm", "resolve_name", "accepted_kwargs", "NormBase", "RunningStatsNorm", "BatchNorm", "LayerNorm",
            "GroupNorm", "MixtureNorm", "ModeNorm", "ContextNorm", "ContextNormX", "ContextNormEmbed",
            "AdaptiveContextNorm"]

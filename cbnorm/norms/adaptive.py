@@ -30,15 +30,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import NormBase, affine_params, check_positive_int, ddp_active, ema_update
+from .base import RunningStatsNorm, affine_params, check_positive_int, ddp_active
 from .functional import (check_posterior, flat_posteriors, joint_mixture_transform, log_posteriors, mix_affine,
                          normalizing_coefficients, posterior_batch_norm, weighted_moments)
 
 __all__ = ["AdaptiveContextNorm"]
 
 
-class AdaptiveContextNorm(NormBase):
-    """ACN / UCB-Norm / UAN. x (N, C, *S) or (N, L, D) with channel_last; no context.
+class AdaptiveContextNorm(RunningStatsNorm):
+    """ACN / UCB-Norm / UAN (PKN eq. 19, CB-Norm eq. 6). x (N, C, *S) or (N, L, D) with channel_last; no context.
 
     ``num_components`` K; ``update`` in {"weight", "moving_average"}; ``posterior`` in {"joint", "channel"};
     ``init``: "random" (default; PKN Algorithm 5 line 1, "randomly initialized") draws the means from
@@ -46,9 +46,11 @@ class AdaptiveContextNorm(NormBase):
     fitted (k-means++ and EM, ``cbnorm.gmm``) to the first training minibatch, so the components start where
     the activations are. The buffer ``data_initialized`` records that the fit happened (it is saved, so a
     loaded or resumed model is never re-initialised); under DDP rank 0's fit is broadcast. Neither is clearly
-    better here: Fashion-MNIST, full data, one seed each: data 0.886 vs random 0.877 test accuracy (the same
-    data-init run with other float rounding gave 0.895: one seed is ~1 point of noise); 3 seeds on 12k
-    images: data 0.847 +- 0.004 vs random 0.855 +- 0.010 (bench/results/convergence.json).
+    better on Fashion-MNIST (bench/results/convergence.json).
+
+    ``momentum`` (BatchNorm's convention, None = cumulative average) is the weight of the new minibatch's
+    M-step in ``update="moving_average"``; ``update="weight"`` has no running statistics and ignores it.
+    ``reset_parameters()`` redraws (or, with init="data", refits on the next training step) the components.
 
     With ``update="weight"`` only the task loss moves the components afterwards; nothing makes them follow
     the activations as the layers before change (in the committed Fashion-MNIST run they stay near their
@@ -64,6 +66,7 @@ class AdaptiveContextNorm(NormBase):
                  momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
         self.num_components = check_positive_int("num_components", num_components)
+        self.init_std = float(init_std)
         if update not in ("weight", "moving_average"):
             raise ValueError(f"update must be 'weight' or 'moving_average', got {update!r}")
         self.update = update
@@ -75,18 +78,48 @@ class AdaptiveContextNorm(NormBase):
         self.register_buffer("data_initialized", torch.tensor(int(init == "random"), dtype=torch.long))
         self._init_checked = init == "random"
         k, c = num_components, num_features
-        init_mean = torch.randn(k, c) * init_std if k > 1 else torch.zeros(k, c)
         if update == "weight":
             self.logits = nn.Parameter(torch.zeros(k))
-            self.mean = nn.Parameter(init_mean)
+            self.mean = nn.Parameter(self._initial_means())
             self.log_var = nn.Parameter(torch.zeros(k, c))
         else:
-            self.register_buffer("running_weights", torch.full((k,), 1.0 / k))
-            self.register_buffer("running_mean", init_mean)
-            self.register_buffer("running_var", torch.ones(k, c))
+            self._register_running("running_weights", (k,), 1.0 / k)
+            self._register_running("running_mean", (k, c), 0.0)
+            self.running_mean.copy_(self._initial_means())
+            self._register_running("running_var", (k, c), 1.0)
+
+    def _initial_means(self) -> Tensor:
+        """Means drawn from N(0, init_std^2) (K, C) (PKN Algorithm 5 line 1); zeros for K = 1."""
+        k, c = self.num_components, self.num_features
+        return torch.randn(k, c) * self.init_std if k > 1 else torch.zeros(k, c)
+
+    def _forget_initialisation(self) -> None:
+        """With init="data", the next training step fits the components again."""
+        if self.init == "data":
+            self.data_initialized.zero_()
+            self._init_checked = False
+
+    def _reset_extra_running(self) -> None:
+        if self.update == "moving_average":
+            self.running_mean.copy_(self._initial_means())
+            self._forget_initialisation()
+
+    def _reset_extra_parameters(self) -> None:
+        if self.update == "weight":
+            self.logits.zero_()
+            self.mean.copy_(self._initial_means())
+            self.log_var.zero_()
+            self._forget_initialisation()
 
     def _needs_batch_statistics(self) -> bool:
         return self.update == "moving_average"
+
+    def upgrade_state_dict(self, state_dict: dict, prefix: str) -> None:
+        """Files written before ``data_initialized`` existed hold a trained or initialised layer: 1."""
+        super().upgrade_state_dict(state_dict, prefix)
+        key = prefix + "data_initialized"
+        if key not in state_dict and any(k.startswith(prefix) for k in state_dict):
+            state_dict[key] = torch.tensor(1, dtype=torch.long)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -137,6 +170,7 @@ class AdaptiveContextNorm(NormBase):
         return self.running_weights, self.running_mean, self.running_var
 
     def mixture_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(lambda (K,), mu (K, C), sigma^2 (K, C)): the components the posteriors come from."""
         with torch.no_grad():
             lam, mu, var = self.component_parameters()
             return lam.detach().clone(), mu.detach().clone(), var.detach().clone()
@@ -167,13 +201,9 @@ class AdaptiveContextNorm(NormBase):
             else:
                 lam_b, mu_b, var_b = weighted_moments(x3, resp, self.posterior)
             self._refuse_nonfinite(lam_b, mu_b, var_b)
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = self._ema_factor()
-                lam_k = lam_b if lam_b.dim() == 1 else lam_b.mean(dim=1)
-                ema_update(self.running_weights, lam_k / lam_k.sum(), f)
-                ema_update(self.running_mean, mu_b, f)
-                ema_update(self.running_var, var_b, f)
+            lam_k = lam_b if lam_b.dim() == 1 else lam_b.mean(dim=1)
+            self._update_running((self.running_weights, lam_k / lam_k.sum()), (self.running_mean, mu_b),
+                                 (self.running_var, var_b))
             if self.posterior == "joint":
                 return y
             lam_n, mu_n, var_n = lam_b.clamp_min(1e-12), mu_b, var_b

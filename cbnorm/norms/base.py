@@ -9,9 +9,16 @@ Every layer works on the canonical view ``(N, C, P)`` where ``P`` is the number 
 (H*W, L, or 1); statistics are computed in float32 (or float64 when the input is float64) with autocast
 disabled, and the output is cast back to the input dtype and memory format.
 
-Running statistics follow ``torch.nn.BatchNorm2d``: ``momentum`` is the weight of the new batch
-(0.1 by default; PyTorch's convention, not Keras' 0.99), ``momentum=None`` means a cumulative average,
-and running variances are unbiased (m / (m - 1)).
+Two bases, as ``torch.nn.modules.batchnorm._NormBase`` is for torch's layers:
+
+* ``NormBase``: shapes, dtype, argument checks, context ids, ``reset_parameters()`` (affine weight to ones,
+  bias to zeros, and each layer's own learned parameters) and versioned state-dict loading;
+* ``RunningStatsNorm(NormBase)``: layers with running statistics (BatchNorm, MN's queue, ModeNorm, CN, ACN's
+  moving average). It owns ``num_batches_tracked``, ``momentum`` and the one running-average step,
+  following ``torch.nn.BatchNorm2d``: ``momentum`` is the weight of the new batch (0.1 by default;
+  PyTorch's convention, not Keras' 0.99), ``momentum=None`` means a cumulative average (1 / count, from a
+  tensor count: no host sync), running variances are unbiased; and ``reset_running_stats()``.
+  Layers without running statistics (LayerNorm, GroupNorm, CN-X, the CN embedder) take no ``momentum``.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from typing import ClassVar, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NormBase", "ema_update", "stat_dtype", "check_positive_int", "ROUTED_CONTEXTS"]
+__all__ = ["NormBase", "RunningStatsNorm", "ema_update", "stat_dtype", "check_positive_int", "ROUTED_CONTEXTS"]
 
 #: Context ids routed to context layers for the duration of one call (``cbnorm.convert.route_contexts``):
 #: id(layer) -> ids (N,). A ContextVar, so threads (and asyncio tasks) never see each other's ids, and the
@@ -61,36 +68,32 @@ class NormBase(nn.Module):
     """Base class of every cbnorm layer: one constructor style, one ``forward(x, context=None)``.
 
     Subclasses implement ``_normalize(x3, context)`` on the canonical view ``x3`` of shape (N, C, P) in the
-    statistics dtype and return a tensor of the same shape (affine included).
+    statistics dtype and return a tensor of the same shape (affine included); layers with learned parameters
+    besides the affine reset them in ``_reset_extra_parameters``; layers whose state dict changed between
+    versions fill / drop keys in ``upgrade_state_dict``.
     """
 
     #: whether ``forward`` takes (and, in train mode, requires) per-sample context ids
     uses_context: ClassVar[bool] = False
     #: whether the layer has a mixture / per-context Gaussians to show (``mixture_parameters()``)
     has_mixture: ClassVar[bool] = False
+    #: whether the constructor takes ``momentum`` (running averages with BatchNorm's convention)
+    takes_momentum: ClassVar[bool] = False
     #: registry names, first one canonical
     names: ClassVar[tuple[str, ...]] = ()
+    #: state-dict format (saved in its metadata, as torch's layers do). 1 (no version): every layer had
+    #: num_batches_tracked, MN's queue had no fit buffers, CN no per-context counts, ACN no data_initialized.
+    _version: ClassVar[int] = 2
 
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        channel_last: bool = False,
-    ) -> None:
+    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True,
+                 channel_last: bool = False) -> None:
         super().__init__()
         self.num_features = check_positive_int("num_features", num_features)
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
             raise ValueError(f"eps must be a positive finite float, got {eps!r}")
-        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-            raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
         self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)
         self.channel_last = bool(channel_last)
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     # ------------------------------------------------------------------ shapes
     def _check_input(self, x: Tensor) -> None:
@@ -178,12 +181,6 @@ class NormBase(nn.Module):
                 f"activations too large for {store} statistics, |x| > ~1e19); refusing to update the running "
                 f"statistics with it")
 
-    def _ema_factor(self) -> float:
-        """Weight of the new batch in the running average (after incrementing num_batches_tracked)."""
-        if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked.item())
-        return self.momentum
-
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:  # noqa: D401
         """Normalize ``x`` (N, C, *spatial) or (N, L, D) with ``channel_last=True``; ``context`` (N,) long."""
@@ -208,12 +205,119 @@ class NormBase(nn.Module):
         raise NotImplementedError
 
     def mixture_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(weights (K,), means (K, C), variances (K, C)) in activation units; weights sum to 1."""
-        raise NotImplementedError(f"{type(self).__name__} has no mixture")
+        """(weights (K,), means (K, C), variances (K, C)) in activation units; weights sum to 1.
+
+        Only for layers with ``has_mixture``; the others raise ``NotImplementedError`` (test the class
+        attribute rather than catching it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no mixture (has_mixture=False)")
+
+    def channel_mixture_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The mixture marginalised to each channel: (weights (K, C), means (K, C), variances (K, C)); every
+        column of weights sums to 1. The marginal of a diagonal Gaussian on channel c is N(mu_kc, var_kc), so
+        this is ``mixture_parameters()`` with the weights repeated per channel, except for layers whose
+        weights differ per channel (MN with ``posterior="channel"``)."""
+        w, mean, var = self.mixture_parameters()
+        return w[:, None].expand(-1, mean.shape[1]).clone(), mean, var
+
+    # ------------------------------------------------------------------ state
+    def reset_parameters(self) -> None:
+        """Affine weight to ones and bias to zeros, and the layer's other learned parameters to their
+        initial values (``_reset_extra_parameters``)."""
+        with torch.no_grad():
+            if getattr(self, "weight", None) is not None:
+                self.weight.fill_(1.0)
+                self.bias.zero_()
+            self._reset_extra_parameters()
+
+    def _reset_extra_parameters(self) -> None:
+        """Hook: reset the learned parameters besides the affine (gates, learned statistics, embedders)."""
+
+    def upgrade_state_dict(self, state_dict: dict, prefix: str) -> None:
+        """In place: turn this layer's entries of an older state dict (keys ``prefix + name``) into this
+        version's, filling keys added since with the values the old file implies and dropping keys no longer
+        used (``load_state_dict`` calls it for files of an older ``_version``; ``cbnorm.runs`` for every
+        safetensors file, which carries no version). Keys already present are never changed."""
+        key = prefix + "num_batches_tracked"
+        if key in state_dict and "num_batches_tracked" not in self._buffers:  # version 1: on every layer
+            del state_dict[key]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        version = local_metadata.get("version", None)
+        if version is None or version < self._version:
+            self.upgrade_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        momentum = f", momentum={self.momentum}" if self.takes_momentum else ""
+        return (f"{self.num_features}, eps={self.eps}{momentum}, affine={self.affine}"
                 + (", channel_last=True" if self.channel_last else ""))
+
+
+class RunningStatsNorm(NormBase):
+    """Base of the layers with running statistics, as ``torch.nn.modules.batchnorm._NormBase``.
+
+    Owns ``num_batches_tracked``, ``momentum`` (validated here; a subclass with ``takes_momentum = False``,
+    MN, passes ``momentum=None`` and has none), the running-average step (``_update_running``),
+    ``reset_running_stats()`` and ``reset_parameters()`` (running statistics first, then the affine and the
+    layer's extras). Subclasses register their running buffers with
+    ``_register_running(name, shape, fill)`` so that a reset restores them; a buffer that is not a constant
+    at initialisation (ACN's random means) is reset in ``_reset_extra_running``.
+    """
+
+    takes_momentum = True
+
+    def __init__(self, num_features: int, *, momentum: Optional[float] = 0.1, **kw) -> None:
+        super().__init__(num_features, **kw)
+        if self.takes_momentum:
+            if momentum is not None and not (isinstance(momentum, (int, float))
+                                             and not isinstance(momentum, bool) and 0.0 <= momentum <= 1.0):
+                raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
+            self.momentum = None if momentum is None else float(momentum)
+        elif momentum is not None:  # MN: its running state is a queue, not an average
+            raise TypeError(f"{type(self).__name__} takes no momentum")
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self._running_fills: dict[str, float] = {}
+
+    def _register_running(self, name: str, shape: tuple[int, ...], fill: float,
+                          dtype: Optional[torch.dtype] = None) -> None:
+        """A running-statistics buffer of ``shape`` filled with ``fill``; ``reset_running_stats`` refills it."""
+        self.register_buffer(name, torch.full(shape, fill, dtype=dtype))
+        self._running_fills[name] = fill
+
+    @torch.no_grad()
+    def _update_running(self, *pairs: tuple[Tensor, Tensor], count: Optional[Tensor] = None,
+                        mask: Optional[Tensor] = None) -> None:
+        """One training step of the running statistics: ``num_batches_tracked += 1``, then for every
+        ``(running, new)`` pair ``running <- (1 - f) running + f new`` (BatchNorm eq. 3), f = momentum, or
+        with ``momentum=None`` the cumulative average f = 1 / count, ``count`` a tensor broadcastable to the
+        buffers (per-context counts; default ``num_batches_tracked``). ``mask`` selects the entries updated."""
+        self.num_batches_tracked.add_(1)
+        if not pairs:
+            return
+        if self.momentum is not None:
+            factor: Tensor | float = self.momentum
+        else:
+            n = self.num_batches_tracked if count is None else count
+            factor = torch.reciprocal(n.clamp_min(1).to(pairs[0][0].dtype))
+        for running, new in pairs:
+            ema_update(running, new, factor, mask)
+
+    def reset_running_stats(self) -> None:
+        """Running statistics (and ``num_batches_tracked``) back to their values at construction."""
+        with torch.no_grad():
+            self.num_batches_tracked.zero_()
+            for name, fill in self._running_fills.items():
+                self.get_buffer(name).fill_(fill)
+            self._reset_extra_running()
+
+    def _reset_extra_running(self) -> None:
+        """Hook: reset running state that is not a constant fill."""
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        super().reset_parameters()
 
 
 def affine_params(module: nn.Module, shape: tuple[int, ...], enabled: bool) -> None:

@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ddp_active, ema_update
+from .base import NormBase, RunningStatsNorm, affine_params, allreduce_sum, check_positive_int, ddp_active
 
 __all__ = ["BatchNorm", "LayerNorm", "GroupNorm"]
 
 
-class BatchNorm(NormBase):
+class BatchNorm(RunningStatsNorm):
     """BatchNorm, general form (eq. 1-3). ``x``: (N, C, *spatial) or (N, L, D) with ``channel_last``.
 
-    ``sync_stats=True`` all-reduces the statistics across DDP ranks (SyncBatchNorm semantics).
+    Running mean / unbiased variance (C,) as ``torch.nn.BatchNorm2d``; ``sync_stats=True`` all-reduces the
+    statistics across DDP ranks (SyncBatchNorm semantics).
     """
 
     names = ("bn", "batchnorm")
@@ -31,8 +32,8 @@ class BatchNorm(NormBase):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
         self.sync_stats = sync_stats
         affine_params(self, (num_features,), affine)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        self._register_running("running_mean", (num_features,), 0.0)
+        self._register_running("running_var", (num_features,), 1.0)
 
     def _needs_batch_statistics(self) -> bool:
         return True
@@ -54,10 +55,8 @@ class BatchNorm(NormBase):
                 var = (invstd.double().pow(-2) - self.eps).clamp_min(0).to(mean.dtype)
                 self._refuse_nonfinite(mean, var)  # before any buffer changes
                 count = x3.shape[0] * x3.shape[2]
-                self.num_batches_tracked.add_(1)
-                f = self._ema_factor()
-                ema_update(self.running_mean, mean, f)
-                ema_update(self.running_var, var * (count / max(count - 1, 1)), f)
+                self._update_running((self.running_mean, mean),
+                                     (self.running_var, var * (count / max(count - 1, 1))))
             return y
         if self.training:  # DDP: statistics from differentiable all-reduced sums (SyncBatchNorm)
             count = allreduce_sum(x3.new_tensor(float(x3.shape[0] * x3.shape[2])), self.sync_stats)
@@ -65,11 +64,8 @@ class BatchNorm(NormBase):
             centred = x3 - mean[None, :, None]
             var = allreduce_sum(centred.square().sum(dim=(0, 2)), self.sync_stats) / count
             self._refuse_nonfinite(mean, var)
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = self._ema_factor()
-                ema_update(self.running_mean, mean, f)
-                ema_update(self.running_var, var * count / (count - 1).clamp_min(1), f)
+            self._update_running((self.running_mean, mean),
+                                 (self.running_var, var * count / (count - 1).clamp_min(1)))
         else:
             mean = self.running_mean.to(x3.dtype)
             var = self.running_var.to(x3.dtype)
@@ -89,9 +85,9 @@ class LayerNorm(NormBase):
 
     names = ("ln", "layernorm")
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, channel_last: bool = False) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True,
+                 channel_last: bool = False) -> None:
+        super().__init__(num_features, eps=eps, affine=affine, channel_last=channel_last)
         affine_params(self, (num_features,), affine)
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
@@ -116,8 +112,8 @@ class GroupNorm(NormBase):
     names = ("gn", "groupnorm")
 
     def __init__(self, num_features: int, *, num_groups: Optional[int] = None, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+                 affine: bool = True, channel_last: bool = False) -> None:
+        super().__init__(num_features, eps=eps, affine=affine, channel_last=channel_last)
         g = _default_groups(num_features) if num_groups is None else check_positive_int("num_groups", num_groups)
         if num_features % g:
             raise ValueError(f"num_groups={g} must divide num_features={num_features}")

@@ -38,21 +38,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ema_update
+from .base import NormBase, RunningStatsNorm, affine_params, allreduce_sum, check_positive_int
 from .functional import check_posterior, flat_posteriors, log_posteriors, mix_affine, normalizing_coefficients
 
 __all__ = ["ContextNorm", "ContextNormX", "ContextNormEmbed"]
 
 
 class _ContextBase(NormBase):
+    """Shared by the context layers: K contexts with priors lambda (K,), per-context Gaussians (K, C) from
+    ``context_statistics()``, eq. 22 / 26 with known ids and CN+ (eq. 9) without. Keywords it does not take
+    (``momentum`` for ContextNorm) go on to the next base."""
+
     uses_context = True
     has_mixture = True
 
     def __init__(self, num_features: int, *, num_contexts: int, priors: Optional[Sequence[float] | Tensor] = None,
                  prior_scaling: bool = True, mixed_inference: bool = True, posterior: str = "sample",
-                 eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 channel_last: bool = False, per_context_affine: bool = True) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+                 eps: float = 1e-5, affine: bool = True, channel_last: bool = False,
+                 per_context_affine: bool = True, **kw) -> None:
+        super().__init__(num_features, eps=eps, affine=affine, channel_last=channel_last, **kw)
         self.num_contexts = check_positive_int("num_contexts", num_contexts)
         if priors is None:
             lam = torch.full((num_contexts,), 1.0 / num_contexts)
@@ -128,9 +132,10 @@ class _ContextBase(NormBase):
                                        f", posterior={self.posterior!r}")
 
 
-class ContextNorm(_ContextBase):
+class ContextNorm(_ContextBase, RunningStatsNorm):
     """CN: per-context minibatch statistics (eq. 22-26). x (N, C, *S) or (N, L, D); context (N,) long.
 
+    Running means and unbiased variances (K, C).
     ``sync_stats=True`` all-reduces the per-context sums across DDP ranks.
     """
 
@@ -139,8 +144,8 @@ class ContextNorm(_ContextBase):
     def __init__(self, num_features: int, *, num_contexts: int, sync_stats: bool = True, **kw) -> None:
         super().__init__(num_features, num_contexts=num_contexts, **kw)
         self.sync_stats = sync_stats
-        self.register_buffer("running_mean", torch.zeros(num_contexts, num_features))
-        self.register_buffer("running_var", torch.ones(num_contexts, num_features))
+        self._register_running("running_mean", (num_contexts, num_features), 0.0)
+        self._register_running("running_var", (num_contexts, num_features), 1.0)
 
     def context_statistics(self) -> tuple[Tensor, Tensor]:
         return self.running_mean, self.running_var
@@ -166,16 +171,14 @@ class ContextNorm(_ContextBase):
         var = torch.where(ok, var_b, self.running_var.to(x3.dtype))
         self._refuse_nonfinite(mean_b.masked_fill(~ok, 0), var_b.masked_fill(~ok, 1))
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            f = self._ema_factor()
             unbiased = var_b * (count / (count - 1).clamp_min(1))[:, None]
-            ema_update(self.running_mean, mean_b, f, ok)  # eq. 25
-            ema_update(self.running_var, unbiased, f, ok)
+            self._update_running((self.running_mean, mean_b), (self.running_var, unbiased), mask=ok)  # eq. 25
         return self._apply_known(x3, context, mean, var)
 
 
 class ContextNormX(_ContextBase):
-    """CN-X / SCB-Norm: per-context mean and log-variance learned as weights (K, C).
+    """CN-X / SCB-Norm (PKN Algorithm 3, CB-Norm eq. 8): per-context mean and log-variance learned as weights
+    (K, C). x (N, C, *S) or (N, L, D); context (N,) long. No running statistics (no ``momentum``).
 
     ``mean`` initialised at 0 and ``log_var`` at 0 (variance 1) so training starts at the identity; the
     contexts separate as gradients differ (the papers initialise randomly; zeros keep runs reproducible).
@@ -187,6 +190,10 @@ class ContextNormX(_ContextBase):
         super().__init__(num_features, num_contexts=num_contexts, **kw)
         self.mean = nn.Parameter(torch.zeros(num_contexts, num_features))
         self.log_var = nn.Parameter(torch.zeros(num_contexts, num_features))
+
+    def _reset_extra_parameters(self) -> None:
+        self.mean.zero_()
+        self.log_var.zero_()
 
     def context_statistics(self) -> tuple[Tensor, Tensor]:
         return self.mean, self.log_var.exp()
@@ -201,7 +208,8 @@ class ContextNormX(_ContextBase):
 
 
 class ContextNormEmbed(_ContextBase):
-    """SCB-Norm-base / the CN paper's embedder layer: onehot(r) -> alpha_r -> (mu_r, log sigma_r^2).
+    """SCB-Norm-base / the CN paper's embedder layer (Algorithm 1, eq. 8): onehot(r) -> alpha_r (E,) ->
+    (mu_r, log sigma_r^2) (C,). x (N, C, *S) or (N, L, D); context (N,) long. No running statistics.
 
     ``embed_dim`` is the size of alpha_r (default: num_features). Heads start at zero (mu=0, var=1).
     Defaults follow eq. 8: no prior scaling, one shared per-channel affine.
@@ -217,9 +225,16 @@ class ContextNormEmbed(_ContextBase):
         self.embedder = nn.Linear(num_contexts, e)
         self.head_mean = nn.Linear(e, num_features)
         self.head_log_var = nn.Linear(e, num_features)
+        self._zero_heads()
+
+    def _zero_heads(self) -> None:
         for head in (self.head_mean, self.head_log_var):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+
+    def _reset_extra_parameters(self) -> None:
+        self.embedder.reset_parameters()
+        self._zero_heads()
 
     def context_statistics(self) -> tuple[Tensor, Tensor]:
         eye = torch.eye(self.num_contexts, device=self.embedder.weight.device, dtype=self.embedder.weight.dtype)

@@ -7,8 +7,10 @@ Each mode k has statistics weighted by the gates (eq. 16),
 
 and every sample is normalized by all modes (eq. 15): x_hat_n = sum_k g_nk (x_n - mu_k) / sqrt(sigma_k^2 + eps),
 followed by one per-channel affine. Running statistics per mode follow BatchNorm's convention (unbiased
-with the effective count N_k); eval uses them with the gates of the sample itself. K = 1 is BatchNorm.
-Gradients flow through the gates (they are part of the network).
+with the effective count N_k); eval uses them
+with the gates of the sample itself. K = 1 is BatchNorm. Gradients flow through the gates (they are part of
+the network).
+
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import NormBase, affine_params, allreduce_sum, check_positive_int, ema_update
+from .base import RunningStatsNorm, affine_params, allreduce_sum, check_positive_int
 
 __all__ = ["ModeNorm", "centered_square_sums"]
 
@@ -47,8 +49,11 @@ def centered_square_sums(x3: Tensor, shift: Tensor) -> Tensor:
     return _CenteredSquareSums.apply(x3, shift.detach())
 
 
-class ModeNorm(NormBase):
-    """ModeNorm. x (N, C, *S) or (N, L, D) with channel_last; ``num_components`` K modes; no context."""
+class ModeNorm(RunningStatsNorm):
+    """ModeNorm (eq. 15-16). x (N, C, *S) or (N, L, D) with channel_last; ``num_components`` K modes; no context.
+
+    Gate ``gate`` = Linear(C, K); running per-mode means and unbiased variances (K, C), mode weights (K,).
+    """
 
     names = ("mode", "modenorm")
     has_mixture = True
@@ -61,9 +66,12 @@ class ModeNorm(NormBase):
         self.sync_stats = sync_stats
         affine_params(self, (num_features,), affine)
         self.gate = nn.Linear(num_features, num_components)
-        self.register_buffer("running_mean", torch.zeros(num_components, num_features))
-        self.register_buffer("running_var", torch.ones(num_components, num_features))
-        self.register_buffer("running_weights", torch.full((num_components,), 1.0 / num_components))
+        self._register_running("running_mean", (num_components, num_features), 0.0)
+        self._register_running("running_var", (num_components, num_features), 1.0)
+        self._register_running("running_weights", (num_components,), 1.0 / num_components)
+
+    def _reset_extra_parameters(self) -> None:
+        self.gate.reset_parameters()
 
     def _needs_batch_statistics(self) -> bool:
         return True
@@ -98,11 +106,9 @@ class ModeNorm(NormBase):
             var = (sq / nk.clamp_min(1e-12)[:, None]).clamp_min(0)
             self._refuse_nonfinite(mean, var, nk)
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = self._ema_factor()
-                ema_update(self.running_mean, mean, f)
-                ema_update(self.running_var, var * (nk / (nk - 1).clamp_min(1))[:, None], f)
-                ema_update(self.running_weights, nk / nk.sum(), f)
+                self._update_running((self.running_mean, mean),
+                                     (self.running_var, var * (nk / (nk - 1).clamp_min(1))[:, None]),
+                                     (self.running_weights, nk / nk.sum()))
         else:
             mean, var = self.running_mean.to(x3.dtype), self.running_var.to(x3.dtype)
         inv = torch.rsqrt(var + self.eps)  # (K, C)
