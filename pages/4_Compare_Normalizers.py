@@ -88,7 +88,7 @@ with S.guard("Compare normalizers"):
         shown = g1.multiselect("Groups", labels, key="cmp_groups",
                                format_func=lambda n: f"{n} ({len(next(g for g in groups if g['label'] == n)['seeds'])})",
                                help="Groups of runs (number of seeds); each run stays selectable alone above")
-        each_seed = g2.toggle("Each seed's curve", key="cmp_seed_lines", help="Add every seed's own curve, dotted")
+        each_seed = g2.toggle("Seed curves", key="cmp_seed_lines", help="Add every seed's own curve, dotted")
         colors = {label: i for i, label in enumerate(labels)}
         seed_cols = {"best acc mean": st.column_config.NumberColumn(format="percent", help=C.SEEDS_HELP["best acc mean"]),
                      "best acc sd": st.column_config.NumberColumn(format="percent", help=C.SEEDS_HELP["best acc sd"]),
@@ -171,10 +171,10 @@ with S.guard("Reproduction of the MN paper's claim"):
             st.plotly_chart(fig_rep, key=f"cmp_repro_chart_{si}", config={"displaylogo": False})
             S.download_figure(fig_rep, f"reproduce_mn_{setting}.csv", key=f"cmp_repro_dl_{si}")
             table = C.reproduction_table(entry, setting, rep["paper"], ref_norm)
-            cols = {c: st.column_config.NumberColumn(format=C.repro_format(c), help=C.REPRO_HELP.get(c))
+            cols = {c: st.column_config.NumberColumn(C.repro_label(c), format=C.repro_format(c), help=C.repro_help(c))
                     for c in table.columns if table[c].dtype.kind in "fi" and c != "seeds"}
-            cols.update({c: st.column_config.Column(help=h) for c, h in C.REPRO_HELP.items()
-                         if c in table.columns and c not in cols})
+            cols.update({c: st.column_config.Column(C.repro_label(c), help=C.repro_help(c))
+                         for c in table.columns if c not in cols and C.repro_help(c)})
             st.dataframe(table, hide_index=True, key=f"cmp_repro_table_{si}", column_config=cols)
             if ref_acc is not None:
                 st.caption(f"BN's best (maximum of its mean curve): {ref_acc:.2%} at step "

@@ -476,7 +476,7 @@ def _fmt_steps(v: Optional[float]) -> str:
 
 def _ci(ci: Optional[Sequence[float]], reached: int, n: int) -> str:
     if ci is None:
-        return f"— ({reached} of {n} seeds reach it)" if n else "—"
+        return f"— ({reached} of {n} seed{'s' if n != 1 else ''} reach{'es' if n == 1 else ''} it)" if n else "—"
     return f"[{ci[0]:,.0f}, {ci[1]:,.0f}]"
 
 
@@ -513,11 +513,15 @@ def seeds_table(groups: Sequence[dict], summary: dict):
             "95% interval (seeds)": _ci(s.get("steps_to_reference_ci95"), s.get("seeds_reaching_reference", 0), n)
             if has_ref else "—",
             "reduction vs BN %": s.get("reduction_vs_reference_pct"),
-            "beyond seed spread": "reference" if g["is_reference"] else _yes_no(s.get("difference_exceeds_seed_spread")),
+            "beyond seed spread": "reference" if g["is_reference"] else _yes_no(s.get("difference_exceeds_seed_spread"))
+            + (" (one seed: BN's spread only)" if n == 1 and s.get("difference_exceeds_seed_spread") is not None else ""),
             "Welch p": s.get("welch_p"),
             "curve": f"{s['source']} ({len(s['steps'])} steps)"})
-    return _numeric(pd.DataFrame(rows), ("best acc mean", "best acc sd", "steps to BN best", "reduction vs BN %",
-                                         "Welch p"))
+    order = ["group", "seeds", "best acc", "steps to BN best", "per seed", "95% interval (seeds)",
+             "reduction vs BN %", "beyond seed spread", "Welch p", "recipe", "runs", "seed ids", "best acc mean",
+             "best acc sd", "curve"]
+    df = pd.DataFrame(rows, columns=order)
+    return _numeric(df, ("best acc mean", "best acc sd", "steps to BN best", "reduction vs BN %", "Welch p"))
 
 
 SEEDS_HELP = {
@@ -673,7 +677,12 @@ def reproduction_table(entry: dict, setting: str, paper: dict, reference: str = 
                                                   else None)
             row[f"paper {label}: max acc %"] = _num(p.get("max_acc"))
         rows.append(row)
-    df = pd.DataFrame(rows)
+    labels = [PAPER_DATASETS.get(d, d) for d in datasets]
+    order = (["norm", "seeds", "steps to BN best"] + [f"paper {x}: steps to BN best" for x in labels]
+             + ["reduction vs BN %"] + [f"paper {x}: reduction %" for x in labels]
+             + ["best acc %"] + [f"paper {x}: max acc %" for x in labels]
+             + ["per seed", "95% interval (seeds)", "beyond seed spread", "Welch p", "best acc mean %", "best acc sd %"])
+    df = pd.DataFrame(rows, columns=order)
     return _numeric(df, [c for c in df.columns if c not in ("norm", "seeds", "per seed", "95% interval (seeds)",
                                                             "best acc %", "beyond seed spread")])
 
@@ -687,6 +696,24 @@ REPRO_HELP = {
     "best acc %": "Best test accuracy of each seed's curve, mean ± sd over seeds, in percent",
     "beyond seed spread": "Whether |best-accuracy difference to BN| exceeds twice its standard error",
     "Welch p": "Welch's t-test p-value of the best accuracies against BN's"}
+
+
+def repro_label(column: str) -> str:
+    """Short header of a column of :func:`reproduction_table` (the paper's columns follow ours: "↳ CIFAR-10
+    (paper)")."""
+    if column.startswith("paper "):
+        return f"↳ {column[len('paper '):].split(':')[0]} (paper)"
+    return column
+
+
+def repro_help(column: str) -> Optional[str]:
+    if column.startswith("paper "):
+        ds, what = column[len("paper "):].split(": ", 1)
+        return {"steps to BN best": f"The paper's Table 3 for {ds}: steps to reach BN's maximum test accuracy",
+                "reduction %": f"1 − MN's steps / BN's steps from the paper's Table 3 ({ds})",
+                "max acc %": f"The paper's maximum test accuracy on {ds} (Table 3; Table 2 at the large learning rate)"
+                }.get(what, column)
+    return REPRO_HELP.get(column)
 
 
 def repro_format(column: str) -> str:
@@ -707,16 +734,19 @@ def protocol_caption(rep: dict) -> str:
                                          m.get("torch_threads") and f"{m['torch_threads']} torch threads",
                                          m.get("torch") and f"torch {m['torch']}") if x) or "not recorded"
     parts = [f"**Machine**: {machine}."]
+    proto = []
     if p.get("common_args"):
-        parts.append("**Protocol**: `" + " ".join(str(a) for a in p["common_args"]) + "`")
+        proto.append("`" + " ".join(str(a) for a in p["common_args"]) + "`")
     settings = p.get("settings")
     if isinstance(settings, dict) and settings:
-        parts.append("settings " + "; ".join(f"{k}: `{' '.join(str(a) for a in v) if isinstance(v, list) else v}`"
+        proto.append("settings " + "; ".join(f"{k} `{' '.join(str(a) for a in v) if isinstance(v, list) else v}`"
                                              for k, v in settings.items()))
     if p.get("seeds"):
-        parts.append(f"seeds {', '.join(str(s) for s in p['seeds'])}.")
+        proto.append(f"seeds {', '.join(str(s) for s in p['seeds'])}")
+    if proto:
+        parts.append("**Protocol**: " + "; ".join(proto) + ".")
     if p.get("why_this_scale"):
-        parts.append(str(p["why_this_scale"]))
+        parts.append(str(p["why_this_scale"]).rstrip(".") + ".")
     claim = (rep.get("paper") or {}).get("claim")
     if claim:
         parts.append(f"**The paper's claim**: {claim}.")
