@@ -3,7 +3,9 @@
 Every page is visited; the test waits until the script has finished (`data-test-script-state="notRunning"`)
 and the Plotly figures are drawn, checks that no exception or error box is shown, and saves a screenshot
 (to $CBNORM_SCREENSHOTS, default a temporary folder). Skipped when /usr/bin/chromium or Playwright is
-missing. Runs against the small runs built by tests/test_app.py's fixture.
+missing. Runs against the small runs built by tests/test_app.py's fixture; the Compare page's figures are
+read back from the browser (their traces) and, on runs with several seeds per recipe (tests/test_app_groups.py's,
+and the committed ones once they have such groups), every group's ±1 sd band and mean line are checked.
 
     python tests/test_browser.py [RUNS_DIR] [SCREENSHOT_DIR]   # the same visit, by hand (e.g. checkpoints/)
 """
@@ -13,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -35,8 +38,21 @@ def wait_idle(page, timeout_ms: int) -> None:
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout_ms)
 
 
-def visit(base_url: str, shots: Path, timeout_ms: int = 120_000, width: int = 1280) -> dict:
-    """Visit every page; return {page: {"figures", "errors", "seconds", "screenshot"}}."""
+#: every drawn Plotly figure's title and traces (name, fill, number of points), read from the graph divs
+#: (numpy arrays travel as typed binary arrays, so the point count comes from Plotly's full trace data)
+FIGURES_JS = """els => els.map(el => ({
+    title: (el.layout && el.layout.title && el.layout.title.text) || "",
+    traces: (el.data || []).map((t, i) => {
+        const full = (el._fullData || [])[i] || {};
+        const n = (t.x && t.x.length !== undefined) ? t.x.length : (full._length ?? (full.x ? full.x.length : -1));
+        return {name: t.name || "", fill: full.fill || t.fill || "", n: n};
+    })}))"""
+
+
+def visit(base_url: str, shots: Path, timeout_ms: int = 120_000, width: int = 1280,
+          pages: Optional[dict] = None) -> dict:
+    """Visit every page (or ``pages``, a subset of PAGES); return {page: {"figures", "errors", "seconds",
+    "screenshot", "plots"}} with "plots" the figures' traces (FIGURES_JS)."""
     from playwright.sync_api import sync_playwright
 
     shots.mkdir(parents=True, exist_ok=True)
@@ -45,7 +61,7 @@ def visit(base_url: str, shots: Path, timeout_ms: int = 120_000, width: int = 12
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": width, "height": 900})
-            for path, (name, n_figs) in PAGES.items():
+            for path, (name, n_figs) in (pages or PAGES).items():
                 t0 = time.perf_counter()
                 page.goto(f"{base_url}/{path}", wait_until="domcontentloaded")
                 page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
@@ -59,6 +75,7 @@ def visit(base_url: str, shots: Path, timeout_ms: int = 120_000, width: int = 12
                 errors += [d.inner_text()[:200] for d in page.query_selector_all("[role='dialog']")
                            if "not found" in d.inner_text().lower()]
                 figs = page.eval_on_selector_all(".js-plotly-plot", "els => els.length")
+                plots = page.eval_on_selector_all(".js-plotly-plot", FIGURES_JS)
                 framed = page.query_selector("[data-testid='stSidebar'] [data-testid='stSelectbox']") is not None
                 # the app scrolls inside its main block: grow the viewport to the content for a whole-page shot
                 height = page.evaluate("() => { const m = document.querySelector(\"[data-testid='stMain']\");"
@@ -69,10 +86,89 @@ def visit(base_url: str, shots: Path, timeout_ms: int = 120_000, width: int = 12
                 page.screenshot(path=str(shot), full_page=True)
                 page.set_viewport_size({"width": width, "height": 900})
                 report[name] = {"figures": figs, "errors": errors, "seconds": seconds, "screenshot": str(shot),
-                                "expected_figures": n_figs, "framed": framed}
+                                "expected_figures": n_figs, "framed": framed, "plots": plots}
         finally:
             browser.close()
     return report
+
+
+def _runs_of(runs_dir: Path) -> list[tuple[str, dict, dict]]:
+    import json
+
+    out = []
+    for p in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        try:
+            cfg, m = (json.loads((p / f).read_text()) for f in ("config.json", "metrics.json"))
+        except (OSError, ValueError):
+            continue
+        if cfg.get("task", "classify") == "classify":
+            out.append((p.name, cfg, m))
+    return out
+
+
+def seed_groups(runs_dir: Path) -> list[dict]:
+    """The compare page's groups of the runs in ``runs_dir`` (cbnorm.app.compare.group_runs)."""
+    from cbnorm.app.compare import group_runs
+
+    return group_runs(_runs_of(runs_dir))
+
+
+def compare_problems(plots: list[dict], runs_dir: Path, bench_dir: Path) -> list[str]:
+    """What is wrong with the compare page's drawn figures: any figure without traces; for every group of
+    several seeds among the first 12 (the page's default choice), its band ("NAME + 1 sd" filled down to
+    "NAME − 1 sd", right before it) and mean line on every eval step; for a group of one seed, a plain line
+    and no band; for reproduce_mn.json in ``bench_dir``, a band per norm of several seeds in each setting."""
+    import json
+
+    from cbnorm.train.sweep import curve_of
+
+    problems = [f"figure {i} ({p['title']!r}) has no trace" for i, p in enumerate(plots) if not p["traces"]]
+    names_in = [[t["name"] for t in p["traces"]] for p in plots]
+
+    def band_problem(ts: list[dict], names: list[str], name: str, n_points: int) -> Optional[str]:
+        hi, lo = f"{name} + 1 sd", f"{name} − 1 sd"
+        if hi not in names or lo not in names or names.index(lo) + 1 != names.index(hi):
+            return f"{name!r}: no band traces {lo!r} then {hi!r}"
+        if ts[names.index(hi)]["fill"] != "tonexty" or ts[names.index(lo)]["fill"] not in ("", "none"):
+            return f"{name!r}: the band is not filled between its edges"
+        if ts[names.index(name)]["n"] < n_points:
+            return f"{name!r}: {ts[names.index(name)]['n']} points, fewer than the {n_points} eval steps"
+        return None
+
+    def band(name: str, n_points: int) -> None:
+        """Some figure has the mean line ``name`` with its band (another figure may use the same name)."""
+        found = [band_problem(p["traces"], names, name, n_points) for p, names in zip(plots, names_in) if name in names]
+        if not found:
+            problems.append(f"no mean line {name!r}")
+        elif all(found):
+            problems.append(found[0])
+
+    def plain(name: str) -> None:
+        if not any(name in names and f"{name} + 1 sd" not in names for names in names_in):
+            problems.append(f"{name!r}: expected a plain line without a band")
+
+    groups = seed_groups(runs_dir)
+    if any(len(g["seeds"]) > 1 for g in groups):
+        for g in groups[:12]:
+            n = len(g["seeds"])
+            if not any(len(o["seeds"]) > 1 for o in groups[:12] if o["setting"] == g["setting"]):
+                continue  # a setting of single runs draws no seed figure
+            steps = set.intersection(*(set(curve_of(m)[0].tolist()) for _, m in g["metrics"]))
+            name = f"{g['label']} ({n} seed{'s' if n != 1 else ''})"
+            if n > 1:
+                band(name, len(steps))
+            else:
+                plain(name)
+    rep_path = bench_dir / "reproduce_mn.json"
+    try:
+        rep = json.loads(rep_path.read_text())["summary"]["settings"] if rep_path.exists() else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        rep = {}  # a malformed file: the page says so (checked by test_app_groups)
+    for entry in rep.values():
+        for norm, g in entry["norms"].items():
+            if len(g["seeds"]) > 1:
+                band(f"{norm} ({len(g['seeds'])} seeds)", len(g["steps"]))
+    return problems
 
 
 @pytest.mark.slow
@@ -95,9 +191,51 @@ def test_every_page_in_chromium(app_runs, tmp_path_factory):
         assert r["figures"] >= r["expected_figures"], f"{name}: {r['figures']} figures, expected {r['expected_figures']}"
         assert r["framed"], f"{name}: shown without app.py's sidebar (run picker)"
         assert Path(r["screenshot"]).stat().st_size > 5_000
+    # the compare page's figures have their traces (these runs: one seed each, so no seed bands)
+    assert not compare_problems(report["compare"]["plots"], app_runs, ROOT / "bench" / "results")
+    err = report["compare"]["plots"][0]
+    assert sorted(t["name"] for t in err["traces"]) == sorted(p.name for p in app_runs.iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["grouped", "checkpoints"])
+def test_compare_seed_bands_in_chromium(which, request, tmp_path_factory):
+    """The Compare page in Chromium on runs with several seeds per recipe: every group's band and mean
+    line are drawn. "grouped": tests/test_app_groups.py's tiny runs with a synthetic reproduce_mn.json;
+    "checkpoints": the committed runs and bench/results, skipped while no recipe there has several seeds."""
+    import json
+
+    pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    if which == "grouped":
+        from test_app_groups import reproduce_json
+
+        runs = request.getfixturevalue("grouped_runs")
+        bench = tmp_path_factory.mktemp("bench")
+        (bench / "reproduce_mn.json").write_text(json.dumps(reproduce_json(runs)))
+    else:
+        runs, bench = ROOT / "checkpoints", ROOT / "bench" / "results"
+        if not any(len(g["seeds"]) > 1 for g in seed_groups(runs)):
+            pytest.skip("no recipe of the committed runs has several seeds yet")
+    shots = Path(os.environ.get("CBNORM_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots")) / f"seeds-{which}"
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
+    proc = start_server(runs, port, log_path, extra_env={"CBNORM_BENCH": str(bench)})
+    try:
+        report = visit(f"http://127.0.0.1:{port}", shots, pages={"Compare_Normalizers": ("compare", 4)})
+    finally:
+        stop_server(proc)
+    assert "Traceback" not in log_path.read_text()
+    r = report["compare"]
+    assert not r["errors"], r["errors"]
+    problems = compare_problems(r["plots"], runs, bench)
+    assert not problems, problems
+    assert any(t["fill"] == "tonexty" for p in r["plots"] for t in p["traces"])
 
 
 from test_app import app_runs  # noqa: E402,F401  (the session fixture of small runs)
+from test_app_groups import grouped_runs  # noqa: E402,F401  (runs of several seeds)
 
 if __name__ == "__main__":  # by hand: python tests/test_browser.py checkpoints/ /tmp/shots
     runs = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "checkpoints"
@@ -106,8 +244,11 @@ if __name__ == "__main__":  # by hand: python tests/test_browser.py checkpoints/
     out.mkdir(parents=True, exist_ok=True)
     proc = start_server(runs.resolve(), port, out / "streamlit.log")
     try:
-        for k, v in visit(f"http://127.0.0.1:{port}", out).items():
-            print(k, v)
+        report = visit(f"http://127.0.0.1:{port}", out)
+        for k, v in report.items():
+            print(k, {kk: vv for kk, vv in v.items() if kk != "plots"})
+        print("compare page problems:", compare_problems(report["compare"]["plots"], runs.resolve(),
+                                                         ROOT / "bench" / "results") or "none")
     finally:
         stop_server(proc)
         print((out / "streamlit.log").read_text()[-2000:])
