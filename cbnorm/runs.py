@@ -454,13 +454,15 @@ def _match_state(model: nn.Module, tensors: Mapping[str, Tensor], what: str, con
 
 #: state entries that a layer can only ever hold >= 0 (variances, mixture weights, counters)
 NONNEGATIVE_STATE = frozenset({"running_var", "queue_vars", "queue_fit_vars", "running_weights", "queue_weights",
-                               "queue_fit_weights", "num_batches_tracked", "queue_count", "queue_ptr", "priors"})
+                               "queue_fit_weights", "num_batches_tracked", "running_batches_tracked", "queue_count",
+                               "queue_ptr", "priors"})
 
 
 def _with_legacy_buffers(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``tensors`` of a file written by an older version, in this version's layout: every cbnorm layer of
     ``model`` upgrades its own entries (``NormBase.upgrade_state_dict``: ACN's data_initialized = 1, MN's queue
-    fits from its queued moments, num_batches_tracked dropped from layers without running statistics). Safetensors files carry no state-dict version; the hooks only
+    fits from its queued moments, CN's per-context counts from num_batches_tracked, num_batches_tracked dropped
+    from layers without running statistics). Safetensors files carry no state-dict version; the hooks only
     fill keys that are missing and drop keys the layer no longer has, so a current file is unchanged."""
     from .norms import NormBase
 

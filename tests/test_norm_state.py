@@ -1,5 +1,5 @@
 """State of the layers: the running-statistics base (one EMA step, resets, versioned loading), MN's queue
-(train/eval consistency, eq. 34-38 in numpy), and the migration of files written before these changes (the committed checkpoints included)."""
+(train/eval consistency, eq. 34-38 in numpy), CN's per-context counts, and the migration of files written before these changes (the committed checkpoints included)."""
 from pathlib import Path
 
 import numpy as np
@@ -280,8 +280,44 @@ def test_committed_mn_checkpoint_loads_and_evaluates_as_before():
                                            if (p / "config.json").exists()))
 def test_every_committed_checkpoint_loads(run_dir):
     """Files written before the running-statistics base: num_batches_tracked of ln/gn/cnx/cn-embed is
-    dropped, MN gets its queued fits."""
+    dropped, CN gets per-context counts, MN its queued fits."""
     run = runs.load_run(ROOT / "checkpoints" / run_dir)
     for name, module in run.model.named_modules():
+        if isinstance(module, cbnorm.ContextNorm):
+            assert (module.running_batches_tracked == module.num_batches_tracked).all(), name
         if isinstance(module, (cbnorm.LayerNorm, cbnorm.GroupNorm, cbnorm.ContextNormX, cbnorm.ContextNormEmbed)):
             assert "num_batches_tracked" not in dict(module.named_buffers()), name
+
+
+# ============================================================================= CN: per-context counts
+def test_cn_cumulative_average_counts_batches_per_context():
+    """momentum=None, context 1 absent from half the batches: each context's running mean / variance is the
+    plain average of its own batch statistics over the batches it was in (a global count mixed the absent
+    batches' initial values in: max |diff| 0.36 before)."""
+    layer = make_layer("cn", 3, num_contexts=2, momentum=None).double()
+    g = torch.Generator().manual_seed(0)
+    means, vars_ = {0: [], 1: []}, {0: [], 1: []}
+    for b in range(8):
+        ctx = torch.tensor([0, 0, 0, 1, 1, 1] if b % 2 == 0 else [0, 0, 0, 0, 0, 0])
+        x = torch.randn(6, 3, 2, 2, generator=g, dtype=torch.float64) * 2 + 3 * ctx.view(-1, 1, 1, 1)
+        layer(x, context=ctx)
+        for k in (0, 1):
+            if (ctx == k).any():
+                pts = npoints(x[ctx == k])
+                means[k].append(pts.mean(0))
+                vars_[k].append(pts.var(0, ddof=1))
+    assert layer.running_batches_tracked.tolist() == [8, 4] and int(layer.num_batches_tracked) == 8
+    for k in (0, 1):
+        np.testing.assert_allclose(layer.running_mean[k].numpy(), np.mean(means[k], 0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(layer.running_var[k].numpy(), np.mean(vars_[k], 0), rtol=1e-10, atol=1e-12)
+
+
+def test_cn_version1_state_gets_the_global_count_per_context():
+    src = warm_up(make_layer("cn", 3, num_contexts=3, momentum=None), c=3, steps=3)
+    state = version1_state(src)
+    del state["running_batches_tracked"]
+    dst = make_layer("cn", 3, num_contexts=3, momentum=None)
+    dst.load_state_dict(state)
+    assert dst.running_batches_tracked.tolist() == [3, 3, 3]
+    tensors = runs._with_legacy_buffers(torch.nn.Sequential(dst), {"0." + k: v for k, v in state.items()})
+    assert tensors["0.running_batches_tracked"].tolist() == [3, 3, 3]

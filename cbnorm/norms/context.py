@@ -6,7 +6,9 @@ carries a context id k_i in [0, K). Each context is one Gaussian mode of the act
 * ``ContextNorm`` (``cn``; prior-knowledge-normalization.txt eq. 22-26): per-context minibatch mean and
   biased variance over the positions of the samples in that context, per-context running statistics, prior
   scaling 1/sqrt(lambda_k) and per-context affine (gamma_k, beta_k). A context with fewer than 2 samples in
-  the minibatch is normalized with its running statistics (and they are not updated from it).
+  the minibatch is normalized with its running statistics (and they are not updated from it). Each context
+  counts the batches it was updated from (``running_batches_tracked`` (K,)), so the cumulative average
+  (``momentum=None``) of a context is the plain mean of its own batch statistics, however rarely it occurs.
 * ``ContextNormX`` (``cnx``/``scb``; Algorithm 3 there, cluster-based-normalization.txt eq. 8): mean and
   variance of each context are learned weights. Variance is parameterized as ``exp(log_var)`` — always
   positive, unlike the papers' raw sigma^2 with a ">= 0" constraint. Train and eval use the same transform.
@@ -135,7 +137,7 @@ class _ContextBase(NormBase):
 class ContextNorm(_ContextBase, RunningStatsNorm):
     """CN: per-context minibatch statistics (eq. 22-26). x (N, C, *S) or (N, L, D); context (N,) long.
 
-    Running means and unbiased variances (K, C).
+    Running means and unbiased variances (K, C), with per-context batch counts (K,) for ``momentum=None``.
     ``sync_stats=True`` all-reduces the per-context sums across DDP ranks.
     """
 
@@ -146,6 +148,14 @@ class ContextNorm(_ContextBase, RunningStatsNorm):
         self.sync_stats = sync_stats
         self._register_running("running_mean", (num_contexts, num_features), 0.0)
         self._register_running("running_var", (num_contexts, num_features), 1.0)
+        self._register_running("running_batches_tracked", (num_contexts,), 0, dtype=torch.long)
+
+    def upgrade_state_dict(self, state_dict: dict, prefix: str) -> None:
+        """Version 1 had one global count: every context gets it (the old behaviour of momentum=None)."""
+        super().upgrade_state_dict(state_dict, prefix)
+        key, old = prefix + "running_batches_tracked", state_dict.get(prefix + "num_batches_tracked")
+        if key not in state_dict and isinstance(old, Tensor) and old.dim() == 0:
+            state_dict[key] = old.expand(self.num_contexts).clone()
 
     def context_statistics(self) -> tuple[Tensor, Tensor]:
         return self.running_mean, self.running_var
@@ -172,7 +182,9 @@ class ContextNorm(_ContextBase, RunningStatsNorm):
         self._refuse_nonfinite(mean_b.masked_fill(~ok, 0), var_b.masked_fill(~ok, 1))
         with torch.no_grad():
             unbiased = var_b * (count / (count - 1).clamp_min(1))[:, None]
-            self._update_running((self.running_mean, mean_b), (self.running_var, unbiased), mask=ok)  # eq. 25
+            self.running_batches_tracked.add_(ok[:, 0].long())
+            self._update_running((self.running_mean, mean_b), (self.running_var, unbiased),  # eq. 25
+                                 count=self.running_batches_tracked[:, None], mask=ok)
         return self._apply_known(x3, context, mean, var)
 
 
