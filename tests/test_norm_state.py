@@ -1,5 +1,6 @@
 """State of the layers: the running-statistics base (one EMA step, resets, versioned loading), MN's queue
-(train/eval consistency, eq. 34-38 in numpy), CN's per-context counts, and the migration of files written before these changes (the committed checkpoints included)."""
+(train/eval consistency, eq. 34-38 in numpy), CN's per-context counts, ModeNorm's unbiased variance, and
+the migration of files written before these changes (the committed checkpoints included)."""
 from pathlib import Path
 
 import numpy as np
@@ -321,3 +322,46 @@ def test_cn_version1_state_gets_the_global_count_per_context():
     assert dst.running_batches_tracked.tolist() == [3, 3, 3]
     tensors = runs._with_legacy_buffers(torch.nn.Sequential(dst), {"0." + k: v for k, v in state.items()})
     assert tensors["0.running_batches_tracked"].tolist() == [3, 3, 3]
+
+
+# ============================================================================ ModeNorm: unbiased variance
+def test_mode_running_statistics_equal_reliability_weighted_numpy():
+    """One step with momentum=1: running mean = gate-weighted mean, running variance = the unbiased weighted
+    variance with reliability weights, sum w (x - mu)^2 / (V1 - V2 / V1), w_np = g_nk over every (n, p)."""
+    torch.manual_seed(0)
+    layer = randomize(make_layer("mode", 3, num_components=2, momentum=1.0)).double()
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64) * 2 + 1
+    layer(x)
+    pts = x.detach().numpy().reshape(6, 3, -1)
+    z = pts.mean(2) @ layer.gate.weight.detach().numpy().T + layer.gate.bias.detach().numpy()
+    gates = np.exp(z - z.max(1, keepdims=True))
+    gates /= gates.sum(1, keepdims=True)
+    for k in range(2):
+        w = np.repeat(gates[:, k], 4)  # weight of each (n, p) point, sample-major
+        v = pts.transpose(0, 2, 1).reshape(-1, 3)
+        v1, v2 = w.sum(), (w ** 2).sum()
+        mu = (w[:, None] * v).sum(0) / v1
+        var = (w[:, None] * (v - mu) ** 2).sum(0) / (v1 - v2 / v1)
+        np.testing.assert_allclose(layer.running_mean[k].numpy(), mu, rtol=1e-12)
+        np.testing.assert_allclose(layer.running_var[k].numpy(), var, rtol=1e-12)
+    # unit gates (K = 1): BatchNorm's m / (m - 1)
+    one = make_layer("mode", 3, num_components=1, momentum=1.0).double()
+    one(x)
+    np.testing.assert_allclose(one.running_var[0].numpy(), npoints(x).var(0, ddof=1), rtol=1e-12)
+
+
+def test_mode_rare_mode_keeps_its_variance():
+    """Gate bias [0, -7] on N(0, 1) data: mode 1 has gate mass N_k ~ 0.23 per batch. Its running variance is
+    ~1 (it was 0.22 here, 0.01 in long runs, with the frequency correction N_k / max(N_k - 1, 1))."""
+    layer = make_layer("mode", 3, num_components=2, momentum=None, affine=False).double()
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+        layer.gate.bias.copy_(torch.tensor([0.0, -7.0]))
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(5)]
+    for x in xs:
+        layer(x)
+    ref = np.mean([npoints(x).var(0, ddof=1) for x in xs], 0)  # equal gates: the plain unbiased variance
+    np.testing.assert_allclose(layer.running_var[0].numpy(), ref, rtol=1e-10)
+    np.testing.assert_allclose(layer.running_var[1].numpy(), ref, rtol=1e-6)
+    np.testing.assert_allclose(layer.running_var.numpy(), 1.0, atol=0.1)

@@ -6,11 +6,16 @@ Each mode k has statistics weighted by the gates (eq. 16),
     N_k = sum_n g_nk * P,  mu_k = sum_n g_nk sum_p x_np / N_k,  sigma_k^2 = sum_n g_nk sum_p (x_np - mu_k)^2 / N_k,
 
 and every sample is normalized by all modes (eq. 15): x_hat_n = sum_k g_nk (x_n - mu_k) / sqrt(sigma_k^2 + eps),
-followed by one per-channel affine. Running statistics per mode follow BatchNorm's convention (unbiased
-with the effective count N_k); eval uses them
+followed by one per-channel affine. Running statistics per mode follow BatchNorm's convention; eval uses them
 with the gates of the sample itself. K = 1 is BatchNorm. Gradients flow through the gates (they are part of
 the network).
 
+Unbiased running variance. sigma_k^2 is a weighted variance over the N*P points (n, p) with weights
+w_np = g_nk, which are reliability weights (how much a point belongs to mode k), not frequencies. Its
+unbiased version is sigma_k^2 * V1^2 / (V1^2 - V2) with V1 = sum w = N_k and V2 = sum w^2 = P sum_n g_nk^2:
+N P / (N P - 1) for unit gates (BatchNorm's m / (m - 1)), and unchanged when all gates of a mode are scaled,
+so a mode whose gate mass N_k is below 1 keeps its variance (the frequency-weights correction
+N_k / (N_k - 1), clamped, would shrink it by a factor N_k). V1 and V2 are all-reduced under DDP.
 """
 from __future__ import annotations
 
@@ -93,7 +98,9 @@ class ModeNorm(RunningStatsNorm):
         sums = x3.sum(dim=2)  # (N, C), one pass shared by the gates, the means and the shift
         g = self.gates(x3, sums)  # (N, K)
         if self.training:
-            nk = allreduce_sum(g.sum(0) * p, self.sync_stats)  # (K,)
+            # V1 = N_k = P sum_n g_nk (differentiable) and V2 = P sum_n g_nk^2 (for the running variance)
+            v1, v2 = allreduce_sum(torch.stack([g.sum(0), g.detach().square().sum(0)]) * p, self.sync_stats)
+            nk = v1  # (K,)
             mean = allreduce_sum(g.t() @ sums, self.sync_stats) / nk.clamp_min(1e-12)[:, None]
             # sum_p (x - mu_k)^2 = S2 - 2 mu_k S1 + P mu_k^2, computed around the batch mean for accuracy
             # the shift must be the same on every DDP rank for the all-reduced sums to cancel it
@@ -106,8 +113,10 @@ class ModeNorm(RunningStatsNorm):
             var = (sq / nk.clamp_min(1e-12)[:, None]).clamp_min(0)
             self._refuse_nonfinite(mean, var, nk)
             with torch.no_grad():
-                self._update_running((self.running_mean, mean),
-                                     (self.running_var, var * (nk / (nk - 1).clamp_min(1))[:, None]),
+                v1sq = v1.detach().square()
+                denom = v1sq - v2  # > 0 unless all the weight sits on one point
+                unbiased = torch.where(denom > 0, v1sq / denom.clamp_min(torch.finfo(denom.dtype).tiny), 1.0)
+                self._update_running((self.running_mean, mean), (self.running_var, var * unbiased[:, None]),
                                      (self.running_weights, nk / nk.sum()))
         else:
             mean, var = self.running_mean.to(x3.dtype), self.running_var.to(x3.dtype)
