@@ -192,10 +192,12 @@ def _replacement(path: str, old: nn.Module, make: Callable[..., nn.Module], acce
         mean, var, nbt = stats
         ok = _copy_into(getattr(new, "running_mean", None), mean)
         ok = _copy_into(getattr(new, "running_var", None), var) and ok
-        dst_nbt = getattr(new, "num_batches_tracked", None)
-        if ok and nbt is not None and isinstance(dst_nbt, Tensor) and dst_nbt.shape == nbt.shape:
-            with torch.no_grad():
-                dst_nbt.copy_(nbt)
+        if ok and nbt is not None:
+            with torch.no_grad():  # the count the statistics were averaged over (per context for CN)
+                for key in ("num_batches_tracked", "running_batches_tracked"):
+                    dst = getattr(new, key, None)
+                    if isinstance(dst, Tensor) and dst.dtype == nbt.dtype:
+                        dst.copy_(nbt.expand_as(dst))
     new.train(old.training)
     return new
 

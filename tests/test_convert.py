@@ -151,6 +151,22 @@ def test_modes_and_contexts_start_from_the_batchnorm_statistics():
     cbnorm.convert(model, "cn", include="1", num_contexts=K_CTX)
     assert torch.equal(model[1].running_mean, mean.expand(K_CTX, -1))
     assert torch.equal(model[1].running_var, var.expand(K_CTX, -1))
+    assert model[1].running_batches_tracked.tolist() == [3] * K_CTX  # each context was averaged over 3 batches
+
+
+def test_cumulative_average_continues_from_the_carried_count():
+    """momentum=None: a converted layer's next update weighs the new batch by 1 / (batches so far + 1)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4, momentum=None)
+    bn.train()
+    for _ in range(3):
+        bn(torch.randn(32, 4) + 2)
+    x = torch.randn(32, 4) - 1
+    ours = cbnorm.convert(bn, "cn", num_contexts=2)
+    expected = bn.running_mean.clone() * 3 / 4 + x[:16].mean(0) / 4  # context 0's 4th batch
+    ours.train()(x[:16].repeat(2, 1), context=torch.tensor([0] * 32))
+    torch.testing.assert_close(ours.running_mean[0], expected)
+    torch.testing.assert_close(ours.running_mean[1], bn.running_mean)  # context 1 saw no batch
 
 
 def test_track_running_stats_false_is_refused_with_its_path():
