@@ -22,6 +22,7 @@ NAMES=("$@")
 [ ${#NAMES[@]} -eq 0 ] && NAMES=(bn mn acn bn-s1 mn-s1 acn-s1 bn-s2 mn-s2 acn-s2 ln gn mode cn cnx cn-embed)
 
 one() {  # one run: NAME[-sSEED]
+  set -euo pipefail
   local name=$1 norm=${1%-s[0-9]*} seed=0 snaps=$SNAP
   [[ $1 =~ -s([0-9]+)$ ]] && { seed=${BASH_REMATCH[1]}; snaps=$CURVE; }
   local out="${OUTROOT:-checkpoints}/fmnist-$name"
