@@ -20,7 +20,10 @@ here (a pickled or ``torch.save`` file renamed ``.safetensors`` is refused with 
 ``config.json`` keys::
 
     format_version   1
-    task             "classify" | "daynight" (day<->night translators of cbnorm.train_daynight: no class_names;
+    task             "classify" | "daynight" | "gan" (gan: cbnorm.train.gan; model = the generator "dcgan" of
+                     cbnorm.models.GAN_MODELS, "latent" {"dim", "num_fixed"} and "evaluation" instead of
+                     contexts, class_names = the feature classifier's classes; cbnorm.models.dcgan.check_gan_config.
+                     daynight: day<->night translators of cbnorm.train_daynight: no class_names;
                      "contexts" {"names": ["day", "night"], "num_contexts": 2, ...}, "renderer" (the
                      cbnorm.daynight.NightParams of the night context) and "translator" ("input" | "feature")
                      are required; model "daynight_siamese" | "daynight_ae" of cbnorm.models.DAYNIGHT_MODELS)
@@ -73,7 +76,7 @@ __all__ = ["FORMAT_VERSION", "Run", "load_run", "save_run", "save_config", "save
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-TASKS = ("classify", "daynight")
+TASKS = ("classify", "daynight", "gan")
 CONFIG_NAME = "config.json"
 DEFAULT_FILES: dict[str, str] = {"weights": "model.safetensors", "metrics": "metrics.json",
                                  "snapshots": "snapshots", "resume": "resume.safetensors"}
@@ -82,6 +85,8 @@ _REQUIRED_CONFIG = ("format_version", "task", "model", "norm", "layers", "class_
 #: task "daynight" (cbnorm.train_daynight): no classes; contexts, renderer and translator instead
 _REQUIRED_DAYNIGHT = ("format_version", "task", "model", "norm", "layers", "contexts", "preprocessing", "renderer",
                       "translator")
+#: task "gan" (cbnorm.train.gan): the model is the generator; latent instead of classes
+_REQUIRED_GAN = ("format_version", "task", "model", "norm", "layers", "preprocessing", "latent")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -274,9 +279,11 @@ def validate_config(config: Any) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
     daynight = config.get("task") == "daynight"
+    gan = config.get("task") == "gan"
     if "task" in config and config["task"] not in TASKS:
         raise ValueError(f"config.json has unknown task {config['task']!r}; supported: {list(TASKS)}")
-    missing = [k for k in (_REQUIRED_DAYNIGHT if daynight else _REQUIRED_CONFIG) if k not in config]
+    missing = [k for k in (_REQUIRED_DAYNIGHT if daynight else _REQUIRED_GAN if gan else _REQUIRED_CONFIG)
+               if k not in config]
     if missing:
         raise ValueError(f"config.json is missing the keys {missing}")
     version = config["format_version"]
@@ -290,6 +297,8 @@ def validate_config(config: Any) -> dict:
         raise ValueError("config.json 'model' must be {\"name\": ..., \"kwargs\": {...}}")
     if daynight:
         from .models import DAYNIGHT_MODELS as MODELS
+    elif gan:
+        from .models import GAN_MODELS as MODELS
     if not isinstance(model.get("name"), str) or model["name"] not in MODELS:
         raise ValueError(f"config.json has unknown model {model.get('name')!r}; choose one of {sorted(MODELS)}")
     _norm_name(config["norm"], "norm")
@@ -303,7 +312,7 @@ def validate_config(config: Any) -> dict:
     if not isinstance(layers, list) or not all(isinstance(s, str) for s in layers):
         raise ValueError(f"config.json 'layers' must be a list of layer names, got {layers!r}")
     names = config.get("class_names")
-    if not daynight and (not isinstance(names, list) or not names):
+    if not daynight and not gan and (not isinstance(names, list) or not names):
         raise ValueError("config.json 'class_names' must be a non-empty list")
     pre = config["preprocessing"]
     try:
@@ -336,6 +345,10 @@ def validate_config(config: Any) -> dict:
         raise ValueError("config.json contexts.label_derived is true but contexts.label_to_context is not a list")
     if daynight:
         _validate_daynight(config)
+    if gan:
+        from .models.dcgan import check_gan_config
+
+        check_gan_config(config)
     return config
 
 
@@ -377,6 +390,8 @@ def _model_kwargs(config: Mapping) -> dict:
     norm_kwargs = dict(config.get("norm_kwargs") or {})
     if config["task"] == "daynight":
         kw.update({"input_norm" if name == "daynight_siamese" else "norm": norm}, norm_kwargs=norm_kwargs)
+    elif config["task"] == "gan":
+        kw.update(norm=norm, norm_layers=tuple(config["layers"]), norm_kwargs=norm_kwargs)
     elif name == "shallow_cnn":
         kw.update(norm=norm, norm_layers=tuple(config["layers"]), norm_kwargs=norm_kwargs,
                   input_norm=config.get("input_norm"))
@@ -395,7 +410,7 @@ def _model_kwargs(config: Mapping) -> dict:
 
 def build_model_from_config(config: Mapping) -> nn.Module:
     """A fresh (randomly initialised) model of the architecture described by ``config``."""
-    from .models import DAYNIGHT_MODELS, build_model
+    from .models import DAYNIGHT_MODELS, GAN_MODELS, build_model
 
     validate_config(config)
     depth = (config["model"].get("kwargs") or {}).get("depth", 0)
@@ -405,6 +420,8 @@ def build_model_from_config(config: Mapping) -> nn.Module:
     def build() -> nn.Module:
         if config["task"] == "daynight":
             return DAYNIGHT_MODELS[config["model"]["name"]](**_model_kwargs(config))
+        if config["task"] == "gan":
+            return GAN_MODELS[config["model"]["name"]](**_model_kwargs(config))
         return build_model(config["model"]["name"], **_model_kwargs(config))
 
     try:

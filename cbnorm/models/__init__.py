@@ -4,7 +4,8 @@
 * ``SmallViT`` (``vit``): a small ViT with a norm on its patch tokens (cbnorm.models.vit);
 * ``CifarResNet`` (``resnet20``, ``resnet56``): He et al.'s CIFAR ResNets, Mode Normalization's models;
 * ``DenseNet`` (``densenet40``, ``densenet_bc100``): the MN paper's DenseNets (cbnorm.models.densenet);
-* ``DayNightSiamese`` / ``DayNightAutoencoder``: the day<->night translators (``DAYNIGHT_MODELS``).
+* ``DayNightSiamese`` / ``DayNightAutoencoder``: the day<->night translators (``DAYNIGHT_MODELS``);
+* ``DCGANGenerator`` / ``DCGANDiscriminator``: the GAN experiments' DCGAN (``GAN_MODELS``, cbnorm.models.dcgan).
 
 Every classifier: ``forward(x, context=None)``, the ids routed to its context layers for that call.
 """
@@ -17,6 +18,7 @@ from torch import nn
 from .base import ContextPredictor, RoutedModel, make_norm, norm_layers_of, place_norm
 from .cnn import CNN_BLOCKS, ShallowCNN
 from .daynight import DAYNIGHT_MODELS, DayNightAutoencoder, DayNightSiamese
+from .dcgan import GAN_MODELS, DCGANDiscriminator, DCGANGenerator  # task "gan": generator name -> constructor
 from .densenet import DenseNet, densenet40, densenet_bc100
 from .resnet import CifarResNet, resnet20, resnet56
 from .vit import SmallViT
@@ -24,7 +26,7 @@ from .vit import SmallViT
 __all__ = ["ShallowCNN", "SmallViT", "CifarResNet", "DenseNet", "ContextPredictor", "RoutedModel", "build_model",
            "MODELS", "PATH_MODELS", "norm_layers_of", "make_norm", "place_norm", "CNN_BLOCKS", "resnet20",
            "resnet56", "densenet40", "densenet_bc100", "DayNightSiamese", "DayNightAutoencoder",
-           "DAYNIGHT_MODELS"]
+           "DAYNIGHT_MODELS", "GAN_MODELS", "DCGANGenerator", "DCGANDiscriminator"]
 
 #: classifier name -> constructor (keywords: in_channels, num_classes, norm, norm_kwargs, ...)
 MODELS: dict[str, Callable[..., nn.Module]] = {
