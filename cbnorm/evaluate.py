@@ -7,7 +7,8 @@ Prints the test accuracy with inferred contexts (``context=None``: CN+ mixing fo
 number), with the true contexts where they derive from the labels (``oracle``) and with the stored k-means
 assignment for k-means contexts. ``--check`` exits with status 1 when a number differs from ``metrics.json``
 by more than ``--tol``; status 2 when the check cannot be made (e.g. ``--limit`` differs from the training
-run's ``--limit-test``).
+run's ``--limit-test``). For a GAN run (task "gan") the last evaluation's scores are recomputed from the
+generator's weights instead (FD in classifier features, precision / recall, modes; cbnorm.train.gan.check_run).
 
 The test split is rebuilt exactly as the trainer built it (:func:`load_split`): same dataset, same subset
 (``cbnorm.data.subset`` with the stored seed) and contexts from the stored label table / k-means state.
@@ -122,6 +123,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if run.config.get("task") == "gan":  # a generator: its last scores, recomputed (cbnorm.train.gan)
+        from .train.gan import check_run
+
+        return check_run(run, a.check, a.tol, a.json)
     trained_limit = (run.config.get("dataset") or {}).get("limit_test")
     if a.check and a.limit is not None and a.limit != trained_limit:
         print(f"error: --check needs the test set the run was scored on (limit {trained_limit}), "
