@@ -25,6 +25,7 @@ PAGES = {
     "evo": "pages/2_Cluster_Evolution.py",
     "daynight": "pages/3_Day_Night_Transfer.py",
     "compare": "pages/4_Compare_Normalizers.py",
+    "gen": "pages/5_Image_Generation.py",
 }
 
 
@@ -83,7 +84,7 @@ def home() -> None:
                 "**Test accuracy** is the honest number: context layers get the context their own predictor infers "
                 "from the image (or CN+ mixing), never the label. **Oracle accuracy** feeds the true superclass, "
                 "which is derived from the label, so it is an upper bound, not a result.")
-        other = [r for r in ok if r["task"] != "classify"]
+        other = [r for r in ok if r["task"] not in ("classify", "gan")]
         if other:
             st.caption("Other runs: " + ", ".join(f"`{r['name']}` ({r['task']}, {r['norm']})" for r in other)
                        + " — see the day ↔ night page.")
@@ -119,6 +120,11 @@ def home() -> None:
         "the steps each run needs to reach BatchNorm's best accuracy (the MN paper's speed-up measure), time per "
         "step and parameter count; a live panel that runs every chosen run's studied layer on the same "
         "minibatch and compares their output distributions; and the benchmark results in `bench/results/`.")
+    st.page_link(PAGES["gen"], label="Image generation", icon=":material/auto_awesome:")
+    st.markdown(
+        "DCGANs with BatchNorm, MN or ACN in the generator (the papers' GAN experiments, on Fashion-MNIST): the same "
+        "latent vectors drawn by each generator at every snapshot, side by side and animated, with their FD in "
+        "classifier features, k-NN precision / recall and the classes their samples cover.")
 
 
 def _keep(name: str) -> None:
@@ -135,7 +141,7 @@ def sidebar() -> None:
                   help="Forget every cached run, activation and projection and read the runs directory again")
         ss.setdefault("seed", 0)
         with S.guard("Runs"):
-            runs = S.classify_runs()
+            runs = S.probe_runs()
             names = [r["name"] for r in runs]
             if not names:
                 st.warning(f"No classification runs in `{S.runs_root()}`.")
@@ -173,6 +179,7 @@ nav = st.navigation([
     st.Page(PAGES["evo"], title="Cluster evolution", icon=":material/scatter_plot:"),
     st.Page(PAGES["daynight"], title="Day ↔ night transfer", icon=":material/dark_mode:"),
     st.Page(PAGES["compare"], title="Compare normalizers", icon=":material/compare_arrows:"),
+    st.Page(PAGES["gen"], title="Image generation", icon=":material/auto_awesome:"),
 ])
 sidebar()
 nav.run()

@@ -46,6 +46,10 @@ def dataset_name(run: Run) -> str:
 
 
 def test_batch(run: Run, size: int, seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    if run.config.get("task") == "gan":  # a generator: seeded latent vectors instead of test images
+        from .generation import latent_batch
+
+        return latent_batch(run, size, seed)
     ds = test_data(dataset_name(run))
     idx = sample_indices(len(ds), size, seed)
     return run.preprocess(np.asarray(ds.images[idx])), idx, np.asarray(ds.labels[idx])

@@ -73,6 +73,10 @@ def evolution_steps(run: Run, max_snapshots: int = 0) -> list[int]:
 def evolution_sample(run_path: str, dev: str, size: int, seed: int) -> dict:
     """The fixed sample of the cluster-evolution page: indices, labels, true contexts."""
     run = S.get_run(run_path, dev)
+    if run.config.get("task") == "gan":  # a generator: seeded latent vectors (cbnorm.app.generation)
+        from .generation import latent_sample
+
+        return latent_sample(run, size, seed)
     ds = A.test_data(A.dataset_name(run))
     idx = A.sample_indices(len(ds), size, seed)
     labels = np.asarray(ds.labels[idx])

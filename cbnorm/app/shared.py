@@ -305,6 +305,13 @@ def classify_runs() -> list[dict]:
     return [r for r in runs_overview() if not r["ok"] or r.get("task") == "classify"]
 
 
+def probe_runs() -> list[dict]:
+    """Runs whose norm layers the histogram and cluster pages can probe (the sidebar's list): the
+    classification runs of :func:`classify_runs` and the GAN runs (task "gan": their generator, fed seeded
+    latent vectors, cbnorm.app.generation.latent_batch)."""
+    return [r for r in runs_overview() if not r["ok"] or r.get("task") in ("classify", "gan")]
+
+
 def run_by_name(name: str) -> Run:
     """The cached run named ``name`` in the runs directory; ``ValueError`` with the loader's message."""
     path = runs_root() / name
