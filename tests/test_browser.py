@@ -27,7 +27,8 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-b
 #: url path -> (name, number of Plotly figures the page shows with its defaults). The first visit is a deep
 #: link on a fresh server: the page must still run inside app.py's frame (sidebar with the run picker).
 PAGES = {"Activation_Histograms": ("histograms", 2), "": ("home", 0), "Cluster_Evolution": ("evolution", 2),
-         "Day_Night_Transfer": ("day_night", 1), "Compare_Normalizers": ("compare", 3)}
+         "Day_Night_Transfer": ("day_night", 1), "Compare_Normalizers": ("compare", 3),
+         "Image_Generation": ("generation", 0)}  # 0: these runs hold no GAN run (see test_generation_page_...)
 ERROR_SELECTOR = "[data-testid='stException'], [data-testid='stAlertContentError']"
 
 
@@ -232,6 +233,34 @@ def test_compare_seed_bands_in_chromium(which, request, tmp_path_factory):
     problems = compare_problems(r["plots"], runs, bench)
     assert not problems, problems
     assert any(t["fill"] == "tonexty" for p in r["plots"] for t in p["traces"])
+
+
+@pytest.mark.slow
+def test_generation_page_in_chromium(tmp_path_factory):
+    """Page 5 in Chromium on two tiny GAN runs (tests/test_gan.py's): sample grids, the animation, score curves
+    and class histogram drawn, no error box, no traceback in the server log."""
+    pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from test_gan import tiny_run
+
+    runs = tmp_path_factory.mktemp("gan_browser")
+    tiny_run(runs, "bn")
+    tiny_run(runs, "acn")
+    shots = Path(os.environ.get("CBNORM_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots")) / "generation"
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
+    proc = start_server(runs, port, log_path)
+    try:
+        report = visit(f"http://127.0.0.1:{port}", shots, pages={"Image_Generation": ("generation", 3)})
+    finally:
+        stop_server(proc)
+    assert "Traceback" not in log_path.read_text()
+    r = report["generation"]
+    assert not r["errors"], r["errors"]
+    assert r["figures"] >= 3 and r["framed"]
+    scores = [p for p in r["plots"] if len(p["traces"]) == 2]
+    assert scores, r["plots"]  # one line per run
 
 
 from test_app import app_runs  # noqa: E402,F401  (the session fixture of small runs)
