@@ -207,3 +207,16 @@ def test_generation_page_in_apptest(gan_root, tmp_path, monkeypatch):
     at.switch_page("pages/2_Cluster_Evolution.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
+
+
+def test_bench_steps_to_reach_bn_best():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench.gan import steps_to_reach
+
+    curve = [{"step": 0, "fd": 90.0}, {"step": 250, "fd": 20.0}, {"step": 500, "fd": float("nan")},
+             {"step": 750, "fd": 9.0}]
+    assert steps_to_reach(curve, 20.0) == 250
+    assert steps_to_reach(curve, 10.0) == 750
+    assert steps_to_reach(curve, 5.0) is None
