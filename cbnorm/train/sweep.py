@@ -91,8 +91,11 @@ def run_sweep(jobs: Sequence[dict], n_parallel: int = 1, threads: Optional[int] 
                 done.append(job)
                 continue
             argv = job["argv"] + ["--threads", str(threads)]
-            if state == "partial":
+            if state == "partial":  # continue it, with the resumable options the plan gives now (e.g. --epochs)
                 argv = ["--out", job["dir"], "--resume", "--quiet", "--threads", str(threads)]
+                for opt in ("--epochs", "--snapshot-every", "--eval-batch-size"):
+                    if opt in job["argv"]:
+                        argv += [opt, job["argv"][job["argv"].index(opt) + 1]]
             Path(job["dir"]).parent.mkdir(parents=True, exist_ok=True)
             logf = open(Path(job["dir"]).parent / f"{Path(job['dir']).name}.log", "a", encoding="utf-8")
             proc = subprocess.Popen([sys.executable, "-m", "cbnorm.train", *argv], stdout=logf,
