@@ -122,8 +122,8 @@ def _finite(v: Any) -> Optional[float]:
 
 
 def score_figure(runs: Sequence[Run], metric: str = "fd", step: Optional[int] = None) -> go.Figure:
-    """``metric`` against generator updates, one line per run (colour per norm, dash per seed); a dotted
-    vertical line at the shown snapshot."""
+    """``metric`` against generator updates, one line per run (colour per norm, dash per seed; FD on a log
+    axis, step 0's untrained generator is ~10x the rest); a dotted vertical line at the shown snapshot."""
     label, lower = METRICS[metric]
     norms = sorted({r.norm for r in runs})
     fig = go.Figure()
@@ -137,7 +137,7 @@ def score_figure(runs: Sequence[Run], metric: str = "fd", step: Optional[int] = 
     if step is not None:
         fig.add_vline(x=step, line_dash="dot", line_color="#888888")
     fig.update_layout(xaxis_title="generator updates", yaxis_title=label + (" (lower is better)" if lower else ""),
-                      height=380, margin={"t": 30, "b": 40, "l": 60, "r": 10}, legend={"font": {"size": 11}})
+                      yaxis_type="log" if metric == "fd" else "linear", height=380, margin={"t": 30, "b": 40, "l": 60, "r": 10}, legend={"font": {"size": 11}})
     return fig
 
 
