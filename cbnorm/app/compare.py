@@ -1,7 +1,10 @@
 """Page 4, compare normalizers: learning curves and a summary table of several runs (with the MN paper's
-"steps to reach BatchNorm's best"), a live panel running every chosen run's studied layer on the same
-minibatch, and the benchmark results in bench/results (the speed and convergence plots' data, and a
-generic listing of every result file)."""
+"steps to reach BatchNorm's best"), the runs grouped by recipe (seeds of one recipe: mean ± sd curves and
+``cbnorm.train.sweep.summarize_groups``' numbers per setting), a live panel running every chosen run's
+studied layer on the same minibatch, the reproduction of the MN paper's claim (bench/results/reproduce_mn.json:
+curves and its Table 3 beside the paper's numbers), and the benchmark results in bench/results (the speed
+and convergence plots' data, and a generic listing of every result file; ``$CBNORM_BENCH`` reads another
+folder)."""
 from __future__ import annotations
 
 import json
@@ -431,7 +434,8 @@ def _seed_groups_cached(root: str, fingerprint: tuple, dev: str) -> tuple[list[d
     runs = []
     for name, *_ in fingerprint:
         run = S.get_run(str(Path(root) / name), dev)
-        runs.append((name, run.config, run.metrics))
+        m = run.metrics  # what summarize_groups reads (not the per-step loss and lr)
+        runs.append((name, run.config, {k: m.get(k) for k in ("evals", "epochs", "test_acc", "steps_done")}))
     groups = group_runs(runs)
     return groups, summarize_seed_groups(groups)
 
