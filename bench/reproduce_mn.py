@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in a.seeds.split(",") if s]
     out = Path(a.runs)
     jobs = sweep.plan(out, norms, seeds, settings, common, norm_args)
+    # BN and MN of both settings first, then the others: a sweep cut short still answers the paper's claim
+    jobs.sort(key=lambda j: (norms.index(j["norm"]), j["seed"], list(settings).index(j["setting"])))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     done = sweep.run_sweep(jobs, a.jobs, a.threads)
