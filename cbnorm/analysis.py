@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -389,3 +390,289 @@ def fit_reducer(last: np.ndarray, dims: int = 50, seed: int = 0) -> Reducer:
     if d >= last.shape[1]:
         return Reducer(None)
     return Reducer(PCA(n_components=d, random_state=seed).fit(last))
+
+
+# ============================================================================ across runs and training
+# Behind the "Across runs and training" page: distributions of a layer at every snapshot (TensorBoard's
+# offset and distribution modes, with the fitted mixture components per step: MN paper Fig. 8), the same
+# histogram across runs (bins from the values shown, robust ranges with the values outside counted), and
+# clustering quality of a layer's features as numbers (silhouette, k-NN accuracy, NMI / ARI of the layer's
+# mixture components), each checked against scikit-learn in tests/test_analysis.py.
+__all__ += ["DISTRIBUTION_PERCENTILES", "distribution_percentiles", "robust_range", "shared_bin_edges",
+            "histogram_density", "pooled_component_curves", "mixture_assignments", "silhouette",
+            "knn_accuracy", "normalized_mutual_info", "adjusted_rand", "cluster_quality"]
+
+#: TensorBoard's "distributions" view: min, the percentiles at -1.5, -1, -0.5, 0, 0.5, 1, 1.5 sd of a
+#: normal (7, 16, 31, 50, 69, 84, 93 %) and max
+DISTRIBUTION_PERCENTILES = (0.0, 6.68, 15.87, 30.85, 50.0, 69.15, 84.13, 93.32, 100.0)
+
+
+def distribution_percentiles(values: np.ndarray) -> np.ndarray:
+    """(9,) percentiles of ``values`` at :data:`DISTRIBUTION_PERCENTILES` (non-finite values ignored)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ValueError("no finite values")
+    return np.percentile(v, DISTRIBUTION_PERCENTILES)
+
+
+def robust_range(values: Sequence[np.ndarray], tail: float = 0.005, *, include: Sequence[float] = ()
+                 ) -> tuple[float, float]:
+    """The range every sample in ``values`` shares: from the smallest ``tail`` quantile to the largest
+    ``1 - tail`` quantile over the samples (``tail`` 0: min and max), widened to cover ``include`` (e.g.
+    (-3, 3) for N(0, 1)). A few outliers then no longer flatten the plot; :func:`histogram_density` counts
+    the values left outside."""
+    if not 0.0 <= float(tail) < 0.5:
+        raise ValueError(f"tail must be in [0, 0.5), got {tail!r}")
+    lows, highs = list(include), list(include)
+    for v in values:
+        a = np.asarray(v, dtype=np.float64).reshape(-1)
+        a = a[np.isfinite(a)]
+        if a.size:
+            lows.append(float(np.quantile(a, tail)))
+            highs.append(float(np.quantile(a, 1.0 - tail)))
+    if not lows:
+        return -1.0, 1.0
+    lo, hi = min(lows), max(highs)
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return lo, hi
+
+
+def shared_bin_edges(values: Sequence[np.ndarray], lo: float, hi: float, bins: int | str = "auto", *,
+                     min_bins: int = 10, max_bins: int = 200) -> np.ndarray:
+    """Bin edges on [lo, hi] shared by several samples. ``bins`` "auto": numpy's "auto" rule (the larger of
+    Sturges' and Freedman-Diaconis' counts) on each sample's values inside the range, the finest of them,
+    clipped to [min_bins, max_bins]; an int: that many equal bins."""
+    if not hi > lo:
+        raise ValueError(f"need lo < hi, got {lo}, {hi}")
+    if isinstance(bins, str):
+        if bins != "auto":
+            raise ValueError(f"bins must be an int or 'auto', got {bins!r}")
+        counts = []
+        for v in values:
+            a = np.asarray(v, dtype=np.float64).reshape(-1)
+            a = a[np.isfinite(a) & (a >= lo) & (a <= hi)]
+            if a.size >= 2 and a.max() > a.min():
+                e = np.histogram_bin_edges(a, bins="auto")
+                counts.append((len(e) - 1) * (hi - lo) / (a.max() - a.min()))
+        n = int(np.clip(round(max(counts)) if counts else min_bins, min_bins, max_bins))
+    else:
+        n = int(bins)
+        if n < 1:
+            raise ValueError(f"bins must be >= 1, got {bins!r}")
+    return np.linspace(float(lo), float(hi), n + 1)
+
+
+def histogram_density(values: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Density on ``edges`` of ALL finite values (the mass outside the edges stays counted in the total,
+    so densities of samples with and without outliers are comparable), and the numbers of values below
+    and above the range: (density (B,), below, above)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    edges = np.asarray(edges, dtype=np.float64)
+    counts, _ = np.histogram(v, bins=edges)
+    widths = np.diff(edges)
+    dens = counts / (max(v.size, 1) * widths)
+    return dens, int((v < edges[0]).sum()), int((v > edges[-1]).sum())
+
+
+def pooled_component_curves(grid: np.ndarray, weights: np.ndarray, means: np.ndarray, vars: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """The density of the values of G channels pooled together, split by mixture component: channel g's
+    values follow sum_k w_gk N(m_gk, v_gk), so the pooled values (the same number from each channel) follow
+    (1/G) sum_g sum_k w_gk N(m_gk, v_gk), and component k's part is (1/G) sum_g w_gk N(m_gk, v_gk).
+    weights, means, vars (G, K) -> (components (K, B), total (B,)) on ``grid`` (B,)."""
+    comps, _ = mixture_curves(grid, weights, means, vars)
+    comps = comps.mean(axis=0)
+    return comps, comps.sum(axis=0)
+
+
+@torch.no_grad()
+def mixture_assignments(layer, x: Tensor) -> Optional[np.ndarray]:
+    """Each sample's component under ``layer``'s own mixture: (N,) int64, or None for layers without one.
+
+    :func:`sample_components` where the layer has per-sample posteriors or gates (ACN, CN, ModeNorm); for
+    the other layers with a mixture (MN: the inference mixture of eq. 38 over its queued fits) the
+    posteriors of ``mixture_parameters()`` (diagonal Gaussians over the channels) of every position,
+    averaged over the sample's positions, then the argmax."""
+    comps = sample_components(layer, x)
+    if comps is not None or not getattr(layer, "has_mixture", False):
+        return comps
+    w, mu, var = (t.detach().double().cpu() for t in layer.mixture_parameters())
+    a = x.detach().double().cpu()
+    a = a.movedim(-1, 1) if getattr(layer, "channel_last", False) else a
+    n, c = a.shape[0], a.shape[1]
+    pts = a.reshape(n, c, -1).transpose(1, 2)  # (N, P, C)
+    var = var.clamp_min(1e-12)
+    logp = (-0.5 * (((pts[:, :, None, :] - mu) ** 2) / var + torch.log(2 * math.pi * var)).sum(-1)
+            + torch.log(w.clamp_min(1e-300)))  # (N, P, K)
+    post = torch.softmax(logp, dim=-1).mean(dim=1)
+    return post.argmax(dim=1).numpy().astype(np.int64)
+
+
+def _as_labels(labels, n: int, what: str) -> np.ndarray:
+    y = np.asarray(labels).reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"{what} must have one entry per sample ({n}), got {y.shape[0]}")
+    return np.unique(y, return_inverse=True)[1].reshape(-1)
+
+
+def _features(features) -> np.ndarray:
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("features must be finite")
+    return f
+
+
+def silhouette(features, labels, *, chunk: int = 2048) -> float:
+    """Mean silhouette coefficient (Euclidean) of ``features`` (N, D) grouped by ``labels`` (N,):
+    s_i = (b_i - a_i) / max(a_i, b_i), a_i the mean distance to the other members of i's group, b_i the
+    smallest mean distance to another group; 0 for members of a group of one (Rousseeuw 1987, as
+    scikit-learn's ``silhouette_score``). NaN unless 2 <= groups <= N - 1. Distances in chunks of rows."""
+    f = _features(features)
+    n = f.shape[0]
+    y = _as_labels(labels, n, "labels")
+    groups = int(y.max()) + 1
+    if not 2 <= groups <= n - 1:
+        return float("nan")
+    t = torch.from_numpy(f)
+    onehot = torch.zeros(n, groups, dtype=torch.float64)
+    onehot[torch.arange(n), torch.from_numpy(y)] = 1.0
+    sizes = onehot.sum(0)
+    s = torch.empty(n, dtype=torch.float64)
+    sq = (t * t).sum(1)
+    for i0 in range(0, n, chunk):
+        rows = t[i0:i0 + chunk]
+        d2 = (sq[i0:i0 + chunk, None] + sq[None, :] - 2.0 * rows @ t.T).clamp_min(0.0)
+        idx = torch.arange(i0, i0 + rows.shape[0])
+        d2[torch.arange(rows.shape[0]), idx] = 0.0
+        sums = d2.sqrt() @ onehot  # (rows, groups): summed distance to each group
+        own = torch.from_numpy(y[i0:i0 + chunk])
+        own_size = sizes[own]
+        a = sums[torch.arange(rows.shape[0]), own] / (own_size - 1).clamp_min(1.0)
+        mean_other = sums / sizes
+        mean_other[torch.arange(rows.shape[0]), own] = float("inf")
+        b = mean_other.min(dim=1).values
+        si = (b - a) / torch.maximum(a, b).clamp_min(1e-300)
+        si[own_size <= 1] = 0.0
+        s[i0:i0 + rows.shape[0]] = si
+    return float(s.mean())
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k: int = 5) -> float:
+    """Accuracy of the ``k``-nearest-neighbour vote (Euclidean, uniform weights; a tied vote goes to the
+    smallest label, as scikit-learn's ``KNeighborsClassifier``) on held-out samples."""
+    a, b = _features(train_features), np.asarray(test_features, dtype=np.float64)
+    ya, yb = np.asarray(train_labels).reshape(-1), np.asarray(test_labels).reshape(-1)
+    if b.ndim != 2 or b.shape[1] != a.shape[1] or yb.shape[0] != b.shape[0] or ya.shape[0] != a.shape[0]:
+        raise ValueError(f"train (N, D) / test (M, D) features with one label each, got {a.shape}, {b.shape}, "
+                         f"{ya.shape}, {yb.shape}")
+    if b.shape[0] == 0:
+        return float("nan")
+    k = int(min(max(1, k), a.shape[0]))
+    classes, yi = np.unique(ya, return_inverse=True)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    d2 = ((tb * tb).sum(1)[:, None] + (ta * ta).sum(1)[None, :] - 2.0 * tb @ ta.T).clamp_min(0.0)
+    nn_idx = torch.topk(d2, k, dim=1, largest=False).indices.numpy()
+    votes = np.zeros((b.shape[0], classes.size), dtype=np.int64)
+    np.add.at(votes, (np.repeat(np.arange(b.shape[0]), k), yi[nn_idx].reshape(-1)), 1)
+    pred = classes[votes.argmax(axis=1)]  # argmax: the first (smallest) label among tied votes
+    return float((pred == yb).mean())
+
+
+def _contingency(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ia, ib = np.unique(a, return_inverse=True)[1].reshape(-1), np.unique(b, return_inverse=True)[1].reshape(-1)
+    table = np.zeros((ia.max() + 1, ib.max() + 1), dtype=np.float64)
+    np.add.at(table, (ia, ib), 1.0)
+    return table
+
+
+def normalized_mutual_info(labels_a, labels_b) -> float:
+    """Mutual information of two labelings divided by the arithmetic mean of their entropies (scikit-learn's
+    default ``normalized_mutual_info_score``); 1 when both have one group, 0 when only one has."""
+    a, b = np.asarray(labels_a).reshape(-1), np.asarray(labels_b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"labelings must have the same length, got {a.shape[0]} and {b.shape[0]}")
+    if a.size == 0:
+        return 1.0
+    t = _contingency(a, b)
+    if t.shape[0] == t.shape[1] == 1:
+        return 1.0
+    n = t.sum()
+    p = t / n
+    pa, pb = p.sum(1), p.sum(0)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum())
+    ha = float(-(pa[pa > 0] * np.log(pa[pa > 0])).sum())
+    hb = float(-(pb[pb > 0] * np.log(pb[pb > 0])).sum())
+    denom = 0.5 * (ha + hb)
+    if mi <= 0 or denom <= 0:
+        return 0.0
+    return float(min(1.0, max(0.0, mi / denom)))
+
+
+def adjusted_rand(labels_a, labels_b) -> float:
+    """Adjusted Rand index of two labelings (Hubert & Arabie 1985) from the pair-confusion counts, with
+    scikit-learn's special case: 1 when no pair is split differently (e.g. both one group)."""
+    a, b = np.asarray(labels_a).reshape(-1), np.asarray(labels_b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"labelings must have the same length, got {a.shape[0]} and {b.shape[0]}")
+    n = float(a.size)
+    t = _contingency(a, b)
+    sum_sq = float((t ** 2).sum())
+    ra, cb = t.sum(1), t.sum(0)
+    tp = sum_sq - n
+    fp = float((t @ cb).sum()) - sum_sq  # scikit-learn's pair confusion C[0, 1]
+    fn = float((t.T @ ra).sum()) - sum_sq  # C[1, 0]
+    tn = n * n - fp - fn - sum_sq
+    if fn == 0 and fp == 0:
+        return 1.0
+    return float(2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)))
+
+
+def cluster_quality(features, labels, *, components=None, seed: int = 0, contexts=None, k: int = 5,
+                    holdout: float = 0.5) -> dict[str, float]:
+    """How well a layer's features (N, D) separate the classes ``labels`` (N,), in the feature space itself
+    (not in a 2-D picture) — the CB-Norm paper's "clusters form / refine", as numbers:
+
+    * ``silhouette``: mean silhouette coefficient by class (:func:`silhouette`; -1..1, higher = tighter,
+      better separated classes);
+    * ``knn_accuracy``: ``k``-nearest-neighbour accuracy on held-out samples: a seeded random ``holdout``
+      fraction is classified by the vote of its ``k`` nearest neighbours among the others (:func:`knn_accuracy`);
+    * with ``components`` (N,) (each sample's mixture component under the layer): ``nmi`` and ``ari``,
+      the agreement of the components with the classes (:func:`normalized_mutual_info`, :func:`adjusted_rand`);
+    * with ``contexts`` (N,): ``silhouette_context`` and, with components, ``nmi_context``, ``ari_context``.
+
+    Also ``n`` (samples), ``k``, ``n_heldout``. Values that do not apply (one class) are NaN."""
+    f = _features(features)
+    n = f.shape[0]
+    y = np.asarray(labels).reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"labels must have one entry per sample ({n}), got {y.shape[0]}")
+    if not 0.0 < float(holdout) < 1.0:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
+    out: dict[str, float] = {"n": n, "k": int(k), "silhouette": silhouette(f, y)}
+    perm = np.random.default_rng(int(seed)).permutation(n)
+    n_test = int(min(n - 1, max(1, round(float(holdout) * n))))
+    test, train = perm[:n_test], perm[n_test:]
+    out["knn_accuracy"] = knn_accuracy(f[train], y[train], f[test], y[test], k=k)
+    out["n_heldout"] = n_test
+    comp = None
+    if components is not None:
+        comp = np.asarray(components).reshape(-1)
+        if comp.shape[0] != n:
+            raise ValueError(f"components must have one entry per sample ({n}), got {comp.shape[0]}")
+        out["nmi"] = normalized_mutual_info(y, comp)
+        out["ari"] = adjusted_rand(y, comp)
+    if contexts is not None:
+        ctx = np.asarray(contexts).reshape(-1)
+        if ctx.shape[0] != n:
+            raise ValueError(f"contexts must have one entry per sample ({n}), got {ctx.shape[0]}")
+        out["silhouette_context"] = silhouette(f, ctx)
+        if comp is not None:
+            out["nmi_context"] = normalized_mutual_info(ctx, comp)
+            out["ari_context"] = adjusted_rand(ctx, comp)
+    return out

@@ -117,3 +117,120 @@ def test_embed_errors():
         analysis.embed_snapshots([np.zeros((10, 3)), np.zeros((9, 3))], "pca")
     with pytest.raises(ValueError, match="no snapshots"):
         analysis.embed_snapshots([], "pca")
+
+
+# ----------------------------------------------------------------------------------------------- cluster quality
+def _clustered(seed, n=240, d=12, groups=4, spread=1.0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, groups, n)
+    centres = rng.normal(0, 3, (groups, d))
+    return centres[y] + rng.normal(0, spread, (n, d)), y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cluster_quality_matches_sklearn(seed):
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    f, y = _clustered(seed, spread=1.0 + seed)
+    rng = np.random.default_rng(seed + 10)
+    comps = np.where(rng.random(len(y)) < 0.7, y % 3, rng.integers(0, 5, len(y)))  # partly agreeing components
+    ctx = y // 2
+    q = analysis.cluster_quality(f, y, components=comps, contexts=ctx, seed=seed, k=5)
+    assert q["silhouette"] == pytest.approx(silhouette_score(f, y), rel=1e-9, abs=1e-12)
+    assert q["silhouette_context"] == pytest.approx(silhouette_score(f, ctx), rel=1e-9, abs=1e-12)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    test, train = perm[:len(y) // 2], perm[len(y) // 2:]
+    knn = KNeighborsClassifier(n_neighbors=5).fit(f[train], y[train]).score(f[test], y[test])
+    assert q["knn_accuracy"] == pytest.approx(knn) and q["n_heldout"] == len(test)
+    assert q["nmi"] == pytest.approx(normalized_mutual_info_score(y, comps), abs=1e-12)
+    assert q["ari"] == pytest.approx(adjusted_rand_score(y, comps), abs=1e-12)
+    assert q["nmi_context"] == pytest.approx(normalized_mutual_info_score(ctx, comps), abs=1e-12)
+    assert q["ari_context"] == pytest.approx(adjusted_rand_score(ctx, comps), abs=1e-12)
+    assert "nmi" not in analysis.cluster_quality(f, y, seed=seed)  # no components, no agreement
+
+
+def test_cluster_quality_edge_cases_as_sklearn():
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    f, y = _clustered(3, n=60, groups=3)
+    y = y.copy()
+    y[0] = 7  # a group of one: its silhouette is 0
+    assert analysis.silhouette(f, y) == pytest.approx(silhouette_score(f, y), rel=1e-9)
+    assert analysis.silhouette(f, y, chunk=7) == pytest.approx(silhouette_score(f, y), rel=1e-9)  # row chunks
+    assert np.isnan(analysis.silhouette(f, np.zeros(60)))  # one group: undefined
+    for a, b in ((np.zeros(10), np.zeros(10)), (np.zeros(10), np.arange(10) % 2), (np.arange(10), np.arange(10)),
+                 (np.arange(10) % 3, (np.arange(10) + 1) % 3)):
+        assert analysis.normalized_mutual_info(a, b) == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-12)
+        assert analysis.adjusted_rand(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+    # k-NN: tied votes go to the smallest label; k=1; string labels
+    rng = np.random.default_rng(4)
+    tr, te = rng.normal(size=(40, 3)), rng.normal(size=(25, 3))
+    ytr = rng.integers(0, 4, 40)
+    for k in (1, 2, 4, 6):
+        sk = KNeighborsClassifier(n_neighbors=k).fit(tr, ytr).predict(te)
+        assert analysis.knn_accuracy(tr, ytr, te, sk, k=k) == 1.0, k
+    names = np.array(["a", "b", "c", "d"])[ytr]
+    sk = KNeighborsClassifier(n_neighbors=3).fit(tr, names).predict(te)
+    assert analysis.knn_accuracy(tr, names, te, sk, k=3) == 1.0
+    with pytest.raises(ValueError, match="one entry per sample"):
+        analysis.cluster_quality(f, y[:-1])
+    with pytest.raises(ValueError, match="components"):
+        analysis.cluster_quality(f, y, components=y[:-1])
+
+
+def test_mixture_assignments_use_the_layers_mixture():
+    torch.manual_seed(0)
+    acn = cbnorm.build_norm("acn", 3, num_components=2).eval()
+    x = torch.randn(6, 3, 4, 4)
+    np.testing.assert_array_equal(analysis.mixture_assignments(acn, x), analysis.sample_components(acn, x))
+    assert analysis.mixture_assignments(cbnorm.build_norm("bn", 3).eval(), x) is None
+    mn = cbnorm.build_norm("mn", 3, num_components=2)
+    mn.train()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # two well separated modes per channel
+        mn(torch.cat([torch.randn(8, 3, 4, 4, generator=g) - 4, torch.randn(8, 3, 4, 4, generator=g) + 4]))
+    mn.eval()
+    assert analysis.sample_components(mn, x) is None
+    xs = torch.cat([torch.randn(5, 3, 4, 4, generator=g) - 4, torch.randn(5, 3, 4, 4, generator=g) + 4])
+    comps = analysis.mixture_assignments(mn, xs)
+    w, mu, var = (t.double() for t in mn.mixture_parameters())
+    pts = xs.double().reshape(10, 3, -1).transpose(1, 2)  # (N, P, C)
+    logp = torch.stack([torch.distributions.Normal(mu[k], var[k].sqrt()).log_prob(pts).sum(-1) + w[k].log()
+                        for k in range(len(w))], dim=-1)
+    np.testing.assert_array_equal(comps, logp.softmax(-1).mean(1).argmax(1).numpy())
+    assert len(set(comps[:5])) == 1 and len(set(comps[5:])) == 1 and comps[0] != comps[5]
+
+
+def test_distribution_helpers():
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.normal(0, 1, 5000), [80.0, -60.0]])  # two outliers
+    b = rng.normal(2, 0.5, 3000)
+    p = analysis.distribution_percentiles(a)
+    np.testing.assert_allclose(p, np.percentile(a, analysis.DISTRIBUTION_PERCENTILES))
+    assert p[0] == -60 and p[-1] == 80
+    lo, hi = analysis.robust_range([a, b], 0.005)
+    assert lo == pytest.approx(np.quantile(a, 0.005)) and hi == pytest.approx(max(np.quantile(a, 0.995),
+                                                                                 np.quantile(b, 0.995)))
+    assert analysis.robust_range([a], 0.0) == (-60.0, 80.0)
+    assert analysis.robust_range([b], 0.01, include=(-3, 3))[0] == -3
+    edges = analysis.shared_bin_edges([a, b], lo, hi)
+    inside = a[(a >= lo) & (a <= hi)]
+    own = len(np.histogram_bin_edges(inside, bins="auto")) - 1
+    assert len(edges) - 1 >= min(own, 200) * 0.9 and edges[0] == lo and edges[-1] == hi
+    assert len(analysis.shared_bin_edges([a], lo, hi, 25)) == 26
+    dens, below, above = analysis.histogram_density(a, edges)
+    assert below == int((a < lo).sum()) and above == int((a > hi).sum()) and below >= 1 and above >= 1
+    assert (dens * np.diff(edges)).sum() == pytest.approx(1 - (below + above) / a.size)  # outliers keep their mass
+    # pooled components: (1/G) sum over channels of each component, integrating to 1 in all
+    grid = np.linspace(-30, 30, 6001)
+    w = np.array([[0.3, 0.7], [0.5, 0.5]])
+    m = np.array([[-2.0, 1.0], [0.0, 4.0]])
+    v = np.array([[1.0, 0.5], [2.0, 1.0]])
+    comps, total = analysis.pooled_component_curves(grid, w, m, v)
+    assert comps.shape == (2, grid.size)
+    assert np.trapezoid(total, grid) == pytest.approx(1.0, abs=1e-6)
+    assert np.trapezoid(comps[0], grid) == pytest.approx(0.4, abs=1e-6)
+    single, _ = analysis.mixture_curves(grid, w, m, v)
+    np.testing.assert_allclose(comps, single.mean(axis=0))
