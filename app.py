@@ -26,6 +26,7 @@ PAGES = {
     "daynight": "pages/3_Day_Night_Transfer.py",
     "compare": "pages/4_Compare_Normalizers.py",
     "gen": "pages/5_Image_Generation.py",
+    "across": "pages/6_Across_Runs_and_Training.py",
 }
 
 
@@ -125,6 +126,17 @@ def home() -> None:
         "DCGANs with BatchNorm, MN or ACN in the generator (the papers' GAN experiments, on Fashion-MNIST): the same "
         "latent vectors drawn by each generator at every snapshot, side by side and animated, with their FD in "
         "classifier features, k-NN precision / recall and the classes their samples cover.")
+    st.page_link(PAGES["across"], label="Across runs and training", icon=":material/stacked_line_chart:")
+    st.markdown(
+        "**Distributions over training**: one layer's values at every snapshot on the same test images, as offset "
+        "histograms with each step's mixture components (the MN paper's Fig. 8 at every step), an overlay and "
+        "percentile bands over a chosen window of steps. **The same histogram across runs**: several runs' histograms "
+        "of a shared layer at one step, overlaid and in aligned panels on bins from the values shown, with each "
+        "run's normality statistics and their differences to a reference run. **Embedding grid**: runs as rows and "
+        "snapshots as columns, the same images in every cell (the CB-Norm paper's Fig. 3), by PCA, t-SNE or UMAP, "
+        "coordinates downloadable. **Cluster quality over training**: silhouette, k-NN accuracy and the agreement "
+        "of the layer's mixture components with classes and contexts at every snapshot, one line per run with a "
+        "mean ± sd band over seeds.")
 
 
 def _keep(name: str) -> None:
@@ -180,6 +192,7 @@ nav = st.navigation([
     st.Page(PAGES["daynight"], title="Day ↔ night transfer", icon=":material/dark_mode:"),
     st.Page(PAGES["compare"], title="Compare normalizers", icon=":material/compare_arrows:"),
     st.Page(PAGES["gen"], title="Image generation", icon=":material/auto_awesome:"),
+    st.Page(PAGES["across"], title="Across runs and training", icon=":material/stacked_line_chart:"),
 ])
 sidebar()
 nav.run()
