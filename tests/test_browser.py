@@ -28,7 +28,8 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-b
 #: link on a fresh server: the page must still run inside app.py's frame (sidebar with the run picker).
 PAGES = {"Activation_Histograms": ("histograms", 2), "": ("home", 0), "Cluster_Evolution": ("evolution", 2),
          "Day_Night_Transfer": ("day_night", 1), "Compare_Normalizers": ("compare", 3),
-         "Image_Generation": ("generation", 0)}  # 0: these runs hold no GAN run (see test_generation_page_...)
+         "Image_Generation": ("generation", 0),  # 0: these runs hold no GAN run (see test_generation_page_...)
+         "Across_Runs_and_Training": ("across", 4)}  # its first view: ridge, per-step, overlay, percentiles
 ERROR_SELECTOR = "[data-testid='stException'], [data-testid='stAlertContentError']"
 
 
@@ -263,7 +264,46 @@ def test_generation_page_in_chromium(tmp_path_factory):
     assert scores, r["plots"]  # one line per run
 
 
+#: page 6's views (?view=...) and the figures each draws with its defaults
+ACROSS_VIEWS = {"dist": 4, "runs": 2, "grid": 1, "quality": 1}
+
+
+@pytest.mark.slow
+def test_across_runs_and_training_views_in_chromium(training_runs, tmp_path_factory):
+    """Page 6's four views in Chromium on tests/test_app_training.py's tiny runs (each view deep-linked with
+    ?view=): no error box, no traceback, and the figures drawn with a trace per snapshot (distributions), per
+    run (histograms), per run x snapshot x class (grid) and per run (cluster quality)."""
+    pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    shots = Path(os.environ.get("CBNORM_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots")) / "across"
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
+    proc = start_server(training_runs, port, log_path)
+    try:
+        report = visit(f"http://127.0.0.1:{port}", shots, timeout_ms=240_000,
+                       pages={f"Across_Runs_and_Training?view={v}": (f"across_{v}", n) for v, n in ACROSS_VIEWS.items()})
+    finally:
+        stop_server(proc)
+    assert "Traceback" not in log_path.read_text()
+    for v, n in ACROSS_VIEWS.items():
+        r = report[f"across_{v}"]
+        assert not r["errors"], (v, r["errors"])
+        assert r["figures"] >= n and r["framed"], v
+        assert all(p["traces"] for p in r["plots"]), v
+    steps = sorted(int(p.stem.split("_")[1]) for p in (training_runs / "acn-s0" / "snapshots").glob("step_*"))
+    overlay = report["across_dist"]["plots"][2]  # the sidebar's first run, acn-s0: one line per snapshot
+    assert [t["name"] for t in overlay["traces"]] == [f"step {s}" for s in steps]
+    hist = report["across_runs"]["plots"][0]  # acn-s0 and a BatchNorm run
+    assert [t["name"].split(" ")[0] for t in hist["traces"] if t["name"] != "N(0, 1)"] == ["acn-s0", "bn-s0"]
+    grid = report["across_grid"]["plots"][0]
+    assert len(grid["traces"]) == 2 * len(steps) * 10 and sum(t["n"] for t in grid["traces"]) == 2 * len(steps) * 360
+    quality = report["across_quality"]["plots"][0]
+    assert {"acn-s0 (acn)", "bn-s0 (bn)", "bn-s1 (bn)"} <= {t["name"] for t in quality["traces"]}
+
+
 from test_app import app_runs  # noqa: E402,F401  (the session fixture of small runs)
+from test_app_training import training_runs  # noqa: E402,F401  (tiny runs with snapshots, two seeds of bn)
 from test_app_groups import grouped_runs  # noqa: E402,F401  (runs of several seeds)
 
 if __name__ == "__main__":  # by hand: python tests/test_browser.py checkpoints/ /tmp/shots
