@@ -440,23 +440,26 @@ def robust_range(values: Sequence[np.ndarray], tail: float = 0.005, *, include: 
 
 
 def shared_bin_edges(values: Sequence[np.ndarray], lo: float, hi: float, bins: int | str = "auto", *,
-                     min_bins: int = 10, max_bins: int = 200) -> np.ndarray:
-    """Bin edges on [lo, hi] shared by several samples. ``bins`` "auto": numpy's "auto" rule (the larger of
-    Sturges' and Freedman-Diaconis' counts) on each sample's values inside the range, the finest of them,
-    clipped to [min_bins, max_bins]; an int: that many equal bins."""
+                     min_bins: int = 10, max_bins: int = 200, max_points: int = 200_000, seed: int = 0) -> np.ndarray:
+    """Bin edges on [lo, hi] shared by several samples. ``bins`` "auto": the bin width of numpy's "auto"
+    rule (the smaller of Sturges' and Freedman-Diaconis' widths) on the values shown — every sample's values
+    inside the range, pooled (at most ``max_points``, subsampled with ``seed``) — spread over [lo, hi], the
+    count clipped to [min_bins, max_bins]; an int: that many equal bins."""
     if not hi > lo:
         raise ValueError(f"need lo < hi, got {lo}, {hi}")
     if isinstance(bins, str):
         if bins != "auto":
             raise ValueError(f"bins must be an int or 'auto', got {bins!r}")
-        counts = []
-        for v in values:
-            a = np.asarray(v, dtype=np.float64).reshape(-1)
-            a = a[np.isfinite(a) & (a >= lo) & (a <= hi)]
-            if a.size >= 2 and a.max() > a.min():
-                e = np.histogram_bin_edges(a, bins="auto")
-                counts.append((len(e) - 1) * (hi - lo) / (a.max() - a.min()))
-        n = int(np.clip(round(max(counts)) if counts else min_bins, min_bins, max_bins))
+        parts = [np.asarray(v, dtype=np.float64).reshape(-1) for v in values]
+        a = np.concatenate(parts) if parts else np.zeros(0)
+        a = a[np.isfinite(a) & (a >= lo) & (a <= hi)]
+        if a.size > max_points:
+            a = np.random.default_rng(seed).choice(a, max_points, replace=False)
+        n = min_bins
+        if a.size >= 2 and a.max() > a.min():
+            e = np.histogram_bin_edges(a, bins="auto")
+            n = round((len(e) - 1) * (hi - lo) / (a.max() - a.min()))
+        n = int(np.clip(n, min_bins, max_bins))
     else:
         n = int(bins)
         if n < 1:
@@ -646,7 +649,8 @@ def cluster_quality(features, labels, *, components=None, seed: int = 0, context
       the agreement of the components with the classes (:func:`normalized_mutual_info`, :func:`adjusted_rand`);
     * with ``contexts`` (N,): ``silhouette_context`` and, with components, ``nmi_context``, ``ari_context``.
 
-    Also ``n`` (samples), ``k``, ``n_heldout``. Values that do not apply (one class) are NaN."""
+    Also ``n`` (samples), ``k``, ``n_heldout`` and, with components, ``components_used`` (distinct ids).
+    Values that do not apply (one class) are NaN."""
     f = _features(features)
     n = f.shape[0]
     y = np.asarray(labels).reshape(-1)
@@ -665,6 +669,7 @@ def cluster_quality(features, labels, *, components=None, seed: int = 0, context
         comp = np.asarray(components).reshape(-1)
         if comp.shape[0] != n:
             raise ValueError(f"components must have one entry per sample ({n}), got {comp.shape[0]}")
+        out["components_used"] = int(np.unique(comp).size)
         out["nmi"] = normalized_mutual_info(y, comp)
         out["ari"] = adjusted_rand(y, comp)
     if contexts is not None:
