@@ -267,7 +267,9 @@ def grid_view() -> None:
     method_text = {"pca": "PCA fitted on each row's last snapshot", "tsne": f"t-SNE, perplexity {params.perplexity:g}",
                    "umap": f"UMAP, {params.n_neighbors} neighbours"}[grid["method"]]
     st.caption(f"{n:,} of {grid['total']:,} test images (seed {params.seed}), the same in every cell · `{layer}` "
-               f"{which}{' (channel means)' if pool else ''} · {method_text} · axes shared along each row")
+               f"{which}{' (channel means)' if pool else ''} · {method_text} · axes shared along each row"
+               + (" (early snapshots that vary little along the last one's principal axes sit small in their cell)"
+                  if grid["method"] == "pca" else ""))
     fig = FT.embedding_grid_figure(grid, groups, group_names, legend_title=colour, hover=hover)
     st.plotly_chart(fig, key="tr_g_chart", config={"displaylogo": False})
     S.download_frame(T.grid_frame(grid, colours), f"{layer}_{grid['method']}_grid.csv", key="tr_g_dl",
@@ -310,7 +312,9 @@ def quality_view() -> None:
     table = T.quality_table(q)
     st.dataframe(table, hide_index=True, key="tr_q_table",
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in table.columns if "·" in c})
-    st.caption("Groups of several seeds: the band is ±1 sd over the seeds on the steps they all have (the mean line "
+    st.caption("Components used: how many distinct mixture components the images fall in (argmax of the layer's "
+               "posteriors averaged over each image's positions); with one, NMI and ARI are 0. "
+               "Groups of several seeds: the band is ±1 sd over the seeds on the steps they all have (the mean line "
                "carries the same as error bars). A normalizer forms clusters faster than another when its curve "
                "rises earlier by more than the bands' width.")
     S.download_frame(T.quality_frame(q), f"{layer}_cluster_quality.csv", key="tr_q_dl",

@@ -13,8 +13,8 @@
   snapshot of every run, one line per run and a mean ± sd band per group of seeds.
 
 Caching: a layer's activations at a snapshot (``snapshot_activations``, shared read-only arrays, within
-``shared.BUDGET_MB["training_activations"]``), then small cached products on top (a step's panel of values,
-mixture and percentiles; a row's embedding, one snapshot at a time for t-SNE / UMAP; a snapshot's quality
+``shared.BUDGET_MB["training_activations"]``), then cached products on top (a step's panel of values,
+mixture and percentiles, within ``BUDGET_MB["training_panels"]``; a row's embedding, one snapshot at a time for t-SNE / UMAP; a snapshot's quality
 numbers), so slider moves, colours and range / bin / log-y changes answer from the cache.
 """
 from __future__ import annotations
@@ -37,9 +37,10 @@ from . import shared as S
 
 #: the step of a run's final weights (``run.model``), next to its snapshot steps
 FINAL = -1
-BUDGET = "training_activations"
-S.BUDGET_MB.setdefault(BUDGET, 64)
-S.BUDGETS.setdefault(BUDGET, S._ByteBudget(BUDGET))
+BUDGET, PANEL_BUDGET = "training_activations", "training_panels"
+for _name, _mb in ((BUDGET, 64), (PANEL_BUDGET, 24)):  # registered beside shared's budgets (cleared with them)
+    S.BUDGET_MB.setdefault(_name, _mb)
+    S.BUDGETS.setdefault(_name, S._ByteBudget(_name))
 
 Progress = Optional[Callable[[float, str], None]]
 #: PCA rows computed in this process: a rerun (colour change) skips the per-snapshot activation pass
@@ -51,6 +52,15 @@ _ROWS_LOCK = threading.Lock()
 def _forget_rows() -> None:
     with _ROWS_LOCK:
         _ROWS_DONE.clear()
+
+
+def clear_caches() -> None:
+    """Forget this page's cached activations, panels, projections and numbers (benchmarks: a cold start)."""
+    for f in (_snapshot_activations, _step_panel, _pca_row, _row_reducer, _row_step, _cell_summary, quality_at):
+        f.clear()
+    for name in (BUDGET, PANEL_BUDGET):
+        S.BUDGETS[name].reset()
+    _forget_rows()
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -227,9 +237,19 @@ def mixture_names(run: Run, info: dict, k: int) -> list[str]:
 
 
 # ============================================================================ one step's panel
-@st.cache_data(max_entries=2048, ttl=S.TTL, show_spinner=False)
 def step_panel(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str,
                channels: tuple[int, ...], k: int) -> dict:
+    """:func:`_step_panel`, cached within ``BUDGET_MB["training_panels"]`` (a panel holds up to
+    ``shared.MAX_VALUES`` values: 400 kB)."""
+    args = (run_path, dev, int(step), layer, int(size), int(seed), which, tuple(int(c) for c in channels), int(k))
+    out = _step_panel(*args)
+    S.BUDGETS[PANEL_BUDGET].note(_step_panel, args, out)
+    return out
+
+
+@st.cache_data(max_entries=512, ttl=S.TTL, show_spinner=False)
+def _step_panel(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str,
+                channels: tuple[int, ...], k: int) -> dict:
     """What a histogram of the chosen ``channels`` (() = every channel) at one step needs: their values
     pooled (at most ``shared.MAX_VALUES``, subsampled with ``seed``), the mixture over them (the layer's own
     per-channel components on its input, else a ``k``-component fit with cbnorm.gmm of the pooled values:
@@ -580,6 +600,7 @@ def quality_over_training(run_names_: Sequence[str], layer: str, size: int, seed
             done += 1
         metrics = {m: np.asarray([q.get(m, np.nan) for q in per], dtype=np.float64) for m in QUALITY_METRICS}
         out.append({"run": r.path.name, "norm": r.norm, "steps": list(steps), "metrics": metrics,
+                    "components_used": [q.get("components_used") for q in per],
                     "has_components": "nmi" in per[0], "n": per[0]["n"]})
     say(1.0, "done")
     return {"runs": out, "groups": groups_of(list(run_names_)), "layer": layer, "size": int(size)}
@@ -622,7 +643,8 @@ def quality_table(q: dict):
     rows = []
     for r in q["runs"]:
         row = {"run": r["run"], "group": label_of.get(r["run"], r["run"]), "norm": r["norm"],
-               "snapshots": len(r["steps"]), "last step": r["steps"][-1]}
+               "snapshots": len(r["steps"]), "last step": r["steps"][-1],
+               "components used (last)": r["components_used"][-1]}
         for m in metrics:
             row[f"{QUALITY_METRICS[m][0]} · first"] = r["metrics"][m][0]
             row[f"{QUALITY_METRICS[m][0]} · last"] = r["metrics"][m][-1]
