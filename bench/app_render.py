@@ -8,7 +8,8 @@ skipped without /usr/bin/chromium or with --no-browser). Runs on the committed c
 One process, one session, pages visited in a user's order (Home first, so loading the runs is counted
 there). The headline is the cluster-evolution page with t-SNE on 2,000 test images over every snapshot:
 cold (nothing cached) against the goal of 20 s, then cached (colour change, snapshot slider, re-running the
-same projection) against the goal of 1 s.
+same projection) against the goal of 1 s. Page 6 (across runs and training): each view cold, then cached
+(goal 1 s), and a cold embedding grid of 3 runs x 11 snapshots x 1,000 images by PCA (goal 20 s).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 HIST, EVO, COMPARE = ("pages/1_Activation_Histograms.py", "pages/2_Cluster_Evolution.py",
                       "pages/4_Compare_Normalizers.py")
+ACROSS = "pages/6_Across_Runs_and_Training.py"
+#: the runs the across-runs views compare (those of them that are there), else the first three
+ACROSS_RUNS = ("fmnist-bn", "fmnist-mn", "fmnist-acn")
 
 
 def machine() -> dict:
@@ -35,6 +39,57 @@ def machine() -> dict:
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "device": "cuda" if torch.cuda.is_available() else "cpu", "loadavg_start": os.getloadavg()[0]}
+
+
+def across(at, timed, click) -> None:
+    """Page 6's four views: each one's first render (cold), then the changes that must answer from the cache
+    (goal 1 s), and the headline: a cold grid of 3 runs x 11 snapshots x 1,000 images by PCA (goal 20 s)."""
+    timed("distributions over training: first render (sidebar run, 256 images, every snapshot)", "across",
+          lambda: at.switch_page(ACROSS).run())
+    steps = at.select_slider(key="tr_d_range").options
+    if len(steps) > 2:
+        at.select_slider(key="tr_d_range").set_value((steps[1], steps[-1]))
+        timed("distributions: step window (cached)", "across", at.run, goal=1.0)
+    at.select_slider(key="tr_d_bins").set_value(40)
+    timed("distributions: 40 bins (cached)", "across", at.run, goal=1.0)
+    at.checkbox(key="tr_d_logy").check()
+    timed("distributions: log y (cached)", "across", at.run, goal=1.0)
+    at.checkbox(key="tr_d_all").check()
+    timed("distributions: all channels pooled (activations cached, panels recomputed)", "across", at.run)
+
+    at.radio(key="tr_view").set_value("runs")
+    timed("same histogram across runs: first render (2 runs, final weights)", "across", at.run)
+    names = at.multiselect(key="w_tr_runs").options
+    chosen = [n for n in ACROSS_RUNS if n in names] or list(names[:3])
+    at.multiselect(key="w_tr_runs").set_value(chosen)
+    timed(f"same histogram across {len(chosen)} runs", "across", at.run, runs=chosen)
+    at.select_slider(key="tr_x_tail").set_value(0.01)
+    timed("across runs: range 1 % cut (cached)", "across", at.run, goal=1.0)
+    at.checkbox(key="tr_x_logy").check()
+    timed("across runs: log y (cached)", "across", at.run, goal=1.0)
+
+    at.radio(key="tr_view").set_value("grid")
+    timed("embedding grid: first render (4 snapshots per run, 1,000 images, PCA)", "across", at.run, runs=chosen)
+    from cbnorm.app import training
+
+    training.clear_caches()  # the headline below starts cold: no activation, panel or projection of page 6 cached
+    at.slider(key="tr_g_columns").set_value(11)
+    at.slider(key="tr_g_size").set_value(1000)
+    timed(f"embedding grid: {len(chosen)} runs x 11 snapshots x 1,000 images, PCA, cold", "across", at.run, goal=20.0,
+          runs=chosen, snapshots=11, points=1000)
+    at.radio(key="tr_g_colour").set_value(at.radio(key="tr_g_colour").options[-1])
+    timed("embedding grid: change colouring (cached)", "across", at.run, goal=1.0)
+    at.radio(key="tr_g_colour").set_value(at.radio(key="tr_g_colour").options[0])
+    timed("embedding grid: back to class colours (cached)", "across", at.run, goal=1.0)
+
+    at.radio(key="tr_view").set_value("quality")
+    timed(f"cluster quality: {len(chosen)} runs and their other seeds x every snapshot, 1,000 images, cold",
+          "across", at.run, runs=chosen)
+    metrics = at.multiselect(key="tr_q_metrics").value
+    at.multiselect(key="tr_q_metrics").set_value(metrics[:2])
+    timed("cluster quality: fewer metrics (cached)", "across", at.run, goal=1.0)
+    at.radio(key="tr_view").set_value("grid")
+    timed("embedding grid again (cached)", "across", at.run, goal=1.0)
 
 
 def main(argv=None) -> None:
@@ -124,6 +179,8 @@ def main(argv=None) -> None:
     timed("x axis: epochs", "compare", at.run)
     at.select_slider(key="cmp_size").set_value(512)
     timed("live panel with 512 images", "compare", at.run)
+
+    across(at, timed, click)
 
     if not a.no_browser and Path("/usr/bin/chromium").exists():
         # the same pages in a real browser, on a fresh server: until the script is idle and the figures drawn

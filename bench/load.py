@@ -62,7 +62,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-b
 BUSY_FLAG = "/tmp/cbnorm_load_running"
 #: url path of each page (what the sidebar links point to)
 PAGES = {"home": "", "histograms": "Activation_Histograms", "evolution": "Cluster_Evolution",
-         "day_night": "Day_Night_Transfer", "compare": "Compare_Normalizers"}
+         "day_night": "Day_Night_Transfer", "compare": "Compare_Normalizers", "across": "Across_Runs_and_Training"}
 
 STATE_JS = """() => {
   const app = document.querySelector("[data-testid='stApp']");
@@ -580,8 +580,24 @@ class Session:
                 (1.0, "compare: smoothing", lambda: self.act("compare: smoothing",
                                                              lambda: self.slide("cmp_smooth", 5))),
             ],
+            "across": [
+                (1.5, "across: view", lambda: self.act("across: view", lambda: self.radio("tr_view"))),
+                (2.0, "across: a control of the view", self.across_control),
+            ],
         }.get(self.where, [])
         return m + page
+
+    async def across_control(self) -> None:
+        """On page 6, move one of the shown view's controls (step window, range, bins, colour, k, ...)."""
+        controls = [("tr_d_range", "slide"), ("tr_d_tail", "slide"), ("tr_d_bins", "slide"), ("tr_d_which", "radio"),
+                    ("tr_x_tail", "slide"), ("tr_x_bins", "slide"), ("tr_x_which", "radio"), ("tr_g_colour", "radio"),
+                    ("tr_q_k", "slide"), ("tr_q_which", "radio")]
+        shown = [(k, how) for k, how in controls if await self.has(k)]
+        if not shown:
+            return
+        key, how = self.rng.choice(shown)
+        fn = (lambda: self.slide(key, 2)) if how == "slide" else (lambda: self.radio(key))
+        await self.act(f"across: {key}", fn)
 
     async def projection(self) -> None:
         """Set the projection (PCA mostly, t-SNE sometimes; 500 or 1,000 images) and press Run projection."""
@@ -603,7 +619,7 @@ class Session:
         seconds = await self.wait_idle(t0, runs, True)  # until the first script run has finished
         self.report.action(self.idx, "warm-up: open the app (home)", seconds)
         await self.check("warm-up: open the app (home)")
-        for target in ("histograms", "evolution", "day_night", "compare", "home") if every_page else ():
+        for target in ("histograms", "evolution", "day_night", "compare", "across", "home") if every_page else ():
             await self.visit(target, f"warm-up: first visit of {target}")
 
     async def run(self, deadline: float) -> None:
