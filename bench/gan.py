@@ -182,12 +182,19 @@ def report() -> dict:
                     "sd": float(v.std(ddof=1)) if v.size > 1 else None, "values": v.tolist()}
 
         last = [r["evals"][-1] for r in rs]
+
+        def curve(key, rs=rs):
+            return [{"step": s, "values": [next((e[key] for e in r["evals"] if e["step"] == s), None) for r in rs]}
+                    for s in steps_axis]
+
         out_norms[norm] = {
             "seeds": [r["seed"] for r in rs], "mean_curve": [{"step": s, "fd_mean": float(a), "fd_sd": float(b)}
                                                                for s, a, b in zip(steps_axis, mean, sd)],
             "best_fd": stat("best_fd"), "final_fd": stat("final_fd"), "time_per_step_s": stat("time_per_step_s"),
             "final_precision": [e["precision"] for e in last], "final_recall": [e["recall"] for e in last],
             "final_modes": [e["modes"] for e in last], "final_evenness": [e["evenness"] for e in last],
+            "modes_curve": curve("modes"), "evenness_curve": curve("evenness"), "recall_curve": curve("recall"),
+            "precision_curve": curve("precision"),
             "best_of_mean_curve": float(np.nanmin(mean)), "best_of_mean_curve_step": int(steps_axis[int(np.nanargmin(mean))])}
     if bn and "bn" in out_norms:
         target = out_norms["bn"]["best_of_mean_curve"]
@@ -221,6 +228,19 @@ def report() -> dict:
     from cbnorm.metrics import class_coverage
 
     real_cov = class_coverage(test_p.astype(np.int64), 10)
+    # what the sample grids show: the classifier's classes of the 64 fixed latents' samples at every snapshot
+    from cbnorm.metrics import generate, to_uint8
+    from cbnorm.runs import load_run
+    from cbnorm.train.gan import fixed_latents
+
+    for name, r in runs.items():
+        run = load_run(ROOT / r["run"])
+        z = fixed_latents(run)
+        r["grid_classes"] = []
+        for step, _ in run.snapshots:
+            _, pred = feats(to_uint8(generate(run.load_snapshot(step), z)))
+            counts = np.bincount(pred, minlength=10)
+            r["grid_classes"].append({"step": step, "distinct": int((counts > 0).sum()), "counts": counts.tolist()})
     res = {
         "what": "DCGAN on Fashion-MNIST, BN / MN / ACN in the generator; FD in classifier features (not FID)",
         "protocol": __doc__.split("Protocol")[1].strip(),
@@ -232,6 +252,11 @@ def report() -> dict:
                       "classifier_test_acc": 0.8917},
         "target": out_target, "by_norm": out_norms, "runs": runs, "papers": PAPERS,
         "step_timing": step_timing(),
+        "budget": {"cpu_s_total": float(sum(r["cpu_s"] or 0 for r in runs.values())),
+                   "train_wall_s_total": float(sum(r["train_s"] or 0 for r in runs.values())),
+                   "note": "cpu_s: process CPU time of each trainer from its first evaluation on (data loading and "
+                           "the real-feature reference excluded, ~10 s a run); train_wall_s: wall time of the "
+                           "updates alone, inflated by the other jobs on this shared 2-core machine"},
         "machine": {"threads": 1, "torch": torch.__version__, "cpu_count": os.cpu_count()},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
