@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,6 +52,9 @@ __all__ = [
     "mean_log_likelihood",
     "kmeans_plus_plus",
     "fit",
+    "fit_with_posteriors",
+    "fit_with_statistics",
+    "FitStatistics",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -487,7 +491,8 @@ def _check_finite_inputs(x: Tensor, w: Tensor | None) -> None:
 
 @torch.no_grad()
 def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: torch.Generator | None = None,
-        reg_covar: float = 1e-6, weights: Tensor | None = None, check_finite: bool = True) -> GMM:
+        reg_covar: float = 1e-6, weights: Tensor | None = None, check_finite: bool = True,
+        init: GMM | None = None) -> GMM:
     """Fit ``G`` independent diagonal GMMs (eq. 26-27) by EM, batched: ``x (G, M, D) -> GMM``.
 
     1. k-means++ seeding (:func:`kmeans_plus_plus`), then ``kmeans_iters`` Lloyd iterations;
@@ -497,6 +502,11 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
     3. ``iters`` EM iterations: E-step posteriors nu_k(x) (eq. 31) in log space; M-step
        N_k = sum_m nu_mk, mu_k = sum_m nu_mk x_m / N_k, var_k = sum_m nu_mk x_m^2 / N_k - mu_k^2
        (clamped at 0) + ``reg_covar`` (sklearn's diag estimator).
+
+    With ``init`` (a GMM of weights (G, K), means and vars (G, K, D), e.g. the previous minibatch's fit:
+    a warm start) steps 1-2 are skipped and EM starts from it; a component whose weight is below 1e-3 / K
+    (it lost its points) is first moved to a random point with the mixture's variance, so that none stays
+    dead.
 
     There is no convergence test (it would need a host sync): exactly ``iters`` iterations run.
     An empty component (N_k ~ 0) keeps its previous mean and variance and gets a floored weight (1e-12,
@@ -514,15 +524,77 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
             seeding, the initialisation and every M-step.
         check_finite: check that x (and weights) are finite (and nonnegative). This is the only host
             synchronisation; pass False in hot loops where inputs are known to be valid.
+        init: optional starting GMM (warm start), shapes (G, K), (G, K, D) on x's device.
 
     Returns:
         :class:`GMM` with weights ``(G, K)``, means ``(G, K, D)``, vars ``(G, K, D)`` on x's device.
 
     Raises:
-        TypeError: x not a floating tensor, k/iters not ints, bad generator/weights types.
-        ValueError: x not 3-D, k < 1, M < k, iters/kmeans_iters < 0, reg_covar < 0, weights of the wrong
-            shape, "x contains NaN or inf".
+        TypeError: x not a floating tensor, k/iters not ints, bad generator/weights/init types.
+        ValueError: x not 3-D, k < 1, M < k, iters/kmeans_iters < 0, reg_covar < 0, weights or init of the
+            wrong shape, "x contains NaN or inf".
     """
+    return _fit(x, k, iters, kmeans_iters, generator, reg_covar, weights, check_finite, init, 0).gmm
+
+
+class FitStatistics(NamedTuple):
+    """What :func:`fit_with_statistics` returns: the fit, the posteriors nu (G, K, M) of every point under it
+    (one more E-step), and the nu-weighted sums of the points centred at ``shift`` (G, 1, D), their mean:
+    ``sxx`` = sum_m nu_mk (x_m - shift)^2 (G, K, D), ``sx`` = sum_m nu_mk (x_m - shift) (G, K, D),
+    ``nk`` = sum_m nu_mk (G, K) (the sufficient statistics of one more M-step)."""
+
+    gmm: GMM
+    resp: Tensor
+    shift: Tensor
+    sxx: Tensor
+    sx: Tensor
+    nk: Tensor
+
+
+_FIT_KEYS = ("iters", "kmeans_iters", "generator", "reg_covar", "weights", "check_finite", "init")
+_FIT_DEFAULTS = dict(iters=2, kmeans_iters=0, generator=None, reg_covar=1e-6, weights=None, check_finite=True,
+                     init=None)
+
+
+def _fit_args(kwargs: dict, name: str) -> tuple:
+    unknown = set(kwargs) - set(_FIT_KEYS)
+    if unknown:
+        raise TypeError(f"{name} got unexpected keywords {sorted(unknown)}")
+    a = {**_FIT_DEFAULTS, **kwargs}
+    return tuple(a[key] for key in _FIT_KEYS)
+
+
+@torch.no_grad()
+def fit_with_posteriors(x: Tensor, k: int, **kwargs) -> tuple[GMM, Tensor]:
+    """:func:`fit`, and the posteriors nu_k(x) (eq. 31) of every point under the returned GMM, in the internal
+    layout ``(G, K, M)`` (one more E-step on the data the fit already holds as [x^2; x; 1], instead of a
+    fresh pass over x). Same keywords as :func:`fit`."""
+    out = _fit(x, k, *_fit_args(kwargs, "fit_with_posteriors"), 1)
+    return out.gmm, out.resp
+
+
+@torch.no_grad()
+def fit_with_statistics(x: Tensor, k: int, **kwargs) -> FitStatistics:
+    """:func:`fit`, the posteriors of every point under the fit and their weighted sums of the centred points
+    (:class:`FitStatistics`): MN's posterior-weighted moments (eq. 35-36) from the [x^2; x; 1] the fit holds,
+    in one matmul, instead of passes over x. Same keywords as :func:`fit`."""
+    return _fit(x, k, *_fit_args(kwargs, "fit_with_statistics"), 2)
+
+
+def _check_init(init, g: int, k: int, d: int, x: Tensor) -> None:
+    if init is None:
+        return
+    if not isinstance(init, GMM):
+        raise TypeError(f"init must be a cbnorm.gmm.GMM or None, got {type(init).__name__}")
+    if tuple(init.means.shape) != (g, k, d):
+        raise ValueError(f"init must have means/vars of shape (G, K, D) = {(g, k, d)}, got {tuple(init.means.shape)}")
+    if init.device != x.device:
+        raise ValueError(f"init is on {init.device} but x is on {x.device}")
+
+
+def _fit(x: Tensor, k: int, iters: int, kmeans_iters: int, generator, reg_covar, weights, check_finite: bool,
+         init: GMM | None, extra: int) -> FitStatistics:
+    """The fit; ``extra`` 1: with the posteriors under it, 2: and their weighted sums (else None)."""
     _check_points(x)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
@@ -538,6 +610,7 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
             or not math.isfinite(reg_covar):
         raise ValueError(f"reg_covar must be a finite float >= 0, got {reg_covar!r}")
     _check_generator(generator, x)
+    _check_init(init, g, k, d, x)
     dtype = _compute_dtype(x)
     x = x.detach().to(dtype)
     w = _check_point_weights(weights, x, dtype)
@@ -551,33 +624,70 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
     else:
         wsum = w.sum(1).clamp_min(torch.finfo(dtype).tiny)
         shift = (torch.matmul(w.unsqueeze(1), x) / wsum[:, None, None])  # (G, 1, D)
-    # feats = [x^2; x; 1] (G, 2D+1, M), centred x stored transposed (see _sq_dist for why).
-    feats = torch.empty((g, 2 * d + 1, m), dtype=dtype, device=x.device)
+    # feats = [x^2; x; 1] (G, 2D+1, M), centred x stored transposed (see _sq_dist for why); built by one
+    # cat (no out= into views, so that torch.compile traces it whole)
+    if torch.compiler.is_compiling():  # one cat, which inductor fuses (out= into views does not trace)
+        xt = x.transpose(-1, -2) - shift.transpose(-1, -2)  # (G, D, M)
+        feats = torch.cat([xt * xt, xt, torch.ones((g, 1, m), dtype=dtype, device=x.device)], dim=1)
+    else:  # eager: written in place, no copies
+        feats = torch.empty((g, 2 * d + 1, m), dtype=dtype, device=x.device)
+        torch.sub(x.transpose(-1, -2), shift.transpose(-1, -2), out=feats[:, d:2 * d])
+        torch.mul(feats[:, d:2 * d], feats[:, d:2 * d], out=feats[:, :d])
+        feats[:, 2 * d].fill_(1.0)
     xt = feats[:, d:2 * d]
-    torch.sub(x.transpose(-1, -2), shift.transpose(-1, -2), out=xt)
-    torch.mul(xt, xt, out=feats[:, :d])
-    feats[:, 2 * d].fill_(1.0)
-    sq = feats[:, :d].sum(1)  # (G, M)
 
-    # 1. k-means++ seeding (+ Lloyd).
-    base = _point_base(w, x)
-    centers = _gather_columns(xt, _kmeans_pp_indices(xt, sq, k, base, generator, _default_trials(k)))
-    for _ in range(kmeans_iters):
-        _, sx, nk = _sufficient_stats(feats, _hard_resp(_nearest(xt, centers), k, dtype), w, d)
-        alive = (nk > 0).unsqueeze(-1)
-        centers = torch.where(alive, sx / torch.where(alive, nk.unsqueeze(-1), torch.ones_like(sx)), centers)
+    if init is None:
+        sq = feats[:, :d].sum(1)  # (G, M)
+        # 1. k-means++ seeding (+ Lloyd).
+        base = _point_base(w, x)
+        centers = _gather_columns(xt, _kmeans_pp_indices(xt, sq, k, base, generator, _default_trials(k)))
+        for _ in range(kmeans_iters):
+            _, sx, nk = _sufficient_stats(feats, _hard_resp(_nearest(xt, centers), k, dtype), w, d)
+            alive = (nk > 0).unsqueeze(-1)
+            centers = torch.where(alive, sx / torch.where(alive, nk.unsqueeze(-1), torch.ones_like(sx)), centers)
 
-    # 2. Initial GMM from hard assignments; an empty cluster keeps its center and the group's variance.
-    #    The clusters partition the points, so the group's statistics are the sums of the clusters' ones.
-    sxx, sx, nk = _sufficient_stats(feats, _hard_resp(_nearest(xt, centers), k, dtype), w, d)
-    n_all = nk.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny).unsqueeze(-1)  # (G, 1, 1)
-    mean_all = sx.sum(1, keepdim=True) / n_all
-    group_vars = (sxx.sum(1, keepdim=True) / n_all - mean_all * mean_all).clamp_min_(0.0).add_(reg_covar)
-    mix, means, vars = _m_step_from_stats(sxx, sx, nk, m, centers, group_vars.expand(g, k, d), reg_covar)
+        # 2. Initial GMM from hard assignments; an empty cluster keeps its center and the group's variance.
+        #    The clusters partition the points, so the group's statistics are the sums of the clusters' ones.
+        sxx, sx, nk = _sufficient_stats(feats, _hard_resp(_nearest(xt, centers), k, dtype), w, d)
+        n_all = nk.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny).unsqueeze(-1)  # (G, 1, 1)
+        mean_all = sx.sum(1, keepdim=True) / n_all
+        group_vars = (sxx.sum(1, keepdim=True) / n_all - mean_all * mean_all).clamp_min_(0.0).add_(reg_covar)
+        mix, means, vars = _m_step_from_stats(sxx, sx, nk, m, centers, group_vars.expand(g, k, d), reg_covar)
+    else:
+        mix, means, vars = _warm_start(init, feats, xt, w, shift, k, d, reg_covar, generator)
 
     # 3. EM.
     for _ in range(iters):
         resp = _e_step(feats, mix, means, vars)
         mix, means, vars = _m_step(feats, resp, w, means, vars, reg_covar)
 
-    return GMM(mix, means + shift, vars)
+    resp = _e_step(feats, mix, means, vars) if extra else None
+    stats = _sufficient_stats(feats, resp, w, d) if extra == 2 else (None, None, None)
+    return FitStatistics(GMM(mix, means + shift, vars), resp, shift, *stats)
+
+
+def _warm_start(init: GMM, feats: Tensor, xt: Tensor, w: Tensor | None, shift: Tensor, k: int, d: int,
+                reg_covar: float, generator) -> tuple[Tensor, Tensor, Tensor]:
+    """EM's starting point from ``init`` (in the centred frame): weights renormalised, variances at least
+    ``reg_covar``; components with weight < 1e-3 / K restart at a random point (uniform, or by ``w``) with
+    the variance of the whole mixture and weight 1 / K."""
+    dtype = feats.dtype
+    g, _, m = feats.shape
+    mix = init.weights.detach().to(dtype).clamp_min(_WEIGHT_FLOOR)
+    mix = mix / mix.sum(-1, keepdim=True)
+    means = init.means.detach().to(dtype) - shift
+    vars = init.vars.detach().to(dtype).clamp_min(max(reg_covar, torch.finfo(dtype).tiny))
+    dead = (mix < 1e-3 / k).unsqueeze(-1)  # (G, K, 1)
+    if w is None:  # uniform draws: no pass over the data
+        idx = torch.randint(0, m, (g, k), device=feats.device, generator=generator)
+    else:
+        idx = _sample_index(_point_base(w, feats[:, 0]), k, generator)
+    pick = _gather_columns(xt, idx)  # (G, K, D) random points
+    # the variance of the whole mixture (law of total variance), from the parameters alone
+    wk = mix.unsqueeze(-1)
+    centre = (wk * means).sum(1, keepdim=True)
+    group_vars = (wk * (vars + (means - centre).square())).sum(1, keepdim=True).clamp_min(reg_covar)
+    means = torch.where(dead, pick, means)
+    vars = torch.where(dead, group_vars.expand(g, k, d), vars)
+    mix = torch.where(dead[..., 0], torch.full_like(mix, 1.0 / k), mix)
+    return mix / mix.sum(-1, keepdim=True), means, vars

@@ -350,8 +350,46 @@ def test_no_python_level_host_sync(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, boom)
     model = G.fit(x, 3, iters=3, kmeans_iters=2, generator=gen(0), check_finite=False)
+    G.fit_with_statistics(x, 3, iters=2, generator=gen(0), check_finite=False, init=model)
     monkeypatch.undo()
     assert torch.isfinite(model.vars).all()
+
+
+def test_warm_start_from_the_previous_fit():
+    """init= starts EM from a given GMM (no seeding): from the true parameters of a well-separated mixture EM
+    stays there; from a fit of a shifted batch it reaches the log-likelihood of a fresh fit."""
+    xs = torch.tensor(np.stack([blobs(7, 3)]), dtype=torch.float64)
+    fresh = G.fit(xs, 3, iters=20, generator=gen(0))
+    warm = G.fit(xs + 0.1, 3, iters=20, init=G.GMM(fresh.weights, fresh.means + 0.1, fresh.vars))
+    torch.testing.assert_close(warm.means, fresh.means + 0.1, rtol=1e-4, atol=1e-4)
+    moved = G.fit(xs + 0.5, 3, iters=3, init=fresh)
+    ref = G.fit(xs + 0.5, 3, iters=20, generator=gen(0))
+    assert float(G.mean_log_likelihood(moved, xs + 0.5)) >= float(G.mean_log_likelihood(ref, xs + 0.5)) - 1e-3
+    with pytest.raises(ValueError, match="init must have means/vars of shape"):
+        G.fit(xs, 2, init=fresh)
+    with pytest.raises(TypeError, match="init must be a cbnorm.gmm.GMM"):
+        G.fit(xs, 3, init=(fresh.weights, fresh.means, fresh.vars))
+
+
+def test_fit_with_statistics_are_the_next_e_and_m_steps():
+    """The posteriors under the returned fit and their weighted sums of the centred points, as computed from
+    the fit by hand; the same fit as fit() with the same draws."""
+    x = torch.randn(2, 300, 3, generator=gen(1), dtype=torch.float64) * 2 + 5
+    out = G.fit_with_statistics(x, 3, iters=2, generator=gen(4))
+    plain = G.fit(x, 3, iters=2, generator=gen(4))
+    for a, b in zip((out.gmm.weights, out.gmm.means, out.gmm.vars), (plain.weights, plain.means, plain.vars)):
+        assert torch.equal(a, b)
+    resp = G.posteriors(out.gmm, x)  # (G, M, K)
+    torch.testing.assert_close(out.resp.transpose(1, 2), resp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.shift, x.mean(dim=1, keepdim=True))
+    xc = x - out.shift
+    torch.testing.assert_close(out.nk, resp.sum(1))
+    torch.testing.assert_close(out.sx, resp.transpose(1, 2) @ xc)
+    torch.testing.assert_close(out.sxx, resp.transpose(1, 2) @ xc.square())
+    gm, r = G.fit_with_posteriors(x, 3, iters=2, generator=gen(4))
+    assert torch.equal(r, out.resp) and torch.equal(gm.means, out.gmm.means)
+    with pytest.raises(TypeError, match="unexpected keywords"):
+        G.fit_with_statistics(x, 3, iterations=2)
 
 
 # ---------------------------------------------------------------------------------------------------------

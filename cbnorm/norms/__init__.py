@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .adaptive import AdaptiveContextNorm
-from .base import NormBase, RunningStatsNorm
+from .base import VALIDATE_MODES, NormBase, RunningStatsNorm, check_deferred
 from .batch import BatchNorm, GroupNorm, LayerNorm
 from .context import ContextNorm, ContextNormEmbed, ContextNormX
 from .mixture import MixtureNorm
@@ -54,6 +54,7 @@ def build_norm(name: str, num_features: int, **kwargs) -> NormBase:
         raise TypeError(f"{cls.__name__} ({cls.names[0]!r}): {err}") from None
 
 
-__all__ = ["NORMS", "ALIASES", "LAYERS", "build_norm", "resolve_name", "accepted_kwargs", "NormBase", "RunningStatsNorm", "BatchNorm", "LayerNorm",
+__all__ = ["NORMS", "ALIASES", "LAYERS", "build_norm", "resolve_name", "accepted_kwargs", "check_deferred",
+           "VALIDATE_MODES", "NormBase", "RunningStatsNorm", "BatchNorm", "LayerNorm",
            "GroupNorm", "MixtureNorm", "ModeNorm", "ContextNorm", "ContextNormX", "ContextNormEmbed",
            "AdaptiveContextNorm"]

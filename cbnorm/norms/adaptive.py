@@ -63,8 +63,10 @@ class AdaptiveContextNorm(RunningStatsNorm):
 
     def __init__(self, num_features: int, *, num_components: int = 3, update: str = "weight",
                  posterior: str = "joint", init: str = "random", init_std: float = 1.0, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+                 momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False,
+                 validate: str = "auto") -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last,
+                         validate=validate)
         self.num_components = check_positive_int("num_components", num_components)
         self.init_std = float(init_std)
         if update not in ("weight", "moving_average"):
@@ -121,14 +123,19 @@ class AdaptiveContextNorm(RunningStatsNorm):
         if key not in state_dict and any(k.startswith(prefix) for k in state_dict):
             state_dict[key] = torch.tensor(1, dtype=torch.long)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._init_checked = False  # look at the loaded data_initialized on the next training step
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # whether the next training step fits the components: decided here, on the host, from the loaded
+        # value (so that forward never reads it back)
+        loaded = state_dict.get(prefix + "data_initialized")
+        if not (isinstance(loaded, Tensor) and loaded.numel() == 1):
+            loaded = self.data_initialized
+        self._init_checked = self.init == "random" or bool(int(loaded))
 
-    @torch.compiler.disable  # a one-off, data-dependent fit: eager even inside torch.compile
     @torch.no_grad()
     def initialize_from(self, x3: Tensor) -> None:
-        """Set (lambda, mu, sigma^2) from a GMM fitted to the points of x3 (N, C, P) (at most 8192 of them)."""
+        """Set (lambda, mu, sigma^2) from a GMM fitted to the points of x3 (N, C, P) (at most 8192 of them).
+        No host read (torch.compile traces it; the Python flag that runs it once costs one recompile)."""
         from .. import gmm
 
         n, c, p = x3.shape
@@ -139,12 +146,13 @@ class AdaptiveContextNorm(RunningStatsNorm):
         if pts_t.shape[1] < k:
             raise ValueError(f"AdaptiveContextNorm(init='data') needs at least num_components={k} points "
                              f"(N x positions) in its first training minibatch, got {pts_t.shape[1]}")
+        now = not self._defers(x3)  # else non-finite input is counted and leaves the components as they are
         try:
             if self.posterior == "channel":  # C independent 1-D fits; lambda shared: averaged over channels
-                fitted = gmm.fit(pts_t.unsqueeze(-1), k, iters=3)
+                fitted = gmm.fit(pts_t.unsqueeze(-1), k, iters=3, check_finite=now)
                 weights, means, vars = fitted.weights.mean(0), fitted.means[..., 0].t(), fitted.vars[..., 0].t()
             else:
-                fitted = gmm.fit(pts_t.t().unsqueeze(0), k, iters=3)
+                fitted = gmm.fit(pts_t.t().unsqueeze(0), k, iters=3, check_finite=now)
                 weights, means, vars = fitted.weights[0], fitted.means[0], fitted.vars[0]
         except ValueError as err:
             raise ValueError(f"AdaptiveContextNorm: cannot initialise from this minibatch: {err}") from None
@@ -153,15 +161,13 @@ class AdaptiveContextNorm(RunningStatsNorm):
         if ddp_active():
             for t in (weights, means, vars):  # every rank starts from rank 0's components
                 torch.distributed.broadcast(t, src=0)
-        if self.update == "weight":
-            self.logits.copy_(torch.log(weights))
-            self.mean.copy_(means)
-            self.log_var.copy_(torch.log(vars))
-        else:
-            self.running_weights.copy_(weights)
-            self.running_mean.copy_(means)
-            self.running_var.copy_(vars)
-        self.data_initialized.fill_(1)
+        ok = None if now else self._refuse_nonfinite(weights, means, vars)
+        targets = ((self.logits, torch.log(weights)), (self.mean, means), (self.log_var, torch.log(vars))) \
+            if self.update == "weight" else \
+            ((self.running_weights, weights), (self.running_mean, means), (self.running_var, vars))
+        for target, value in targets:
+            target.copy_(value if ok is None else torch.where(ok, value.to(target.dtype), target))
+        self.data_initialized.copy_(torch.ones_like(self.data_initialized) if ok is None else ok.long())
 
     def component_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
         """(lambda (K,), mu (K, C), sigma^2 (K, C)), differentiable for update='weight'."""
@@ -185,9 +191,8 @@ class AdaptiveContextNorm(RunningStatsNorm):
             return flat_posteriors(resp, self.posterior)
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
-        if self.training and not self._init_checked:
-            if not int(self.data_initialized):
-                self.initialize_from(x3)
+        if self.training and not self._init_checked:  # init="data": the one-off fit of the first step
+            self.initialize_from(x3)
             self._init_checked = True
         lam, mu, var = (t.to(x3.dtype) for t in self.component_parameters())
         log_lam = torch.log(lam)
@@ -200,10 +205,10 @@ class AdaptiveContextNorm(RunningStatsNorm):
                 y, lam_b, mu_b, var_b = posterior_batch_norm(x3, resp, gain, bias, self.eps)
             else:
                 lam_b, mu_b, var_b = weighted_moments(x3, resp, self.posterior)
-            self._refuse_nonfinite(lam_b, mu_b, var_b)
+            ok = self._refuse_nonfinite(lam_b, mu_b, var_b)
             lam_k = lam_b if lam_b.dim() == 1 else lam_b.mean(dim=1)
             self._update_running((self.running_weights, lam_k / lam_k.sum()), (self.running_mean, mu_b),
-                                 (self.running_var, var_b))
+                                 (self.running_var, var_b), valid=ok)
             if self.posterior == "joint":
                 return y
             lam_n, mu_n, var_n = lam_b.clamp_min(1e-12), mu_b, var_b

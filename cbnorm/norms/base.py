@@ -19,23 +19,81 @@ Two bases, as ``torch.nn.modules.batchnorm._NormBase`` is for torch's layers:
   PyTorch's convention, not Keras' 0.99), ``momentum=None`` means a cumulative average (1 / count, from a
   tensor count: no host sync), running variances are unbiased; and ``reset_running_stats()``.
   Layers without running statistics (LayerNorm, GroupNorm, CN-X, the CN embedder) take no ``momentum``.
+
+Checks on values, without a host synchronisation by default
+----------------------------------------------------------
+Two checks look at tensor *values*: a training minibatch whose statistics are not finite (NaN/inf input, or
+|x| > ~1e19 whose squares overflow float32) must never reach the running buffers, and context ids must lie in
+[0, K). Reading a value back to the host stalls an accelerator and breaks ``torch.compile(fullgraph=True)``,
+so each layer with such checks takes ``validate``:
+
+* ``"now"``: read on the host in the call and raise ``ValueError`` there, before any buffer changes;
+* ``"deferred"``: nothing is read. Statistics that are not finite leave every running buffer (and
+  ``num_batches_tracked``, MN's queue) unchanged through ``torch.where``; out-of-range ids are mapped to a
+  sentinel that gives NaN output for those samples (never another context's transform) and a call with one
+  changes no state. Both are counted on the device in the non-persistent buffer ``deferred_errors``
+  (non-finite batches, bad-id calls, and the last bad min / max id); ``check_deferred(model)`` reads every
+  layer's counts in one transfer and raises the same ``ValueError`` the immediate check gives. The trainer
+  calls it at each evaluation, snapshot and epoch end, before anything is saved;
+* ``"auto"`` (default): ``"now"`` for tensors in host memory outside ``torch.compile`` (reading them stalls
+  nothing), ``"deferred"`` on an accelerator and while compiling.
+
+Cumulative averages (``momentum=None``) take their factor 1 / count from a tensor count. No other value is
+read back in any layer's forward or backward (tests: fullgraph compilation of every layer in train and eval, a
+dispatch-level detector of host reads on CPU, ``torch.cuda.set_sync_debug_mode("error")`` on CUDA).
 """
 from __future__ import annotations
 
 import math
+import threading
 from contextvars import ContextVar
 from typing import ClassVar, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NormBase", "RunningStatsNorm", "ema_update", "stat_dtype", "check_positive_int", "ROUTED_CONTEXTS"]
+__all__ = ["NormBase", "RunningStatsNorm", "ema_update", "stat_dtype", "check_positive_int", "ROUTED_CONTEXTS",
+           "VALIDATE_MODES", "check_deferred"]
 
-#: Context ids routed to context layers for the duration of one call (``cbnorm.convert.route_contexts``):
-#: id(layer) -> ids (N,). A ContextVar, so threads (and asyncio tasks) never see each other's ids, and the
-#: mapping is restored when the call ends or raises.
-ROUTED_CONTEXTS: ContextVar[Mapping[int, object]] = ContextVar("cbnorm_routed_contexts", default={})
+#: ``validate=`` values (module docstring)
+VALIDATE_MODES = ("auto", "now", "deferred")
+#: slots of ``deferred_errors``: non-finite training batches, calls with out-of-range ids, last bad min / max id
+_NONFINITE, _BAD_IDS, _BAD_MIN, _BAD_MAX = range(4)
 
+class _RoutedContexts:
+    """Context ids routed to context layers for the duration of one call (``cbnorm.convert.route_contexts``):
+    id(layer) -> ids (N,). ``get`` / ``set`` / ``reset`` as a ``ContextVar`` (which holds the mapping, so threads
+    and asyncio tasks never see each other's ids, and it is restored when the call ends or raises), plus
+    ``active``, the number of routings in progress in the process: a layer called with ``context=None`` looks
+    the ids up only while one is, so torch.compile (which cannot trace ``ContextVar.get``) guards on a plain
+    int and traces the layer whole whenever nothing is routed."""
+
+    def __init__(self) -> None:
+        self._var: ContextVar[Mapping[int, object]] = ContextVar("cbnorm_routed_contexts", default={})
+        self._lock = threading.Lock()
+        self.active = 0
+
+    def get(self) -> Mapping[int, object]:
+        return self._var.get()
+
+    def set(self, value: Mapping[int, object]):
+        with self._lock:
+            self.active += 1
+        return self._var.set(value)
+
+    def reset(self, token) -> None:
+        self._var.reset(token)
+        with self._lock:
+            self.active -= 1
+
+
+#: the routed ids (``_RoutedContexts``)
+ROUTED_CONTEXTS = _RoutedContexts()
+
+
+@torch.compiler.disable  # ContextVar.get cannot be traced: eager, and only while a routing is active
+def _routed_context(layer: nn.Module):
+    return ROUTED_CONTEXTS.get().get(id(layer))
 
 def stat_dtype(x: Tensor) -> torch.dtype:
     """Statistics dtype: float64 for float64 input, float32 otherwise (float16/bfloat16 are upcast)."""
@@ -57,11 +115,19 @@ def ema_update(running: Tensor, new: Tensor, factor: Tensor | float, mask: Optio
     ``mask`` (broadcastable to ``running``) selects the entries that are updated; the others keep their
     value. Uses ``copy_`` on the whole buffer, never an assignment into an indexed view.
     """
-    new = new.detach().to(running.dtype)
-    updated = torch.lerp(running, new, factor if isinstance(factor, float) else factor.to(running.dtype))
-    if mask is not None:
-        updated = torch.where(mask, updated, running)
-    running.copy_(updated)
+    _ema(running, new, factor, mask)
+
+
+def _ema(running: Tensor, new: Tensor, factor: Tensor | float, mask: Optional[Tensor]) -> None:
+    """``ema_update`` without its no_grad (callers hold one); in-place ``lerp_`` when nothing is masked."""
+    if new.dtype != running.dtype:
+        new = new.to(running.dtype)
+    if not isinstance(factor, float) and factor.dtype != running.dtype:
+        factor = factor.to(running.dtype)
+    if mask is None:
+        running.lerp_(new, factor)
+    else:
+        running.copy_(torch.where(mask, torch.lerp(running, new, factor), running))
 
 
 class NormBase(nn.Module):
@@ -86,7 +152,7 @@ class NormBase(nn.Module):
     _version: ClassVar[int] = 2
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True,
-                 channel_last: bool = False) -> None:
+                 channel_last: bool = False, validate: str = "auto") -> None:
         super().__init__()
         self.num_features = check_positive_int("num_features", num_features)
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
@@ -94,6 +160,21 @@ class NormBase(nn.Module):
         self.eps = float(eps)
         self.affine = bool(affine)
         self.channel_last = bool(channel_last)
+        if validate not in VALIDATE_MODES:
+            raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
+        self.validate = validate
+        # counts of the checks deferred on the device (module docstring); not saved with the weights
+        self.register_buffer("deferred_errors", torch.zeros(4, dtype=torch.long), persistent=False)
+
+    def _defers(self, t: Tensor) -> bool:
+        """Whether the value checks on ``t`` are deferred (device-side) rather than read on the host now."""
+        if self.validate == "auto":
+            return t.device.type != "cpu" or torch.compiler.is_compiling()
+        return self.validate == "deferred"
+
+    def check_deferred(self) -> None:
+        """Raise the ``ValueError`` of any check deferred since the last call (``check_deferred(self)``)."""
+        check_deferred(self)
 
     # ------------------------------------------------------------------ shapes
     def _check_input(self, x: Tensor) -> None:
@@ -158,44 +239,69 @@ class NormBase(nn.Module):
             raise ValueError(
                 f"context must have shape (N,) = ({x.shape[0]},) matching the batch, got {tuple(context.shape)}")
         k = self.num_contexts  # type: ignore[attr-defined]
-        if context.numel() and (int(context.min()) < 0 or int(context.max()) >= k):
-            raise ValueError(
-                f"context ids must be in [0, {k - 1}] (num_contexts={k}), got min {int(context.min())} "
-                f"and max {int(context.max())}")
-        return context.to(device=x.device, dtype=torch.long)
+        if not self._defers(context):  # ids in host memory: checking them stalls nothing
+            if context.numel() and (int(context.min()) < 0 or int(context.max()) >= k):
+                raise ValueError(
+                    f"context ids must be in [0, {k - 1}] (num_contexts={k}), got min {int(context.min())} "
+                    f"and max {int(context.max())}")
+            return context.to(device=x.device, dtype=torch.long)
+        ids = context.to(device=x.device, dtype=torch.long)
+        valid = (ids >= 0) & (ids < k)
+        with torch.no_grad():
+            bad = ~valid.all()
+            e = self.deferred_errors
+            self.deferred_errors.copy_(torch.stack([
+                e[_NONFINITE], e[_BAD_IDS] + bad.long(), torch.where(bad, ids.min(), e[_BAD_MIN]),
+                torch.where(bad, ids.max(), e[_BAD_MAX])]))
+        return torch.where(valid, ids, k)  # the sentinel K: NaN output, in no context's statistics
 
     # ----------------------------------------------------------------- running
-    def _refuse_nonfinite(self, *stats: Tensor) -> None:
-        """Train mode, before any buffer is touched: ``ValueError`` when a minibatch statistic is NaN or inf.
+    def _refuse_nonfinite(self, *stats: Tensor) -> Optional[Tensor]:
+        """Train mode, before any buffer is touched: whether the minibatch statistics are all finite.
 
-        That happens for NaN/inf input and for finite activations so large (|x| > ~1e19 in float32) that
-        their squares overflow; updating the running statistics / queue with them would lose all training so
-        far. Statistics are checked in the dtype of the layer's buffers (float64 input whose variance does not
-        fit the float32 running variance is refused too). One host sync per training step, on the small
-        statistics after any DDP all-reduce, so every rank agrees.
-        """
-        store = next((b.dtype for b in self.buffers() if b.is_floating_point()), torch.float32)
-        if not bool(torch.stack([torch.isfinite(s.detach().to(store)).all() for s in stats]).all()):
-            raise ValueError(
-                f"{type(self).__name__}: this minibatch gives non-finite statistics (NaN or inf in the input, or "
-                f"activations too large for {store} statistics, |x| > ~1e19); refusing to update the running "
-                f"statistics with it")
+        They are not for NaN/inf input and for finite activations so large (|x| > ~1e19 in float32) that their
+        squares overflow; updating the running statistics / queue with them would lose all training so far.
+        Statistics are checked in the dtype of the layer's buffers (float64 input whose variance does not fit
+        the float32 running variance is refused too), on the small statistics after any DDP all-reduce, so
+        every rank agrees. With the check done now (``validate``): ``ValueError`` here, and None is returned;
+        deferred: a 0-dim bool tensor ``ok`` that the caller passes on as ``valid=`` to every buffer update
+        (``_update_running``, MN's queue), and a non-finite batch is counted in ``deferred_errors``."""
+        store = self._store_dtype()
+        flat = torch.cat([s.detach().reshape(-1) for s in stats]) if len(stats) > 1 else stats[0].detach().reshape(-1)
+        ok = torch.isfinite(flat if flat.dtype == store else flat.to(store)).all()
+        if not self._defers(ok):
+            if not bool(ok):
+                raise ValueError(_nonfinite_message(type(self).__name__, store))
+            return None
+        with torch.no_grad():
+            self.deferred_errors[_NONFINITE:_NONFINITE + 1].add_((~ok).long())
+        return ok
+
+    def _store_dtype(self) -> torch.dtype:
+        """The dtype of the running buffers (the first floating-point one registered)."""
+        for name in getattr(self, "_running_fills", ()):
+            b = self._buffers[name]
+            if b is not None and b.is_floating_point():
+                return b.dtype
+        return next((b.dtype for b in self.buffers() if b.is_floating_point()), torch.float32)
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:  # noqa: D401
         """Normalize ``x`` (N, C, *spatial) or (N, L, D) with ``channel_last=True``; ``context`` (N,) long."""
         self._check_input(x)
-        if context is None and self.uses_context:  # ids routed by a ContextModel / our models for this call
-            context = ROUTED_CONTEXTS.get().get(id(self))
+        if context is None and self.uses_context and ROUTED_CONTEXTS.active:  # ids routed for this call
+            context = _routed_context(self)
         context = self._check_context(x, context)
         if self.training and x.shape[0] * (x.numel() // (x.shape[0] * self.num_features)) < 2 \
                 and self._needs_batch_statistics():
             raise ValueError(
                 f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}")
         dtype = stat_dtype(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x3 = self._to_ncp(x).to(dtype)
-            y3 = self._normalize(x3, context)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                y3 = self._normalize(self._to_ncp(x).to(dtype), context)
+        else:
+            y3 = self._normalize(self._to_ncp(x).to(dtype), context)
         return self._from_ncp(y3.to(x.dtype), x)
 
     def _needs_batch_statistics(self) -> bool:
@@ -288,12 +394,17 @@ class RunningStatsNorm(NormBase):
 
     @torch.no_grad()
     def _update_running(self, *pairs: tuple[Tensor, Tensor], count: Optional[Tensor] = None,
-                        mask: Optional[Tensor] = None) -> None:
+                        mask: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> None:
         """One training step of the running statistics: ``num_batches_tracked += 1``, then for every
         ``(running, new)`` pair ``running <- (1 - f) running + f new`` (BatchNorm eq. 3), f = momentum, or
         with ``momentum=None`` the cumulative average f = 1 / count, ``count`` a tensor broadcastable to the
-        buffers (per-context counts; default ``num_batches_tracked``). ``mask`` selects the entries updated."""
-        self.num_batches_tracked.add_(1)
+        buffers (per-context counts; default ``num_batches_tracked``). ``mask`` selects the entries updated;
+        ``valid`` (0-dim bool, from a deferred check) False leaves everything, the count included, unchanged."""
+        if valid is None:
+            self.num_batches_tracked.add_(1)
+        else:
+            self.num_batches_tracked.add_(valid.long())
+            mask = valid if mask is None else mask & valid
         if not pairs:
             return
         if self.momentum is not None:
@@ -302,7 +413,7 @@ class RunningStatsNorm(NormBase):
             n = self.num_batches_tracked if count is None else count
             factor = torch.reciprocal(n.clamp_min(1).to(pairs[0][0].dtype))
         for running, new in pairs:
-            ema_update(running, new, factor, mask)
+            _ema(running, new, factor, mask)
 
     def reset_running_stats(self) -> None:
         """Running statistics (and ``num_batches_tracked``) back to their values at construction."""
@@ -318,6 +429,48 @@ class RunningStatsNorm(NormBase):
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         super().reset_parameters()
+
+
+def _nonfinite_message(name: str, store: torch.dtype, count: int = 0) -> str:
+    what = "this minibatch gives" if not count else \
+        f"{count} training minibatch{'es' if count > 1 else ''} since the last check gave"
+    return (f"{name}: {what} non-finite statistics (NaN or inf in the input, or activations too large for "
+            f"{store} statistics, |x| > ~1e19); refusing to update the running statistics with "
+            f"{'it' if count <= 1 else 'them'}" + (" (they were left unchanged; validate='deferred' reports this at "
+                                                  "check_deferred)" if count else ""))
+
+
+def check_deferred(module: nn.Module, *, clear: bool = True) -> None:
+    """Raise the ``ValueError`` that the immediate checks would have raised, for every cbnorm layer in
+    ``module`` whose checks were deferred (``validate``, module docstring) and found something since the last
+    call: non-finite training statistics (the layer's running buffers were left unchanged) or context ids
+    out of range. Reads all counters in one transfer per device: call it where the loop synchronises anyway
+    (logging, evaluation, before saving). ``clear``: reset the counters that were read."""
+    layers = [(name or type(m).__name__, m) for name, m in module.named_modules() if isinstance(m, NormBase)]
+    by_device: dict[torch.device, list[tuple[str, NormBase]]] = {}
+    for name, m in layers:
+        by_device.setdefault(m.deferred_errors.device, []).append((name, m))
+    found = []
+    for group in by_device.values():
+        counts = torch.stack([m.deferred_errors for _, m in group]).cpu().tolist()  # the one read
+        for (name, m), (nonfinite, bad_ids, lo, hi) in zip(group, counts):
+            if nonfinite or bad_ids:
+                found.append((name, m, nonfinite, bad_ids, lo, hi))
+                if clear:
+                    m.deferred_errors.zero_()
+    if not found:
+        return
+    name, m, nonfinite, bad_ids, lo, hi = found[0]
+    if bad_ids:
+        k = m.num_contexts  # type: ignore[attr-defined]
+        msg = (f"context ids must be in [0, {k - 1}] (num_contexts={k}), got min {lo} and max {hi} "
+               f"({bad_ids} call{'s' if bad_ids > 1 else ''} of {type(m).__name__} {name!r} since the last check; "
+               f"their samples got NaN output and no state changed)")
+    else:
+        msg = _nonfinite_message(type(m).__name__, m._store_dtype(), nonfinite) + f" (layer {name!r})"
+    if len(found) > 1:
+        msg += f"; {len(found) - 1} more layer(s) reported too: " + ", ".join(repr(f[0]) for f in found[1:6])
+    raise ValueError(msg)
 
 
 def affine_params(module: nn.Module, shape: tuple[int, ...], enabled: bool) -> None:

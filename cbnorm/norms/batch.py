@@ -28,8 +28,10 @@ class BatchNorm(RunningStatsNorm):
     names = ("bn", "batchnorm")
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, channel_last: bool = False, sync_stats: bool = True) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+                 affine: bool = True, channel_last: bool = False, sync_stats: bool = True,
+                 validate: str = "auto") -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last,
+                         validate=validate)
         self.sync_stats = sync_stats
         affine_params(self, (num_features,), affine)
         self._register_running("running_mean", (num_features,), 0.0)
@@ -53,19 +55,19 @@ class BatchNorm(RunningStatsNorm):
             y, mean, invstd = torch.native_batch_norm(x3, weight, bias, None, None, True, 0.0, self.eps)
             with torch.no_grad():
                 var = (invstd.double().pow(-2) - self.eps).clamp_min(0).to(mean.dtype)
-                self._refuse_nonfinite(mean, var)  # before any buffer changes
+                ok = self._refuse_nonfinite(mean, var)  # before any buffer changes
                 count = x3.shape[0] * x3.shape[2]
                 self._update_running((self.running_mean, mean),
-                                     (self.running_var, var * (count / max(count - 1, 1))))
+                                     (self.running_var, var * (count / max(count - 1, 1))), valid=ok)
             return y
         if self.training:  # DDP: statistics from differentiable all-reduced sums (SyncBatchNorm)
-            count = allreduce_sum(x3.new_tensor(float(x3.shape[0] * x3.shape[2])), self.sync_stats)
+            count = allreduce_sum(x3.new_full((), float(x3.shape[0] * x3.shape[2])), self.sync_stats)  # no H2D copy
             mean = allreduce_sum(x3.sum(dim=(0, 2)), self.sync_stats) / count
             centred = x3 - mean[None, :, None]
             var = allreduce_sum(centred.square().sum(dim=(0, 2)), self.sync_stats) / count
-            self._refuse_nonfinite(mean, var)
+            ok = self._refuse_nonfinite(mean, var)
             self._update_running((self.running_mean, mean),
-                                 (self.running_var, var * count / (count - 1).clamp_min(1)))
+                                 (self.running_var, var * count / (count - 1).clamp_min(1)), valid=ok)
         else:
             mean = self.running_mean.to(x3.dtype)
             var = self.running_var.to(x3.dtype)

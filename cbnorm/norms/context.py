@@ -37,7 +37,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import NormBase, RunningStatsNorm, affine_params, allreduce_sum, check_positive_int
@@ -100,9 +99,11 @@ class _ContextBase(NormBase):
         return w, b
 
     def _apply_known(self, x3: Tensor, context: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        """Each sample n normalized with its own context's (mean, var) — eq. 22 / 26; per-sample affine."""
+        """Each sample n normalized with its own context's (mean, var) — eq. 22 / 26; per-sample affine.
+        An id K (the sentinel of a deferred range check, ``NormBase._check_context``) gives NaN."""
         gain, shift = self._affine(x3.dtype)
         a, b = normalizing_coefficients(mean, var, self.eps, self._prior_scale(x3.dtype), gain, shift)
+        a, b = (torch.cat([t, t.new_full((1, t.shape[1]), float("nan"))]) for t in (a, b))
         return torch.addcmul(b[context].unsqueeze(-1), x3, a[context].unsqueeze(-1))
 
     def _apply_mixed(self, x3: Tensor, mean: Tensor, var: Tensor) -> Tensor:
@@ -168,23 +169,28 @@ class ContextNorm(_ContextBase, RunningStatsNorm):
         if not self.training:
             return self._apply_known(x3, context, self.running_mean.to(x3.dtype), self.running_var.to(x3.dtype))
         n, c, p = x3.shape
-        onehot = F.one_hot(context, self.num_contexts).to(x3.dtype)  # (N, K)
+        k = self.num_contexts
+        # (N, K) one-hot by comparison (F.one_hot reads the ids' range back to the host); the sentinel id K
+        # of a deferred range check (NormBase._check_context) is in no context
+        onehot = (context[:, None] == torch.arange(k, device=context.device)).to(x3.dtype)
         samples = allreduce_sum(onehot.sum(0), self.sync_stats)  # (K,) samples per context
         count = samples * p
         sums = allreduce_sum(onehot.t() @ x3.sum(dim=2), self.sync_stats)  # (K, C)   eq. 23
         mean_b = sums / count.clamp_min(1)[:, None]
-        centred = x3 - mean_b[context].unsqueeze(-1)
+        centred = x3 - torch.cat([mean_b, mean_b.new_zeros(1, c)])[context].unsqueeze(-1)
         sq = allreduce_sum(onehot.t() @ centred.square().sum(dim=2), self.sync_stats)  # eq. 24
         var_b = sq / count.clamp_min(1)[:, None]
         ok = (samples >= 2)[:, None]  # a context with 0 or 1 sample falls back to running statistics
         mean = torch.where(ok, mean_b, self.running_mean.to(x3.dtype))
         var = torch.where(ok, var_b, self.running_var.to(x3.dtype))
-        self._refuse_nonfinite(mean_b.masked_fill(~ok, 0), var_b.masked_fill(~ok, 1))
+        valid = self._refuse_nonfinite(mean_b.masked_fill(~ok, 0), var_b.masked_fill(~ok, 1))
+        ids_ok = (context < k).all()  # a call with an out-of-range id (the sentinel K, deferred) changes no state
+        valid = ids_ok if valid is None else valid & ids_ok
         with torch.no_grad():
             unbiased = var_b * (count / (count - 1).clamp_min(1))[:, None]
-            self.running_batches_tracked.add_(ok[:, 0].long())
+            self.running_batches_tracked.add_((ok & valid)[:, 0].long())
             self._update_running((self.running_mean, mean_b), (self.running_var, unbiased),  # eq. 25
-                                 count=self.running_batches_tracked[:, None], mask=ok)
+                                 count=self.running_batches_tracked[:, None], mask=ok, valid=valid)
         return self._apply_known(x3, context, mean, var)
 
 

@@ -282,15 +282,20 @@ class _PosteriorBatchNorm(torch.autograd.Function):
     are exact (gradgradcheck-tested)."""
 
     @staticmethod
-    def forward(ctx, x3, resp, gain, bias, eps):
+    def forward(ctx, x3, resp, gain, bias, eps, sums=None):
         n, c, p = x3.shape
-        center = x3.sum(dim=2).mean(dim=0) / p  # (C,) batch mean, a constant: limits cancellation below
-        xs = x3 - center[None, :, None]
-        rt = resp.transpose(1, 2)  # (N, P, K) view
-        nk = resp.sum(dim=(0, 2))  # (K,)
+        if sums is None:
+            center = x3.sum(dim=2).mean(dim=0) / p  # (C,) batch mean, a constant: limits cancellation below
+            xs = x3 - center[None, :, None]
+            rt = resp.transpose(1, 2)  # (N, P, K) view
+            nk = resp.sum(dim=(0, 2))  # (K,)
+            s1, s2 = torch.bmm(xs, rt).sum(0).t(), torch.bmm(xs * xs, rt).sum(0).t()  # (K, C), around center
+        else:  # the same sums, computed elsewhere (MN: by the GMM fit, on its [x^2; x; 1])
+            center, s1, s2, nk = sums
+            xs = x3 - center[None, :, None]
         inv_nk = torch.reciprocal(nk.clamp_min(1e-12))[:, None]
-        m1 = torch.bmm(xs, rt).sum(0).t() * inv_nk  # (K, C), around center
-        raw_var = torch.bmm(xs * xs, rt).sum(0).t() * inv_nk - m1 * m1
+        m1 = s1 * inv_nk
+        raw_var = s2 * inv_nk - m1 * m1
         var = raw_var.clamp_min(0)
         lam = nk / (n * p)
         scale = torch.rsqrt(lam.clamp_min(1e-12))[:, None]  # 1 / sqrt(lambda_k), eq. 34
@@ -317,7 +322,7 @@ class _PosteriorBatchNorm(torch.autograd.Function):
                 return y, mean, var
 
             return (*_double_backward(composed, (x3, resp, gain, bias), (gy, gmean, gvar),
-                                      ctx.needs_input_grad[:4]), None)
+                                      ctx.needs_input_grad[:4]), None, None)
         c = x3.shape[1]
         rt = resp.transpose(1, 2)
         da = torch.bmm(gy * xs, rt).sum(0).t()  # dL/dA (K, C)
@@ -337,13 +342,21 @@ class _PosteriorBatchNorm(torch.autograd.Function):
         coef = batched_left(torch.cat([a, 2.0 * ds2, ds1], dim=1).t(), resp)  # (N, 3C, P)
         dx = torch.addcmul(coef[:, 2 * c:], gy, coef[:, :c])
         dx.addcmul_(xs, coef[:, c:2 * c])
-        return dx, None, dgain, dbias, None
+        return dx, None, dgain, dbias, None, None
 
 
 def posterior_batch_norm(x3: Tensor, resp: Tensor, gain: Optional[Tensor], bias: Optional[Tensor],
-                         eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         eps: float, sums: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = gain * sum_k tau_k / sqrt(lambda_k) (x - mu_k) / sqrt(sigma_k^2 + eps) + bias with the
     posterior-weighted minibatch statistics of MN eq. 34-36, for x3 (N, C, P) and constant posteriors resp
     (N, K, P). Returns (y (N, C, P), lambda (K,), mu (K, C), sigma^2 (K, C)); y, mu, sigma^2 are
-    differentiable in x3 (and y in gain, bias (C,)), to any order."""
-    return _PosteriorBatchNorm.apply(x3, resp.detach(), gain, bias, eps)
+    differentiable in x3 (and y in gain, bias (C,)), to any order.
+
+    ``sums`` = (center (C,), s1 (K, C), s2 (K, C), nk (K,)): sum_i nu_ik (x_i - center) and
+    sum_i nu_ik (x_i - center)^2 over all points and nk = sum_i nu_ik, already computed (center a constant
+    near the batch mean, MN's GMM fit gives them); the forward then skips its two moment passes. The
+    gradients are those of the moments of x3, as without."""
+    if sums is not None:
+        sums = tuple(t.detach() for t in sums)
+    return _PosteriorBatchNorm.apply(x3, resp.detach(), gain, bias, eps, sums)

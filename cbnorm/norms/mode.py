@@ -65,8 +65,9 @@ class ModeNorm(RunningStatsNorm):
 
     def __init__(self, num_features: int, *, num_components: int = 3, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False,
-                 sync_stats: bool = True) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last)
+                 sync_stats: bool = True, validate: str = "auto") -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last,
+                         validate=validate)
         self.num_components = check_positive_int("num_components", num_components)
         self.sync_stats = sync_stats
         affine_params(self, (num_features,), affine)
@@ -104,20 +105,20 @@ class ModeNorm(RunningStatsNorm):
             mean = allreduce_sum(g.t() @ sums, self.sync_stats) / nk.clamp_min(1e-12)[:, None]
             # sum_p (x - mu_k)^2 = S2 - 2 mu_k S1 + P mu_k^2, computed around the batch mean for accuracy
             # the shift must be the same on every DDP rank for the all-reduced sums to cancel it
-            total = allreduce_sum(x3.new_tensor(float(n * p)), self.sync_stats)
+            total = allreduce_sum(x3.new_full((), float(n * p)), self.sync_stats)  # a fill: no H2D copy
             shift = allreduce_sum(sums.detach().sum(dim=0), self.sync_stats) / total
             s1 = sums - p * shift  # (N, C) = (x - shift).sum(dim=2)
             s2 = centered_square_sums(x3, shift)
             mc = mean - shift
             sq = allreduce_sum(g.t() @ s2 - 2 * mc * (g.t() @ s1), self.sync_stats) + nk[:, None] * mc * mc
             var = (sq / nk.clamp_min(1e-12)[:, None]).clamp_min(0)
-            self._refuse_nonfinite(mean, var, nk)
+            ok = self._refuse_nonfinite(mean, var, nk)
             with torch.no_grad():
                 v1sq = v1.detach().square()
                 denom = v1sq - v2  # > 0 unless all the weight sits on one point
                 unbiased = torch.where(denom > 0, v1sq / denom.clamp_min(torch.finfo(denom.dtype).tiny), 1.0)
                 self._update_running((self.running_mean, mean), (self.running_var, var * unbiased[:, None]),
-                                     (self.running_weights, nk / nk.sum()))
+                                     (self.running_weights, nk / nk.sum()), valid=ok)
         else:
             mean, var = self.running_mean.to(x3.dtype), self.running_var.to(x3.dtype)
         inv = torch.rsqrt(var + self.eps)  # (K, C)
