@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
+from ..norms import check_deferred
 from .schedules import SCHEDULES, check_schedule, lr_at, parse_milestones, snapshot_steps
 from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, build_model_from_config, count_parameters,
                    load_resume_state, preprocess_images, read_json, save_config, save_metrics,
@@ -558,6 +559,8 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
             step_time += time.perf_counter() - t0
             metrics["loss"].append([step, loss_val])
             metrics["lr"].append([step, lr])
+            if step in snaps or (a["eval_every"] and step % a["eval_every"] == 0):
+                check_deferred(model)  # checks the layers deferred on the device (validate="auto" off the CPU)
             if dist.main and step in snaps:
                 save_snapshot(out, model, step, files)
             if a["eval_every"] and step % a["eval_every"] == 0:
@@ -565,6 +568,7 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}")
         bar.close()
+        check_deferred(model)  # before the epoch's evaluation and saves
         c_train, n_train = dist.sum([correct, seen])
         # evaluation, sharded over ranks (eval-mode layers run no collectives)
         shard = torch.arange(dist.rank, len(test_labels), dist.world)
