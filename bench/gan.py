@@ -148,6 +148,27 @@ def steps_to_reach(evals: list[dict], target: float):
     return None
 
 
+def verdict(by_norm: dict, target: dict) -> str:
+    """One plain sentence per norm against BN, from the numbers (no threshold tuned to any claim): the best FD
+    (mean +- sd over seeds), whether the mean curve reaches BN's best and when, and the CPU-time ratio."""
+    if "bn" not in by_norm or not target:
+        return "no BN runs: nothing to compare with"
+    bn = by_norm["bn"]["best_fd"]
+    out = [f"BN's best FD {bn['mean']:.2f} +- {bn['sd'] or 0:.2f} at step {target['bn_best_step_mean_curve']}"]
+    for n, o in by_norm.items():
+        if n == "bn":
+            continue
+        b = o["best_fd"]
+        diff = b["mean"] - bn["mean"]
+        spread = math.hypot(b["sd"] or 0.0, bn["sd"] or 0.0)
+        where = ("within the seeds' spread of" if abs(diff) <= spread else "worse than" if diff > 0 else "better than")
+        s = o.get("steps_to_bn_best_mean_curve")
+        reach = (f"its mean curve reaches BN's best at step {s} ({o['reduction_vs_bn_pct']:.0f}% fewer steps)"
+                 if s is not None else "its mean curve never reaches BN's best")
+        out.append(f"{n.upper()}: best FD {b['mean']:.2f} +- {b['sd'] or 0:.2f}, {where} BN's; {reach}")
+    return "; ".join(out) + "."
+
+
 def report() -> dict:
     runs = {}
     for name in ORDER:
@@ -250,7 +271,8 @@ def report() -> dict:
         "reference": {"fd_real_train_5000_vs_test": floor, "test_set_modes": real_cov["modes"],
                       "test_set_evenness": real_cov["evenness"], "classifier": "checkpoints/gan-features/classifier",
                       "classifier_test_acc": 0.8917},
-        "target": out_target, "by_norm": out_norms, "runs": runs, "papers": PAPERS,
+        "target": out_target, "by_norm": out_norms, "verdict": verdict(out_norms, out_target), "runs": runs,
+        "papers": PAPERS,
         "step_timing": step_timing(),
         "budget": {"cpu_s_total": float(sum(r["cpu_s"] or 0 for r in runs.values())),
                    "train_wall_s_total": float(sum(r["train_s"] or 0 for r in runs.values())),

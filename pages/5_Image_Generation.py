@@ -23,7 +23,9 @@ with S.guard("Image generation"):
     names = list(by_name)
     ss = st.session_state
     if "gen_runs" not in ss:
-        seed0 = [n for n in names if by_name[n]["ok"] and n.endswith("-s0")]
+        rank = {"bn": 0, "mn": 1, "acn": 2}
+        seed0 = sorted((n for n in names if by_name[n]["ok"] and n.endswith("-s0")),
+                       key=lambda n: (rank.get(by_name[n]["norm"], 9), n))
         ss["gen_runs"] = (seed0 or [n for n in names if by_name[n]["ok"]] or names)[:3]
     ss["gen_runs"] = [n for n in ss["gen_runs"] if n in names]
     chosen = st.multiselect("Runs", names, key="gen_runs", max_selections=6,
@@ -103,17 +105,27 @@ with S.guard("Image generation"):
                                 "precision": st.column_config.NumberColumn(format="%.3f"),
                                 "recall": st.column_config.NumberColumn(format="%.3f"),
                                 "evenness": st.column_config.NumberColumn(format="%.3f"),
-                                "ms / step": st.column_config.NumberColumn(format="%.1f")})
+                                "wall ms / step": st.column_config.NumberColumn(
+                                    format="%.1f", help="Median wall time of an update during training: includes "
+                                                        "waiting for other jobs on a shared machine (see the "
+                                                        "benchmark's CPU time for a comparison)")})
     bench = G.bench_result()
     if bench and bench.get("by_norm"):
         st.markdown("**Benchmark** (`bench/results/gan.json`, all seeds; `python bench/gan.py report`)")
         tgt = bench.get("target") or {}
-        st.dataframe([{"norm": n, "seeds": len(o.get("seeds", [])),
-                       "best FD mean": (o.get("best_fd") or {}).get("mean"), "sd": (o.get("best_fd") or {}).get("sd"),
-                       "steps to BN's best (mean curve)": o.get("steps_to_bn_best_mean_curve"),
-                       "vs BN's step (%)": o.get("reduction_vs_bn_pct"),
-                       "ms / step": 1000 * ((o.get("time_per_step_s") or {}).get("mean") or float("nan"))}
-                      for n, o in bench["by_norm"].items()], hide_index=True, key="gen_bench")
+        st.dataframe(G.bench_rows(bench), hide_index=True, key="gen_bench",
+                     column_config={"best FD mean": st.column_config.NumberColumn(format="%.2f"),
+                                    "sd": st.column_config.NumberColumn(format="%.2f"),
+                                    "steps to BN's best (mean curve)": st.column_config.NumberColumn(
+                                        help="First evaluation at which the norm's mean FD curve (over seeds) is "
+                                             "at or below BN's best; empty: never within the run"),
+                                    "fewer steps than BN (%)": st.column_config.NumberColumn(format="%.0f"),
+                                    "CPU ms / step": st.column_config.NumberColumn(
+                                        format="%.1f", help="CPU time of one update (D + G), the norms measured "
+                                                            "interleaved at 1 thread by bench/gan.py report"),
+                                    "vs BN": st.column_config.NumberColumn(format="%.2fx")})
+        if bench.get("verdict"):
+            st.markdown(f"**Verdict** (from the numbers above): {bench['verdict']}")
         st.caption(f"BN's best on its mean curve: FD {tgt.get('bn_best_fd_mean_curve', float('nan')):.2f} at step "
                    f"{tgt.get('bn_best_step_mean_curve')}. The papers (Inception FID on CIFAR, not comparable in "
                    "value): MN 33.35 vs BN 37.56, MN reaching BN's best in 25k instead of 60k updates (\"~58% "

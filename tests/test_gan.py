@@ -194,6 +194,8 @@ def test_generation_page_in_apptest(gan_root, tmp_path, monkeypatch):
     assert len(charts) >= 3  # animation, scores, classes
     scores = json.loads(next(c for c in charts if c.proto.id and "gen_scores" in c.proto.id).proto.spec)
     assert len(scores["data"]) == 2
+    anim = json.loads(next(c for c in charts if c.proto.id and "gen_anim" in c.proto.id).proto.spec)
+    assert [f["name"] for f in anim["frames"]] == ["0", "2", "4"]  # one frame per common snapshot
     at.select_slider(key="gen_step").set_value(2).run()
     assert not at.exception
     at.radio(key="gen_metric").set_value("recall").run()

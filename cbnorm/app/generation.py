@@ -28,7 +28,7 @@ from . import shared as S
 from .figures import color
 
 __all__ = ["gan_runs", "run_label", "snapshot_steps", "common_steps", "sample_grid", "grid_animation", "score_figure",
-           "class_bar_figure", "score_table", "eval_at", "latent_batch", "latent_sample", "bench_result", "METRICS"]
+           "class_bar_figure", "score_table", "eval_at", "norm_index", "NORM_ORDER", "bench_rows", "latent_batch", "latent_sample", "bench_result", "METRICS"]
 
 #: score name -> (label, lower is better)
 METRICS = {"fd": (SCORE_NAME, True), "precision": ("precision (k-NN)", False), "recall": ("recall (k-NN)", False),
@@ -121,6 +121,16 @@ def _finite(v: Any) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
+#: colour order of the norms on this page: BatchNorm first (the baseline), then the papers' layers
+NORM_ORDER = ("bn", "mn", "acn")
+
+
+def norm_index(norm: str, norms: Sequence[str]) -> int:
+    """Colour index of ``norm`` among the shown ``norms``: BN, MN, ACN first, others after."""
+    order = [n for n in NORM_ORDER if n in norms] + sorted(n for n in norms if n not in NORM_ORDER)
+    return order.index(norm)
+
+
 def score_figure(runs: Sequence[Run], metric: str = "fd", step: Optional[int] = None) -> go.Figure:
     """``metric`` against generator updates, one line per run (colour per norm, dash per seed; FD on a log
     axis, step 0's untrained generator is ~10x the rest); a dotted vertical line at the shown snapshot."""
@@ -133,7 +143,7 @@ def score_figure(runs: Sequence[Run], metric: str = "fd", step: Optional[int] = 
         fig.add_trace(go.Scatter(
             x=np.array([e["step"] for e in ev]), y=np.array([_finite(e.get(metric)) for e in ev], dtype=float),
             mode="lines+markers", name=run_label(r),
-            line={"color": color(norms.index(r.norm)), "dash": ["solid", "dash", "dot", "dashdot"][int(seed) % 4]}))
+            line={"color": color(norm_index(r.norm, norms)), "dash": ["solid", "dash", "dot", "dashdot"][int(seed) % 4]}))
     if step is not None:
         fig.add_vline(x=step, line_dash="dot", line_color="#888888")
     fig.update_layout(xaxis_title="generator updates", yaxis_title=label + (" (lower is better)" if lower else ""),
@@ -152,7 +162,7 @@ def class_bar_figure(runs: Sequence[Run], step: int, class_names: Sequence[str])
         if counts.size != len(class_names) or counts.sum() <= 0:
             continue
         fig.add_trace(go.Bar(x=list(class_names), y=counts / counts.sum(), name=f"{r.path.name} (step {e['step']})",
-                             marker_color=color(norms.index(r.norm))))
+                             marker_color=color(norm_index(r.norm, norms))))
     fig.add_hline(y=1.0 / max(1, len(class_names)), line_dash="dot", line_color="#888888",
                   annotation_text="uniform", annotation_position="top right")
     fig.update_layout(barmode="group", yaxis_title="share of samples", yaxis_tickformat=".0%", height=340,
@@ -162,7 +172,7 @@ def class_bar_figure(runs: Sequence[Run], step: int, class_names: Sequence[str])
 
 def grid_animation(runs: Sequence[Run], steps: Sequence[int], dev: str) -> go.Figure:
     """One frame per snapshot step: the runs' sample grids side by side (same latents), with a play button
-    and a slider."""
+    (every snapshot from the first) and a slider; the last snapshot is shown first."""
     frames_img = []
     for s in steps:
         tiles = [sample_grid(str(r.path), dev, nearest_step(r, s)) for r in runs]
@@ -180,18 +190,20 @@ def grid_animation(runs: Sequence[Run], steps: Sequence[int], dev: str) -> go.Fi
     tile_w = (width - 6 * (len(runs) - 1)) / max(1, len(runs))
     annotations = [{"x": i * (tile_w + 6) + tile_w / 2, "y": -8, "xref": "x", "yref": "y", "text": t,
                     "showarrow": False, "font": {"size": 12}} for i, t in enumerate(titles)]
-    fig = go.Figure(data=[go.Image(z=frames_img[0])],
+    last = len(steps) - 1  # shown first: the trained generators; Play runs every snapshot from the first
+    fig = go.Figure(data=[go.Image(z=frames_img[last])],
                     frames=[go.Frame(data=[go.Image(z=f)], name=str(s)) for f, s in zip(frames_img, steps)])
+    play = {"frame": {"duration": 700, "redraw": True}, "fromcurrent": False, "transition": {"duration": 0}}
     fig.update_layout(
-        annotations=annotations, height=int(360 * max(1.0, frames_img[0].shape[0] / 300)),
-        margin={"t": 30, "b": 10, "l": 10, "r": 10}, xaxis={"visible": False},
+        annotations=annotations, height=int(380 * max(1.0, frames_img[0].shape[0] / 300)),
+        margin={"t": 60, "b": 10, "l": 10, "r": 10}, xaxis={"visible": False},
         yaxis={"visible": False, "range": [frames_img[0].shape[0], -20]},
-        updatemenus=[{"type": "buttons", "showactive": False, "x": 0, "y": 1.12, "xanchor": "left",
-                      "buttons": [{"label": "▶ Play", "method": "animate",
-                                   "args": [None, {"frame": {"duration": 700, "redraw": True}, "fromcurrent": True}]},
+        updatemenus=[{"type": "buttons", "direction": "left", "showactive": False, "x": 0, "y": 1.0,
+                      "xanchor": "left", "yanchor": "bottom", "pad": {"b": 8},
+                      "buttons": [{"label": "▶ Play", "method": "animate", "args": [[str(s) for s in steps], play]},
                                   {"label": "❚❚ Pause", "method": "animate",
                                    "args": [[None], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}]}]}],
-        sliders=[{"active": 0, "currentvalue": {"prefix": "generator updates: "}, "pad": {"t": 10},
+        sliders=[{"active": last, "currentvalue": {"prefix": "generator updates: "}, "pad": {"t": 10},
                   "steps": [{"label": str(s), "method": "animate",
                              "args": [[str(s)], {"frame": {"duration": 0, "redraw": True}, "mode": "immediate"}]}
                             for s in steps]}])
@@ -211,8 +223,26 @@ def score_table(runs: Sequence[Run]) -> list[dict]:
                      "final FD": _finite(last.get("fd")), "precision": _finite(last.get("precision")),
                      "recall": _finite(last.get("recall")), "modes": last.get("modes"),
                      "evenness": _finite(last.get("evenness")),
-                     "ms / step": None if _finite(m.get("time_per_step_s")) is None else 1000 * float(m["time_per_step_s"]),
+                     "wall ms / step": None if _finite(m.get("time_per_step_s")) is None
+                     else 1000 * float(m["time_per_step_s"]),
                      "generator params": m.get("params")})
+    return rows
+
+
+def bench_rows(bench: dict) -> list[dict]:
+    """The benchmark table of page 5: per norm, best FD over seeds (mean, sd), the steps its mean curve needs
+    to reach BN's best, and the CPU time per step measured with the norms interleaved (``step_timing``; the
+    runs' own wall times are inflated by whatever else ran on the machine)."""
+    rows = []
+    timing = bench.get("step_timing") or {}
+    for n, o in (bench.get("by_norm") or {}).items():
+        best = o.get("best_fd") or {}
+        t = (timing.get(n) or {}).get("cpu_s_per_step_mean")
+        rows.append({"norm": n, "seeds": len(o.get("seeds", [])), "best FD mean": _finite(best.get("mean")),
+                     "sd": _finite(best.get("sd")), "steps to BN's best (mean curve)": o.get("steps_to_bn_best_mean_curve"),
+                     "fewer steps than BN (%)": _finite(o.get("reduction_vs_bn_pct")),
+                     "CPU ms / step": None if _finite(t) is None else 1000 * float(t),
+                     "vs BN": _finite((timing.get(n) or {}).get("ratio_to_bn"))})
     return rows
 
 
