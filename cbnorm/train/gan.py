@@ -517,6 +517,9 @@ def train(args: argparse.Namespace | Mapping | Sequence[str]) -> Path:
 
     def checkpoint(s: int) -> None:
         nonlocal interval_t, interval_n
+        from ..norms import check_deferred
+
+        check_deferred(gen)  # the layers' checks deferred on the device (validate="auto" off the CPU)
         t0 = time.perf_counter()
         scores = evaluate_generator(gen, config, feats, ref)
         tps = interval_t / interval_n if interval_n else None
