@@ -96,6 +96,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", type=int, default=2000, help="test images of the t-SNE evolution (2000)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "app_render.json"))
+    ap.add_argument("--only", choices=["all", "across"], default="all",
+                    help="across: Home, then page 6's views only (write to another --out)")
     ap.add_argument("--no-browser", action="store_true",
                     help="skip the second part: each page's first render in Chromium (fresh server)")
     a = ap.parse_args(argv)
@@ -143,6 +145,9 @@ def main(argv=None) -> None:
                     "seconds": round(time.perf_counter() - t0, 3), "note": "time waited after Home's first render"})
     print(f"UMAP warm-up waited {timings[-1]['seconds']} s", flush=True)
 
+    if a.only == "across":
+        across(at, timed, click)
+        return finish(a, info, timings)
     timed("first render (defaults: 256 images, 8 channels)", "histograms", lambda: at.switch_page(HIST).run())
     at.slider(key="hist_k").set_value(2)
     timed("change K (refit the output mixtures)", "histograms", at.run)
@@ -207,6 +212,10 @@ def main(argv=None) -> None:
             finally:
                 stop_server(proc)
 
+    finish(a, info, timings)
+
+
+def finish(a, info: dict, timings: list) -> None:
     info["loadavg_end"] = os.getloadavg()[0]
     result = {"benchmark": "app page renders and actions: AppTest (script time) and Chromium (until drawn)",
               "runs": str(os.environ.get("CBNORM_RUNS") or ROOT / "checkpoints"), "machine": info, "timings": timings,

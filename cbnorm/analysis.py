@@ -506,11 +506,13 @@ def mixture_assignments(layer, x: Tensor) -> Optional[np.ndarray]:
     a = x.detach().double().cpu()
     a = a.movedim(-1, 1) if getattr(layer, "channel_last", False) else a
     n, c = a.shape[0], a.shape[1]
-    pts = a.reshape(n, c, -1).transpose(1, 2)  # (N, P, C)
-    var = var.clamp_min(1e-12)
-    logp = (-0.5 * (((pts[:, :, None, :] - mu) ** 2) / var + torch.log(2 * math.pi * var)).sum(-1)
-            + torch.log(w.clamp_min(1e-300)))  # (N, P, K)
-    post = torch.softmax(logp, dim=-1).mean(dim=1)
+    pts = a.reshape(n, c, -1).transpose(1, 2).reshape(-1, c)  # (N*P, C), sample-major
+    prec = 1.0 / var.clamp_min(1e-12)  # (K, C)
+    # log N(x; mu_k, var_k) summed over channels, expanded: -(x^2 . prec_k - 2 x . mu_k prec_k + mu_k^2 . prec_k
+    # + sum log(2 pi var_k)) / 2, as matrix products (no (N*P, K, C) tensor)
+    const = (mu * mu * prec).sum(1) + torch.log(2 * math.pi / prec).sum(1)  # (K,)
+    logp = -0.5 * ((pts * pts) @ prec.T - 2.0 * pts @ (mu * prec).T + const) + torch.log(w.clamp_min(1e-300))
+    post = torch.softmax(logp, dim=-1).reshape(n, -1, logp.shape[-1]).mean(dim=1)
     return post.argmax(dim=1).numpy().astype(np.int64)
 
 

@@ -22,6 +22,19 @@ if ss.get("tr_view") not in VIEWS:
 view = st.radio("View", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="tr_view",
                 help="One view at a time: each runs its own models and caches what it computed")
 WHICH_HELP = "The layer's output (after normalization and affine) or its input"
+#: every view's settings, kept while another view is shown (Streamlit forgets a widget that is not drawn)
+KEPT = ss.setdefault("tr_kept", {})
+KEPT.update({k: v for k, v in ss.items() if isinstance(k, str) and k.startswith("tr_") and k[3:5] in
+             ("d_", "x_", "g_", "q_") and not k.endswith(("_dl", "_draw", "_shown", "_submitted", "_available"))})
+
+
+def kept(key: str, default):
+    return KEPT.get(key, default)
+
+
+def index_of(key: str, options: list, default) -> int:
+    v = kept(key, default)
+    return options.index(v) if v in options else options.index(default)
 
 
 def keep(name: str) -> None:
@@ -43,25 +56,28 @@ def ensure(key: str, options, default, many: bool = False) -> None:
 
 def histogram_controls(prefix: str, log_default: bool = False) -> tuple[float, object, bool]:
     c1, c2, c3 = st.columns([3, 3, 2])
-    tail = c1.select_slider("Range", options=[0.0, 0.001, 0.005, 0.01, 0.02], value=0.005, key=f"{prefix}_tail",
+    tail = c1.select_slider("Range", options=[0.0, 0.001, 0.005, 0.01, 0.02], value=kept(f"{prefix}_tail", 0.005),
+                            key=f"{prefix}_tail",
                             format_func=lambda t: "every value" if t == 0 else f"robust: {t:.1%} cut each end",
                             help="The x range: from the lowest to the highest quantile over the samples shown, so a "
                                  "few outliers do not flatten the plot. Values outside are still counted (legend, "
                                  "hover, panel titles) and stay in each density's total.")
-    bins = c2.select_slider("Bins", options=["auto", 20, 40, 60, 100, 150, 200], value="auto", key=f"{prefix}_bins",
-                            help="auto: from the values shown (numpy's rule, the larger of Sturges' and "
-                                 "Freedman-Diaconis'), the finest over the samples; or a fixed number over the range")
-    log_y = c3.checkbox("log y", value=log_default, key=f"{prefix}_logy", help="Logarithmic density axis (tails)")
+    bins = c2.select_slider("Bins", options=["auto", 20, 40, 60, 100, 150, 200], value=kept(f"{prefix}_bins", "auto"),
+                            key=f"{prefix}_bins",
+                            help="auto: the bin width numpy's rule gives the values shown (pooled; the smaller "
+                                 "of Sturges' and Freedman-Diaconis' widths); or a fixed number over the range")
+    log_y = c3.checkbox("log y", value=kept(f"{prefix}_logy", log_default), key=f"{prefix}_logy", help="Logarithmic density axis (tails)")
     return tail, bins, log_y
 
 
 def channel_controls(prefix: str, n_channels: int) -> tuple[int, ...]:
     c1, c2 = st.columns([2, 5])
-    pooled = c1.checkbox("All channels pooled", value=False, key=f"{prefix}_all",
+    pooled = c1.checkbox("All channels pooled", value=kept(f"{prefix}_all", False), key=f"{prefix}_all",
                          help="Pool the values of every channel (the components are then averaged over channels)")
     if pooled:
         return ()
-    ensure(f"{prefix}_channels", list(range(n_channels)), [0], many=True)
+    ensure(f"{prefix}_channels", list(range(n_channels)), [c for c in kept(f"{prefix}_channels", [0])
+                                                           if c < n_channels] or [0], many=True)
     chans = c2.multiselect("Channels (pooled together)", list(range(n_channels)), max_selections=16,
                            key=f"{prefix}_channels",
                            help="The values of these channels over every image and position, pooled into one histogram")
@@ -119,10 +135,12 @@ def distributions_view() -> None:
     st.caption(f"Run **{run.path.name}** ({run.norm}) and layer `{layer}` ({info['class']}) from the sidebar; the "
                f"same test images (seed {sel['seed']}) at each of its {len(steps)} snapshots.")
     c1, c2, c3 = st.columns([2, 3, 3])
-    which = c1.radio("Activations", ["input", "output"], horizontal=True, key="tr_d_which", help=WHICH_HELP)
-    size = c2.select_slider("Test images", options=[64, 128, 256, 512, 1024], value=256, key="tr_d_size",
+    which = c1.radio("Activations", ["input", "output"], horizontal=True, key="tr_d_which", help=WHICH_HELP,
+                     index=index_of("tr_d_which", ["input", "output"], "input"))
+    size = c2.select_slider("Test images", options=[64, 128, 256, 512, 1024], value=kept("tr_d_size", 256),
+                            key="tr_d_size",
                             help="Drawn with the sidebar's seed; the same images at every snapshot")
-    k = c3.slider("K: fitted components", 1, 6, 3, key="tr_d_k",
+    k = c3.slider("K: fitted components", 1, 6, kept("tr_d_k", 3), key="tr_d_k",
                   help="Components of the GMM fitted where the layer has no mixture of its own (BN, LN, GN inputs, "
                        "every output)")
     chans = channel_controls("tr_d", info["num_features"])
@@ -131,14 +149,20 @@ def distributions_view() -> None:
         r = ss.get("tr_d_range")
         if not (isinstance(r, tuple) and all(x in steps for x in r)):
             ss.pop("tr_d_range", None)  # a range slider takes its default as a tuple value
-        lo, hi = st.select_slider("Steps shown", options=steps, value=(steps[0], steps[-1]), key="tr_d_range",
+        r = kept("tr_d_range", None)
+        r = r if isinstance(r, tuple) and all(x in steps for x in r) else (steps[0], steps[-1])
+        lo, hi = st.select_slider("Steps shown", options=steps, value=r, key="tr_d_range",
                                   help="The window of training steps (snapshots) to draw")
     shown = [s for s in steps if lo <= s <= hi]
     tail, bins, log_y = histogram_controls("tr_d")
+    comps = st.checkbox("Draw each step's mixture components on the ridge", value=kept("tr_d_comps", True),
+                        key="tr_d_comps")
     bar, say = progress_bar()
     dist = T.distributions(run.path.name, layer, which, chans, k, size, sel["seed"], shown, progress=say)
     bar.empty()
-    b = T.binning([p["values"] for p in dist["panels"]], tail, bins)
+    figs = T.distribution_figures(run.path.name, layer, which, chans, k, size, sel["seed"], tuple(shown), tail, bins,
+                                  log_y, comps)
+    b = figs["bins"]
     p0 = dist["panels"][0]
     where = "all channels" if not chans else f"channel{'s' if len(chans) > 1 else ''} {', '.join(map(str, chans))}"
     st.caption(f"{which.capitalize()} of `{layer}`, {where} · {p0['n_values']:,} values per step"
@@ -149,20 +173,17 @@ def distributions_view() -> None:
     base = f"{run.path.name}_{layer}_{which}"
     tabs = st.tabs(["Ridge (offset)", "Per-step histograms with components", "Overlay", "Percentiles over steps"])
     with tabs[0]:
-        comps = st.checkbox("Draw each step's mixture components", value=True, key="tr_d_comps")
-        chart(FT.ridge_figure(dist, b, components=comps, x_title=f"{which} value"), "tr_d_ridge",
-              f"{base}_ridge.csv")
+        chart(figs["ridge"], "tr_d_ridge", f"{base}_ridge.csv")
         st.caption("One histogram per snapshot, the first at the top (TensorBoard's offset mode); the step's "
                    "components dashed, their sum solid. log y does not apply here.")
     with tabs[1]:
-        chart(FT.step_multiples_figure(dist, b, log_y=log_y, x_title=f"{which} value"), "tr_d_multiples",
-              f"{base}_per_step.csv")
+        chart(figs["multiples"], "tr_d_multiples", f"{base}_per_step.csv")
         st.caption("As Fig. 8 of the MN paper, at every snapshot: the histogram, each component's weighted density "
                    "dashed and the mixture solid; every panel on the same bins.")
     with tabs[2]:
-        chart(FT.overlay_figure(dist, b, log_y=log_y, x_title=f"{which} value"), "tr_d_overlay", f"{base}_overlay.csv")
+        chart(figs["overlay"], "tr_d_overlay", f"{base}_overlay.csv")
     with tabs[3]:
-        chart(FT.percentile_figure(dist, y_title=f"{which} value"), "tr_d_pct", f"{base}_percentiles.csv")
+        chart(figs["percentiles"], "tr_d_pct", f"{base}_percentiles.csv")
         st.caption("TensorBoard's distributions: bands from min to max and at 7/93, 16/84, 31/69 % (±1.5, ±1, ±0.5 sd "
                    "of a normal), the median as a line.")
         table = T.percentile_frame(dist)
@@ -179,18 +200,21 @@ def runs_view() -> None:
     width = min(S.layer_info(r, layer)["num_features"] for r in runs)
     steps = T.common_steps(runs)
     c1, c2, c3 = st.columns([2, 3, 3])
-    which = c1.radio("Activations", ["output", "input"], horizontal=True, key="tr_x_which", help=WHICH_HELP)
-    ensure("tr_x_step", [T.FINAL] + steps, T.FINAL)
+    which = c1.radio("Activations", ["output", "input"], horizontal=True, key="tr_x_which", help=WHICH_HELP,
+                     index=index_of("tr_x_which", ["output", "input"], "output"))
+    ensure("tr_x_step", [T.FINAL] + steps, kept("tr_x_step", T.FINAL) if kept("tr_x_step", T.FINAL) in steps
+           else T.FINAL)
     step = c2.selectbox("Weights", [T.FINAL] + steps, key="tr_x_step", format_func=T.step_label,
                         help="Each run's final weights, or a snapshot step every chosen run has")
-    size = c3.select_slider("Test images", options=[64, 128, 256, 512, 1024], value=256, key="tr_x_size",
+    size = c3.select_slider("Test images", options=[64, 128, 256, 512, 1024], value=kept("tr_x_size", 256),
+                            key="tr_x_size",
                             help="The same images (sidebar seed) for every run")
     chans = channel_controls("tr_x", width)
     c4, c5 = st.columns([3, 2])
-    ensure("tr_x_ref", names, names[0])
+    ensure("tr_x_ref", names, kept("tr_x_ref", names[0]) if kept("tr_x_ref", names[0]) in names else names[0])
     reference = c4.selectbox("Reference run (differences)", names, key="tr_x_ref",
                              help="The statistics table gives every run's difference to this run")
-    normal = c5.checkbox("N(0, 1) for reference", value=which == "output", key="tr_x_normal")
+    normal = c5.checkbox("N(0, 1) for reference", value=kept("tr_x_normal", True), key="tr_x_normal")
     tail, bins, log_y = histogram_controls("tr_x")
     if len(names) < 2:
         st.info("Choose two or more runs to compare them.")
@@ -199,15 +223,14 @@ def runs_view() -> None:
     bar, say = progress_bar()
     res = T.across_runs(names, layer, which, chans, step, size, sel["seed"], progress=say)
     bar.empty()
-    b = T.binning([p["values"] for p in res["panels"]], tail, bins)
+    figs = T.across_figures(tuple(names), layer, which, chans, step, size, sel["seed"], tail, bins, log_y, normal)
+    b = figs["bins"]
     where = "all channels" if not chans else f"channel{'s' if len(chans) > 1 else ''} {', '.join(map(str, chans))}"
     st.caption(f"{which.capitalize()} of `{layer}`, {where}, {T.step_label(step)} · {size} test images (seed "
                f"{sel['seed']}) · {len(b['edges']) - 1} bins on [{b['lo']:.3g}, {b['hi']:.3g}]")
     base = f"{layer}_{which}_{T.step_label(step).replace(' ', '')}"
-    chart(FT.runs_overlay_figure(res, b, log_y=log_y, reference_normal=normal, x_title=f"{which} value"),
-          "tr_x_overlay", f"{base}_overlay.csv")
-    chart(FT.runs_multiples_figure(res, b, log_y=log_y, reference_normal=normal, x_title=f"{which} value"),
-          "tr_x_multiples", f"{base}_multiples.csv")
+    chart(figs["overlay"], "tr_x_overlay", f"{base}_overlay.csv")
+    chart(figs["multiples"], "tr_x_multiples", f"{base}_multiples.csv")
     st.subheader("Normality side by side")
     table = T.across_stats(res, reference, b)
     st.dataframe(table, hide_index=True, key="tr_x_stats",
@@ -225,22 +248,24 @@ def grid_view() -> None:
     layer = pick_layer(names)
     with st.container(border=True):
         c1, c2, c3 = st.columns(3)
-        size = c1.slider("Test images", 100, 5000, 1000, step=100, key="tr_g_size",
+        size = c1.slider("Test images", 100, 5000, kept("tr_g_size", 1000), step=100, key="tr_g_size",
                          help="A fixed random sample (sidebar seed), the same in every cell")
-        which = c2.radio("Activations", ["output", "input"], horizontal=True, key="tr_g_which", help=WHICH_HELP)
-        pool = c3.checkbox("Average over positions", value=False, key="tr_g_pool",
+        which = c2.radio("Activations", ["output", "input"], horizontal=True, key="tr_g_which", help=WHICH_HELP,
+                         index=index_of("tr_g_which", ["output", "input"], "output"))
+        pool = c3.checkbox("Average over positions", value=kept("tr_g_pool", False), key="tr_g_pool",
                            help="Each channel's spatial mean (C features) instead of every activation")
         c4, c5 = st.columns(2)
         method = c4.radio("Projection", ["pca", "tsne", "umap"], horizontal=True, key="tr_g_method",
+                          index=index_of("tr_g_method", ["pca", "tsne", "umap"], "pca"),
                           format_func=lambda m: {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[m],
                           help="PCA fitted on each row's last snapshot; t-SNE / UMAP: the first snapshot of a row "
                                "from scratch, each next one started from the previous layout and rotated onto it")
-        columns = c5.slider("Snapshots per run (columns)", 2, 17, 4, key="tr_g_columns",
+        columns = c5.slider("Snapshots per run (columns)", 2, 17, kept("tr_g_columns", 4), key="tr_g_columns",
                             help="At evenly spaced fractions of each run's training (nearest snapshot)")
         t1, t2, t3 = st.columns(3)
-        perplexity = t1.slider("t-SNE perplexity", 2, 100, 30, key="tr_g_perplexity")
-        neighbors = t2.slider("UMAP neighbours", 5, 50, 15, key="tr_g_neighbors")
-        min_dist = t3.slider("UMAP min_dist", 0.0, 0.99, 0.1, step=0.01, key="tr_g_min_dist")
+        perplexity = t1.slider("t-SNE perplexity", 2, 100, kept("tr_g_perplexity", 30), key="tr_g_perplexity")
+        neighbors = t2.slider("UMAP neighbours", 5, 50, kept("tr_g_neighbors", 15), key="tr_g_neighbors")
+        min_dist = t3.slider("UMAP min_dist", 0.0, 0.99, kept("tr_g_min_dist", 0.1), step=0.01, key="tr_g_min_dist")
         st.button("Draw the grid", icon=":material/grid_view:", key="tr_g_draw", on_click=S.set_flag,
                   args=("tr_g_submitted",), help="PCA redraws by itself; t-SNE and UMAP wait for this button")
     runs = T.runs_of(names)
@@ -258,20 +283,18 @@ def grid_view() -> None:
     n = len(grid["indices"])
     colours = T.grid_colourings(grid)
     if ss.get("tr_g_colour") not in colours:
-        ss["tr_g_colour"] = next(iter(colours))
+        ss["tr_g_colour"] = kept("tr_g_colour", None) if kept("tr_g_colour", None) in colours else next(iter(colours))
     colour = st.radio("Colour by", list(colours), horizontal=True, key="tr_g_colour",
                       help="Class, superclass (context), the layer's mixture component (argmax posterior) or the "
                            "model's prediction at that step; rows without a colouring are grey")
     groups, group_names = colours[colour]
-    hover = T.grid_hover(grid)
     method_text = {"pca": "PCA fitted on each row's last snapshot", "tsne": f"t-SNE, perplexity {params.perplexity:g}",
                    "umap": f"UMAP, {params.n_neighbors} neighbours"}[grid["method"]]
     st.caption(f"{n:,} of {grid['total']:,} test images (seed {params.seed}), the same in every cell · `{layer}` "
                f"{which}{' (channel means)' if pool else ''} · {method_text} · axes shared along each row"
                + (" (early snapshots that vary little along the last one's principal axes sit small in their cell)"
                   if grid["method"] == "pca" else ""))
-    fig = FT.embedding_grid_figure(grid, groups, group_names, legend_title=colour, hover=hover)
-    st.plotly_chart(fig, key="tr_g_chart", config={"displaylogo": False})
+    st.plotly_chart(T.grid_figure(params.key(), colour), key="tr_g_chart", config={"displaylogo": False})
     S.download_frame(T.grid_frame(grid, colours), f"{layer}_{grid['method']}_grid.csv", key="tr_g_dl",
                      label="Download every cell's coordinates (CSV)")
 
@@ -281,13 +304,15 @@ def quality_view() -> None:
     names = pick_runs(1)
     layer = pick_layer(names)
     c1, c2, c3, c4 = st.columns([3, 3, 2, 2])
-    seeds = c1.checkbox("Add the other seeds of each run's recipe", value=True, key="tr_q_seeds",
+    seeds = c1.checkbox("Add the other seeds of each run's recipe", value=kept("tr_q_seeds", True), key="tr_q_seeds",
                         help="Runs that differ only in the seed (the Compare page's groups): their mean ± sd band")
-    size = c2.select_slider("Test images", options=[200, 500, 1000, 2000], value=1000, key="tr_q_size",
+    size = c2.select_slider("Test images", options=[200, 500, 1000, 2000], value=kept("tr_q_size", 1000),
+                            key="tr_q_size",
                             help="The same images (sidebar seed) at every snapshot of every run")
-    which = c3.radio("Activations", ["output", "input"], horizontal=True, key="tr_q_which", help=WHICH_HELP)
-    k = c4.select_slider("k (neighbours)", options=[1, 3, 5, 10, 20], value=5, key="tr_q_k")
-    pool = st.checkbox("Average over positions", value=False, key="tr_q_pool",
+    which = c3.radio("Activations", ["output", "input"], horizontal=True, key="tr_q_which", help=WHICH_HELP,
+                     index=index_of("tr_q_which", ["output", "input"], "output"))
+    k = c4.select_slider("k (neighbours)", options=[1, 3, 5, 10, 20], value=kept("tr_q_k", 5), key="tr_q_k")
+    pool = st.checkbox("Average over positions", value=kept("tr_q_pool", False), key="tr_q_pool",
                        help="Each channel's spatial mean (C features) instead of every activation")
     shown = T.with_seeds(names) if seeds else names
     bar, say = progress_bar()
@@ -298,6 +323,8 @@ def quality_view() -> None:
     if ss.get("tr_q_available") != metrics:  # other runs, other metrics: show every one again
         ss["tr_q_available"] = metrics
         ss["tr_q_metrics"] = metrics
+    elif "tr_q_metrics" not in ss:  # back from another view
+        ss["tr_q_metrics"] = [m for m in kept("tr_q_metrics", metrics) if m in metrics] or metrics
     chosen = st.multiselect("Metrics", metrics, format_func=labels.get, key="tr_q_metrics",
                             help="; ".join(f"{v[0]}: {v[1]}" for v in T.QUALITY_METRICS.values()))
     if not chosen:

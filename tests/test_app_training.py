@@ -234,31 +234,44 @@ def test_embedding_grid_rows_runs_columns_snapshots_shared_axes_and_seeded(train
     no_problem(at)
     fig = chart(at, "tr_g_chart")
     steps = steps_of(training_runs, "bn-s0")  # 4 snapshots, 4 columns (the default)
-    classes = 10
+    from cbnorm.app.activations import sample_indices
+    from cbnorm.data import load_dataset
+
+    labels = np.asarray(load_dataset("digits", "test").labels)[sample_indices(360, 1000, 6)]
     for run in ("bn-s0", "mn-s0", "acn-s0"):
-        for s in steps:
-            cell = [t for t in fig["data"] if t["meta"].startswith(f"{run} · step {s} · ")]
-            assert len(cell) == classes, (run, s, len(cell))
-            assert sum(len(arr(t["x"])) for t in cell) == 360  # every test image of digits, in every cell
-    # shared axes along a row, the same number of points everywhere
+        for s in steps:  # one trace per cell: every test image of digits, coloured by its class
+            cell = [t for t in fig["data"] if t["meta"] == f"{run} · step {s}"]
+            assert len(cell) == 1, (run, s, len(cell))
+            assert len(arr(cell[0]["x"])) == 360
+            np.testing.assert_array_equal(arr(cell[0]["marker"]["color"]), labels)
+    assert [m for m in metas(fig) if m.startswith("legend")] == [f"legend · {i}" for i in range(10)]
+    # shared axes along a row
     axes = {}
     for t in fig["data"]:
-        axes.setdefault(t["meta"].split(" · ")[0], set()).add(t.get("xaxis", "x"))
+        if not t["meta"].startswith("legend"):
+            axes.setdefault(t["meta"].split(" · ")[0], set()).add(t.get("xaxis", "x"))
+    assert len(axes) == 3
     for run, ax in axes.items():
         ranges = {tuple(fig["layout"]["xaxis" + a[1:]]["range"]) for a in ax}
-        assert len(ranges) == 1, (run, ranges)
-    # colour by mixture component: the BN row has none (one grey trace per cell), ACN's its components
+        assert len(ax) == len(steps) and len(ranges) == 1, (run, ranges)
+    # colour by mixture component: the BN row has none (grey), ACN's cells their components
     at.radio(key="tr_g_colour").set_value("mixture component").run()
     no_problem(at)
     fig2 = chart(at, "tr_g_chart")
-    assert [m for m in metas(fig2) if m.startswith("bn-s0 · ")] == [f"bn-s0 · step {s} · none" for s in steps]
-    assert any(m.startswith("acn-s0 · step 4 · component") for m in metas(fig2))
+    cells = {t["meta"]: t for t in fig2["data"]}
+    assert all(cells[f"bn-s0 · step {s}"]["marker"]["color"] == "#bbbbbb" for s in steps)
+    assert "legend · none" in cells and "legend · component 1" in cells
+    from cbnorm import analysis
+
+    cap, _ = layer_capture(training_runs, "acn-s0", steps[-1], 1000, 6)
+    np.testing.assert_array_equal(arr(cells[f"acn-s0 · step {steps[-1]}"]["marker"]["color"]),
+                                  analysis.mixture_assignments(cap.module, cap.input))
     # seeded: the same settings after clearing every cache give the same picture
-    coords = {t["meta"]: arr(t["x"]) for t in fig["data"]}
+    coords = {t["meta"]: arr(t["x"]) for t in fig["data"] if not t["meta"].startswith("legend")}
     next(b for b in at.button if b.label == "Reload runs").click().run()
     at.radio(key="tr_g_colour").set_value("class").run()
     no_problem(at)
-    again = {t["meta"]: arr(t["x"]) for t in chart(at, "tr_g_chart")["data"]}
+    again = {t["meta"]: arr(t["x"]) for t in chart(at, "tr_g_chart")["data"] if not t["meta"].startswith("legend")}
     assert again.keys() == coords.keys()
     for k in coords:
         np.testing.assert_allclose(again[k], coords[k], rtol=1e-5, atol=1e-6)
@@ -278,7 +291,7 @@ def test_embedding_grid_tsne_and_fewer_columns(training_runs, monkeypatch):
     for run in ("bn-s0", "acn-s0"):
         cells = {m.split(" · ")[1] for m in metas(fig) if m.startswith(run)}
         assert cells == {f"step {steps[0]}", f"step {steps[-1]}"}  # 0 % and 100 % of training
-    assert sum(len(arr(t["x"])) for t in fig["data"]) == 2 * 2 * 200
+    assert sum(len(arr(t["x"])) for t in fig["data"] if not t["meta"].startswith("legend")) == 2 * 2 * 200
     assert any(d.label.startswith("Download every cell") for d in at.get("download_button"))
 
 

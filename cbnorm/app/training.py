@@ -45,6 +45,8 @@ for _name, _mb in ((BUDGET, 64), (PANEL_BUDGET, 24)):  # registered beside share
 Progress = Optional[Callable[[float, str], None]]
 #: PCA rows computed in this process: a rerun (colour change) skips the per-snapshot activation pass
 _ROWS_DONE: OrderedDict[tuple, None] = OrderedDict()
+#: whole grids computed in this process (small: coordinates, components, predictions), by GridParams.key()
+_GRIDS: OrderedDict[tuple, dict] = OrderedDict()
 _ROWS_LOCK = threading.Lock()
 
 
@@ -52,11 +54,13 @@ _ROWS_LOCK = threading.Lock()
 def _forget_rows() -> None:
     with _ROWS_LOCK:
         _ROWS_DONE.clear()
+        _GRIDS.clear()
 
 
 def clear_caches() -> None:
     """Forget this page's cached activations, panels, projections and numbers (benchmarks: a cold start)."""
-    for f in (_snapshot_activations, _step_panel, _pca_row, _row_reducer, _row_step, _cell_summary, quality_at):
+    for f in (_snapshot_activations, _step_panel, _pca_row, _row_reducer, _row_step, _cell_summary, quality_at,
+              grid_figure, distribution_figures, across_figures):
         f.clear()
     for name in (BUDGET, PANEL_BUDGET):
         S.BUDGETS[name].reset()
@@ -319,6 +323,22 @@ def distributions(run_name: str, layer: str, which: str, channels: Sequence[int]
     return {"run": run_name, "norm": run.norm, "layer": layer, "which": which, "steps": steps, "panels": panels}
 
 
+@st.cache_resource(max_entries=16, ttl=S.TTL, show_spinner=False)
+def distribution_figures(run_name: str, layer: str, which: str, channels: tuple[int, ...], k: int, size: int,
+                         seed: int, steps: tuple[int, ...], tail: float, bins, log_y: bool, components: bool) -> dict:
+    """The four figures of the distributions view ("ridge", "multiples", "overlay", "percentiles") and the
+    binning, built once per setting (shared read-only; st.plotly_chart copies a figure)."""
+    from . import figures_training as FT
+
+    dist = distributions(run_name, layer, which, channels, k, size, seed, steps)
+    b = binning([p["values"] for p in dist["panels"]], tail, bins)
+    x = f"{which} value"
+    return {"bins": b, "ridge": FT.ridge_figure(dist, b, components=components, x_title=x),
+            "multiples": FT.step_multiples_figure(dist, b, log_y=log_y, x_title=x),
+            "overlay": FT.overlay_figure(dist, b, log_y=log_y, x_title=x),
+            "percentiles": FT.percentile_figure(dist, y_title=x)}
+
+
 def percentile_frame(dist: dict):
     import pandas as pd
 
@@ -357,6 +377,19 @@ def across_runs(run_names_: Sequence[str], layer: str, which: str, channels: Seq
     say(1.0, "done")
     return {"runs": list(run_names_), "norms": [r.norm for r in runs], "layer": layer, "which": which,
             "step": int(step), "panels": panels}
+
+
+@st.cache_resource(max_entries=16, ttl=S.TTL, show_spinner=False)
+def across_figures(run_names_: tuple[str, ...], layer: str, which: str, channels: tuple[int, ...], step: int,
+                   size: int, seed: int, tail: float, bins, log_y: bool, normal: bool) -> dict:
+    """The across-runs view's "overlay" and "multiples" figures and the binning, built once per setting."""
+    from . import figures_training as FT
+
+    res = across_runs(run_names_, layer, which, channels, step, size, seed)
+    b = binning([p["values"] for p in res["panels"]], tail, bins)
+    x = f"{which} value"
+    return {"bins": b, "overlay": FT.runs_overlay_figure(res, b, log_y=log_y, reference_normal=normal, x_title=x),
+            "multiples": FT.runs_multiples_figure(res, b, log_y=log_y, reference_normal=normal, x_title=x)}
 
 
 STAT_COLUMNS = {"skewness": "skewness", "excess_kurtosis": "excess kurtosis", "ks_to_normal": "KS to N(0,1)",
@@ -447,6 +480,10 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
     """One row per run: its snapshots at ``p.columns`` fractions of training, projected to 2-D (PCA fitted
     on the row's last snapshot; t-SNE / UMAP warm-started snapshot to snapshot, each rotated onto the one
     before), with the row's shared axis ranges, and per cell the mixture components and predictions."""
+    with _ROWS_LOCK:
+        done = _GRIDS.get(p.key())
+    if done is not None:  # computed in this process: a colour change or rerun needs no cache lookups
+        return done
     if p.method not in analysis.EMBED_METHODS:
         raise ValueError(f"method must be one of {analysis.EMBED_METHODS}, got {p.method!r}")
     if not p.runs:
@@ -496,11 +533,27 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
                      "ylim": ylim, "info": info, "components": [c["components"] for c in cells],
                      "predictions": [c["predictions"] for c in cells], "layer": S.layer_info(r, p.layer)})
     say(1.0, "done")
-    x, idx, labels = A.test_batch(runs[0], p.size, p.seed)
-    del x
-    return {"rows": rows, "labels": np.asarray(labels), "indices": np.asarray(idx),
-            "contexts": A.true_contexts(runs[0], labels), "class_names": runs[0].class_names,
-            "context_names": runs[0].context_names, "method": p.method, "total": len(A.test_data(A.dataset_name(runs[0])))}
+    first = _snapshot_activations(str(runs[0].path), S.device(), plan[0][1][0], p.layer, int(p.size), int(p.seed),
+                                  p.which)  # labels and indices: the same images in every cell
+    out = {"rows": rows, "labels": first["labels"], "indices": first["indices"], "contexts": first["contexts"],
+           "class_names": runs[0].class_names, "context_names": runs[0].context_names, "method": p.method,
+           "total": len(A.test_data(A.dataset_name(runs[0])))}
+    with _ROWS_LOCK:
+        _GRIDS[p.key()] = out
+        while len(_GRIDS) > 16:
+            _GRIDS.popitem(last=False)
+    return out
+
+
+@st.cache_resource(max_entries=8, ttl=S.TTL, show_spinner=False)
+def grid_figure(key: tuple, colour: str):
+    """The embedding grid's figure for ``GridParams(*key)`` coloured by ``colour`` (built once: 0.5 s for 3 x 11
+    cells of 1,000 points; shared read-only, st.plotly_chart copies it)."""
+    from . import figures_training as FT
+
+    grid = embedding_grid(GridParams(*key))
+    groups, names = grid_colourings(grid)[colour]
+    return FT.embedding_grid_figure(grid, groups, names, legend_title=colour, hover=grid_hover(grid))
 
 
 def grid_colourings(grid: dict) -> dict[str, tuple[list[list[Optional[np.ndarray]]], list[str]]]:
