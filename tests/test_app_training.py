@@ -336,3 +336,18 @@ def test_cluster_quality_lines_per_run_band_per_group_and_numbers_match_sklearn(
     at.checkbox(key="tr_q_seeds").uncheck().run()
     no_problem(at)
     assert not [m for m in metas(chart(at, "tr_q_chart")) if " sd · " in m]
+
+
+def test_each_views_settings_survive_a_visit_to_another_view(training_runs, monkeypatch):
+    at = page(monkeypatch, training_runs, "dist", seed=9)
+    at.slider(key="tr_d_k").set_value(2)
+    at.select_slider(key="tr_d_bins").set_value(40).run()
+    at.radio(key="tr_view").set_value("grid").run()
+    at.slider(key="tr_g_columns").set_value(2).run()
+    no_problem(at)
+    at.radio(key="tr_view").set_value("dist").run()
+    no_problem(at)
+    assert at.slider(key="tr_d_k").value == 2 and at.select_slider(key="tr_d_bins").value == 40
+    at.radio(key="tr_view").set_value("grid").run()
+    assert at.slider(key="tr_g_columns").value == 2
+    assert len({m for m in metas(chart(at, "tr_g_chart")) if not m.startswith("legend")}) == 2 * 2
