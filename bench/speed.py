@@ -232,7 +232,7 @@ def bench_compiled(device: str, reps: int, shapes: list[tuple], k: int = 3) -> l
         x = torch.randn(*shape, device=device, requires_grad=True)
         ctx = torch.arange(n, device=device) % k
         bn = make("bn-torch", c, k, device)
-        fns = {"bn": step_fn(bn, x, ctx), "bn_compiled": step_fn(torch.compile(bn), x, ctx)}
+        fns = {"bn-torch": step_fn(bn, x, ctx), "bn-torch-compiled": step_fn(torch.compile(bn), x, ctx)}
         compile_s = {}
         for name in COMPILED:
             t = time.perf_counter()
@@ -242,9 +242,9 @@ def bench_compiled(device: str, reps: int, shapes: list[tuple], k: int = 3) -> l
             compile_s[name] = time.perf_counter() - t
         ms = interleaved(fns, device, reps)
         for name in COMPILED:
-            rec = {"layer": name, "shape": list(shape), "K": k, "compiled_ms": ms[name], "bn_ms": ms["bn"],
-                   "compiled_bn_ms": ms["bn_compiled"], "ratio_to_bn": ms[name] / ms["bn"],
-                   "ratio_to_compiled_bn": ms[name] / ms["bn_compiled"], "compile_s": compile_s[name]}
+            rec = {"layer": name, "shape": list(shape), "K": k, "compiled_ms": ms[name], "bn_ms": ms["bn-torch"],
+                   "compiled_bn_ms": ms["bn-torch-compiled"], "ratio_to_bn": ms[name] / ms["bn-torch"],
+                   "ratio_to_compiled_bn": ms[name] / ms["bn-torch-compiled"], "compile_s": compile_s[name]}
             out.append(rec)
             print(f"compiled {name:9s} {str(shape):18s} {rec['ratio_to_bn']:6.2f}x eager BN, "
                   f"{rec['ratio_to_compiled_bn']:.2f}x compiled BN (compile {compile_s[name]:.0f} s)", flush=True)
@@ -465,24 +465,38 @@ def main(argv=None) -> None:
             "layers": [{key: r[key] for key in ("layer", "shape", "K", "ratio_to_bn")}
                        for r in prev.get("layers", []) if r.get("K") == 3],
             "network": [{key: r[key] for key in ("layer", "ratio_to_bn_network")} for r in prev.get("network", [])]}
+    loadavg = result.setdefault("loadavg_per_part", {})
+
+    def load() -> float | None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    def measured(part: str, fn):
+        start = load()
+        out = fn()
+        loadavg[part] = {"start": start, "end": load(), "threads": a.threads, "clock": a.clock}
+        return out
+
     if "before_after" in parts:
         if not a.baseline:
             p.error("part before_after needs --baseline REV")
-        result["before_after"] = bench_before_after(a.device, a.reps, a.baseline)
+        result["before_after"] = measured("before_after", lambda: bench_before_after(a.device, a.reps, a.baseline))
     if "layers" in parts:
-        result["layers"] = bench_layers(a.device, a.reps, ks, shapes)
+        result["layers"] = measured("layers", lambda: bench_layers(a.device, a.reps, ks, shapes))
     if "network" in parts:
-        result["network"] = bench_network(a.device, a.reps)
+        result["network"] = measured("network", lambda: bench_network(a.device, a.reps))
     if "levers" in parts:  # at 1 thread and at --threads: they do not gain alike
-        result["levers"] = []
-        for threads in sorted({1, a.threads}) if a.clock == "wall" else [1]:
-            torch.set_num_threads(threads)
-            result["levers"] += [{"threads": threads, **r}
-                                 for r in bench_levers(a.device, a.reps, compiled=not a.no_compile)]
-        torch.set_num_threads(a.threads)
+        def levers():
+            out = []
+            for threads in sorted({1, a.threads}) if a.clock == "wall" else [1]:
+                torch.set_num_threads(threads)
+                out += [{"threads": threads, **r} for r in bench_levers(a.device, a.reps, compiled=not a.no_compile)]
+            torch.set_num_threads(a.threads)
+            return out
+
+        result["levers"] = measured("levers", levers)
     if "compiled" in parts and not a.no_compile:
-        result["compiled"] = bench_compiled(a.device, a.reps, shapes if a.compiled_shapes == "all"
-                                            else [tuple(GOAL_SHAPE)])
+        result["compiled"] = measured("compiled", lambda: bench_compiled(
+            a.device, a.reps, shapes if a.compiled_shapes == "all" else [tuple(GOAL_SHAPE)]))
     result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result["goals_status"] = goals_status(result)
     for row in result["goals_status"]:
