@@ -241,13 +241,14 @@ def test_validate_is_checked_and_only_where_there_is_something_to_check():
 
 
 # ------------------------------------------------------------------------------------------ warm start
-def drifting_batches(steps, n=64, p=4, c=3, seed=0):
-    """Minibatches (N, C, P) from a 3-mode mixture whose means drift a little each step."""
+def drifting_batches(steps, n=64, p=4, c=3, seed=0, sd=1.5):
+    """Minibatches (N, C, P) from a 3-mode mixture whose modes overlap (sd 1.5 at 4-5 apart: EM has work to do)
+    and drift a little each step."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.tensor([[-4.0, 0.0, 2.0], [0.0, 3.0, -2.0], [4.0, -3.0, 0.0]])[:, :c]
     for t in range(steps):
         mode = torch.randint(0, 3, (n, p), generator=g)
-        pts = centres[mode] + 0.05 * t + torch.randn(n, p, c, generator=g) * 0.7
+        pts = centres[mode] + 0.05 * t + torch.randn(n, p, c, generator=g) * sd
         yield pts.permute(0, 2, 1).contiguous()
 
 
@@ -259,20 +260,23 @@ def fit_log_likelihood(layer, x3):
 
 
 def test_warm_started_em_is_as_good_a_fit_as_seeding_every_step():
-    """MN warm_start=True against the default (k-means++ every step) on a stream of drifting bimodal
-    minibatches: the mean log-likelihood of its fits is within 0.02 nats/point of the default's (it is
-    usually higher: EM continues from a good fit), and its train outputs stay close to the default's."""
+    """MN warm_start=True against the default (k-means++ every step) on a stream of drifting minibatches of
+    overlapping modes: the mean log-likelihood of its fits is at least the default's minus 0.02 nats/point
+    (measured: -6.496 against -6.504, EM continues from a good fit), and its train outputs differ from the
+    default's no more than the default's differ between two random seeds (median relative difference,
+    measured 0.036 against 0.064)."""
     torch.manual_seed(0)
-    seeded, warm = make_layer("mn", 3), make_layer("mn", 3, warm_start=True)
-    ll_s, ll_w, diffs = [], [], []
+    seeded, other, warm = make_layer("mn", 3), make_layer("mn", 3), make_layer("mn", 3, warm_start=True)
+    ll_s, ll_w, d_seed, d_warm = [], [], [], []
     for x3 in drifting_batches(40):
         x = x3.reshape(*x3.shape[:2], 2, 2)
-        ys, yw = seeded(x), warm(x)
+        ys, yo, yw = seeded(x).detach(), other(x).detach(), warm(x).detach()
         ll_s.append(fit_log_likelihood(seeded, x3)), ll_w.append(fit_log_likelihood(warm, x3))
-        diffs.append(float((ys - yw).detach().norm() / ys.detach().norm()))
+        d_seed.append(float((ys - yo).norm() / ys.norm())), d_warm.append(float((ys - yw).norm() / ys.norm()))
     mean_s, mean_w = sum(ll_s[5:]) / 35, sum(ll_w[5:]) / 35
     assert mean_w >= mean_s - 0.02, (mean_w, mean_s)
-    assert sorted(diffs)[len(diffs) // 2] < 0.05, diffs  # median relative difference of the outputs
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    assert median(d_warm) <= 1.5 * median(d_seed), (median(d_warm), median(d_seed))
 
 
 def test_warm_start_restarts_a_dead_component():
