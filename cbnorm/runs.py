@@ -505,6 +505,11 @@ def _load_into(model: nn.Module, tensors: Mapping[str, Tensor], what: str, confi
     with torch.no_grad():
         for k, v in tensors.items():
             state[k].copy_(v.to(dtype=state[k].dtype, device=state[k].device))
+    from .norms import NormBase
+
+    for module in model.modules():  # flags derived from the buffers just written (ACN: fitted already)
+        if isinstance(module, NormBase):
+            module.refresh_host_state()
     return model
 
 

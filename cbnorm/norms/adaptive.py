@@ -132,6 +132,9 @@ class AdaptiveContextNorm(RunningStatsNorm):
             loaded = self.data_initialized
         self._init_checked = self.init == "random" or bool(int(loaded))
 
+    def refresh_host_state(self) -> None:
+        self._init_checked = self.init == "random" or bool(int(self.data_initialized))
+
     @torch.no_grad()
     def initialize_from(self, x3: Tensor) -> None:
         """Set (lambda, mu, sigma^2) from a GMM fitted to the points of x3 (N, C, P) (at most 8192 of them).

@@ -338,6 +338,10 @@ class NormBase(nn.Module):
     def _reset_extra_parameters(self) -> None:
         """Hook: reset the learned parameters besides the affine (gates, learned statistics, embedders)."""
 
+    def refresh_host_state(self) -> None:
+        """Hook: recompute host-side flags derived from buffers after the buffers were written in place
+        (``cbnorm.runs`` copies a file's tensors into ``state_dict()`` without ``load_state_dict``)."""
+
     def upgrade_state_dict(self, state_dict: dict, prefix: str) -> None:
         """In place: turn this layer's entries of an older state dict (keys ``prefix + name``) into this
         version's, filling keys added since with the values the old file implies and dropping keys no longer
