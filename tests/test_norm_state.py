@@ -258,10 +258,20 @@ def test_mn_version1_state_loads_with_the_old_eval_transform():
         dst.load_state_dict(state)
 
 
-def test_committed_mn_checkpoint_loads_and_evaluates_as_before():
-    """checkpoints/fmnist-mn holds only the queued moments (version 1): load_run fills the fits, and conv3's
-    eval output is the old transform written out in numpy."""
-    run = runs.load_run(ROOT / "checkpoints" / "fmnist-mn")
+def test_committed_mn_checkpoint_loads_and_evaluates_as_before(tmp_path):
+    """A run file that holds only the queued moments (version 1; the committed fmnist-mn, retrained with the
+    fits queued, with its queue_fit_* tensors removed): load_run fills the fits, and conv3's eval output is the
+    old transform written out in numpy."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(ROOT / "checkpoints" / "fmnist-mn", tmp_path / "mn", ignore=shutil.ignore_patterns("snapshots"))
+    tensors, meta = runs.read_safetensors(tmp_path / "mn" / "model.safetensors")
+    assert any(".queue_fit_" in k for k in tensors)  # the committed run is of the current version
+    save_file({k: v.contiguous() for k, v in tensors.items() if ".queue_fit_" not in k},
+              str(tmp_path / "mn" / "model.safetensors"), metadata=meta)
+    run = runs.load_run(tmp_path / "mn")
     layer = dict(run.model.named_modules())["blocks.conv3.norm"]
     assert isinstance(layer, cbnorm.MixtureNorm) and int(layer.queue_count) > 0
     torch.testing.assert_close(layer.queue_fit_vars, layer.queue_vars + layer.eps)
