@@ -118,6 +118,20 @@ def pick_layer(runs: list[str]) -> str:
     return ss["tr_layer"]
 
 
+def with_snapshots(names: list[str]) -> list[str]:
+    """The chosen runs that have snapshots; a warning names the others (left out of this view)."""
+    runs = dict(zip(names, T.runs_of(names)))
+    missing = [n for n, r in runs.items() if not r.snapshots]
+    if missing:
+        st.warning(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no snapshots (train with "
+                   "--snapshot-every to get them) and " f"{'is' if len(missing) == 1 else 'are'} left out of this view.",
+                   icon=":material/history_toggle_off:")
+    kept_names = [n for n in names if n not in missing]
+    if not kept_names:
+        st.stop()
+    return kept_names
+
+
 def progress_bar():
     bar = st.progress(0.0, text="Preparing…")
     return bar, (lambda f, t: bar.progress(min(1.0, max(0.0, f)), text=t))
@@ -246,6 +260,7 @@ def runs_view() -> None:
 def grid_view() -> None:
     names = pick_runs(1)
     layer = pick_layer(names)
+    names = with_snapshots(names)
     with st.container(border=True):
         c1, c2, c3 = st.columns(3)
         size = c1.slider("Test images", 100, 5000, kept("tr_g_size", 1000), step=100, key="tr_g_size",
@@ -303,6 +318,7 @@ def grid_view() -> None:
 def quality_view() -> None:
     names = pick_runs(1)
     layer = pick_layer(names)
+    names = with_snapshots(names)
     c1, c2, c3, c4 = st.columns([3, 3, 2, 2])
     seeds = c1.checkbox("Add the other seeds of each run's recipe", value=kept("tr_q_seeds", True), key="tr_q_seeds",
                         help="Runs that differ only in the seed (the Compare page's groups): their mean ± sd band")

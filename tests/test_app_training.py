@@ -164,9 +164,21 @@ def test_distributions_pooled_channels_and_a_run_without_snapshots(training_runs
     runs = tmp_path / "runs"
     shutil.copytree(training_runs / "bn-s0", runs / "nosnap")
     shutil.rmtree(runs / "nosnap" / "snapshots")
+    shutil.copytree(training_runs / "acn-s0", runs / "acn-s0")
     at = page(monkeypatch, runs, "dist", run="nosnap")
     assert not at.exception
     assert any("nosnap has no snapshots" in e.value for e in at.error)
+    # the views over several runs leave it out, saying so; the final weights still compare
+    for view, key in (("grid", "tr_g_chart"), ("quality", "tr_q_chart"), ("runs", "tr_x_overlay")):
+        at = page(monkeypatch, runs, view, run="nosnap")
+        at.multiselect(key="w_tr_runs").set_value(["nosnap", "acn-s0"]).run()
+        no_problem(at)
+        fig = chart(at, key)
+        if view == "runs":
+            assert not at.warning and "nosnap · histogram" in metas(fig)
+        else:
+            assert any("nosnap has no snapshots" in w.value and "left out" in w.value for w in at.warning)
+            assert not any(m.startswith("nosnap") for m in metas(fig)) and any(m.startswith("acn-s0") for m in metas(fig))
 
 
 # ----------------------------------------------------------------------------------------------- 2. across runs
