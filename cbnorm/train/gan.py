@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
+from .classify import _json_opt as json_opt
 from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, Run, _atomic_write_bytes, _inside, _save_safetensors,
                     _state_tensors, build_model_from_config, count_parameters, load_run, read_json, read_safetensors,
                     save_config, save_snapshot, save_weights)
@@ -115,20 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ============================================================================ options
-def _json_opt(value: Any) -> dict:
-    if value is None or value == "":
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    try:
-        out = json.loads(value)
-    except (TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"--norm-kwargs must be a JSON object, got {value!r} ({err})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"--norm-kwargs must be a JSON object, got {value!r}")
-    return out
-
-
 def _check_args(a: dict) -> None:
     from ..norms import resolve_name
 
@@ -147,7 +134,7 @@ def _check_args(a: dict) -> None:
     if a["split"] not in ("train", "test"):
         raise ValueError(f"--split must be train or test, got {a['split']!r}")
     a["norm"] = resolve_name(a["norm"])
-    a["norm_kwargs"] = _json_opt(a["norm_kwargs"]) or None
+    a["norm_kwargs"] = json_opt(a["norm_kwargs"], "norm_kwargs") or None
 
 
 def _layers(a: dict) -> list[str]:
