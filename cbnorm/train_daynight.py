@@ -124,7 +124,7 @@ def make_config(a: dict) -> dict:
     """The run's config.json for the options ``a`` (after :func:`_options`)."""
     from .daynight import CONTEXTS, HOLDOUT_PHOTOS, TRAIN_PHOTOS, NightParams
     from .norms import resolve_name
-    from .train import _json_opt
+    from .train.classify import _json_opt
 
     renderer = NightParams.from_dict(_json_opt(a["renderer"], "renderer")).to_dict()
     norm = resolve_name(a["norm"])
