@@ -358,7 +358,8 @@ def quality_view() -> None:
     st.caption("Components used: how many distinct mixture components the images fall in (argmax of the layer's "
                "posteriors averaged over each image's positions); with one, NMI and ARI are 0. "
                "Groups of several seeds: the band is ±1 sd over the seeds on the steps they all have (the mean line "
-               "carries the same as error bars). A normalizer forms clusters faster than another when its curve "
+               "carries the same as error bars); where they share fewer than 3 steps (extra seeds keep their first and "
+               "last snapshot only), the mean ± sd is drawn as diamonds with error bars at those steps. A normalizer forms clusters faster than another when its curve "
                "rises earlier by more than the bands' width.")
     S.download_frame(T.quality_frame(q), f"{layer}_cluster_quality.csv", key="tr_q_dl",
                      label="Download every snapshot's numbers (CSV)")

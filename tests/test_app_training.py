@@ -363,3 +363,25 @@ def test_each_views_settings_survive_a_visit_to_another_view(training_runs, monk
     at.radio(key="tr_view").set_value("grid").run()
     assert at.slider(key="tr_g_columns").value == 2
     assert len({m for m in metas(chart(at, "tr_g_chart")) if not m.startswith("legend")}) == 2 * 2
+
+
+def test_quality_figure_draws_no_band_across_steps_a_group_does_not_share():
+    """Extra seeds with only their first and last snapshot (the committed runs' layout): the group's mean ±
+    sd as markers with error bars at those two steps, no band bridging the training between."""
+    from cbnorm.app import figures_training as FT
+
+    steps = [0, 5, 10, 50, 100]
+    runs = [{"run": "a", "norm": "bn", "steps": steps, "metrics": {"silhouette": np.linspace(0, 1, 5)}},
+            {"run": "b", "norm": "bn", "steps": [0, 100], "metrics": {"silhouette": np.array([0.1, 0.8])}}]
+    q = {"runs": runs, "groups": [{"label": "g", "members": ["a", "b"]}]}
+    bands = {"silhouette": [{"label": "g", "members": ["a", "b"], "steps": [0, 100],
+                             "mean": np.array([0.05, 0.9]), "sd": np.array([0.07, 0.14])}]}
+    fig = FT.quality_figure(q, ["silhouette"], {"silhouette": "silhouette"}, bands)
+    names = [t.meta for t in fig.data]
+    assert names == ["g mean · silhouette", "a · silhouette", "b · silhouette"]
+    mean = fig.data[0]
+    assert mean.mode == "markers" and list(mean.x) == [0, 100] and list(mean.error_y.array) == [0.07, 0.14]
+    bands["silhouette"][0].update(steps=[0, 50, 100], mean=np.array([0.05, 0.5, 0.9]), sd=np.array([0.1, 0.1, 0.1]))
+    fig = FT.quality_figure(q, ["silhouette"], {"silhouette": "silhouette"}, bands)
+    assert [t.meta for t in fig.data][:3] == ["g − 1 sd · silhouette", "g + 1 sd · silhouette", "g mean · silhouette"]
+    assert fig.data[1].fill == "tonexty" and fig.data[2].mode == "lines+markers"

@@ -369,7 +369,9 @@ def quality_figure(q: dict, metrics: Sequence[str], labels: dict, bands: dict[st
     """A panel per metric against training step. In each panel: every run's line (markers at its
     snapshots; thin when its group has other runs), and for each group of several runs a ±1 sd band (its
     lower edge, then the upper edge filled down to it) and the mean line with error bars, on the steps the
-    group's runs share. Colours by group; legends once."""
+    group's runs share; where they share fewer than 3 steps (extra seeds with their first and last snapshot
+    only), the mean ± sd as markers with error bars and no band (a band would bridge the training between).
+    Colours by group; legends once."""
     metrics = list(metrics)
     n = len(metrics)
     cols = max(1, min(cols, n))
@@ -385,16 +387,19 @@ def quality_figure(q: dict, metrics: Sequence[str], labels: dict, bands: dict[st
             col = color(gi)
             name = f"{b['label']} mean ± sd ({len(b['members'])} runs)"
             x = np.asarray(b["steps"])
-            fig.add_trace(go.Scatter(x=x, y=b["mean"] - b["sd"], mode="lines", line=dict(width=0, color=col),
-                                     name=f"{name} − 1 sd", meta=f"{b['label']} − 1 sd · {metric}",
-                                     legendgroup=f"g{gi}", showlegend=False, hoverinfo="skip"), row=r, col=c)
-            fig.add_trace(go.Scatter(x=x, y=b["mean"] + b["sd"], mode="lines", line=dict(width=0, color=col),
-                                     fill="tonexty", fillcolor=rgba(col, 0.18), name=f"{name} + 1 sd",
-                                     meta=f"{b['label']} + 1 sd · {metric}", legendgroup=f"g{gi}", showlegend=False,
-                                     hoverinfo="skip"), row=r, col=c)
-            fig.add_trace(go.Scatter(x=x, y=b["mean"], mode="lines+markers", name=name,
+            sparse = len(x) < 3  # e.g. the extra seeds' first and last snapshot only: no band across the gap
+            if not sparse:
+                fig.add_trace(go.Scatter(x=x, y=b["mean"] - b["sd"], mode="lines", line=dict(width=0, color=col),
+                                         name=f"{name} − 1 sd", meta=f"{b['label']} − 1 sd · {metric}",
+                                         legendgroup=f"g{gi}", showlegend=False, hoverinfo="skip"), row=r, col=c)
+                fig.add_trace(go.Scatter(x=x, y=b["mean"] + b["sd"], mode="lines", line=dict(width=0, color=col),
+                                         fill="tonexty", fillcolor=rgba(col, 0.18), name=f"{name} + 1 sd",
+                                         meta=f"{b['label']} + 1 sd · {metric}", legendgroup=f"g{gi}",
+                                         showlegend=False, hoverinfo="skip"), row=r, col=c)
+            fig.add_trace(go.Scatter(x=x, y=b["mean"], mode="markers" if sparse else "lines+markers", name=name,
                                      meta=f"{b['label']} mean · {metric}", legendgroup=f"g{gi}", showlegend=mi == 0,
-                                     line=dict(color=col, width=3), marker=dict(size=7),
+                                     line=dict(color=col, width=3), marker=dict(size=9 if sparse else 7,
+                                                                                symbol="diamond" if sparse else "circle"),
                                      error_y=dict(type="data", array=b["sd"], visible=True, color=col, width=4),
                                      hovertemplate=f"{b['label']} mean<br>step %{{x}}<br>%{{y:.4g}} ± %{{error_y.array:.3g}}"
                                                    "<extra></extra>"), row=r, col=c)
