@@ -381,6 +381,7 @@ def test_quality_figure_draws_no_band_across_steps_a_group_does_not_share():
     assert names == ["g mean · silhouette", "a · silhouette", "b · silhouette"]
     mean = fig.data[0]
     assert mean.mode == "markers" and list(mean.x) == [0, 100] and list(mean.error_y.array) == [0.07, 0.14]
+    assert fig.data[1].mode == "lines+markers" and fig.data[2].mode == "markers"  # a run of 2 snapshots: points
     bands["silhouette"][0].update(steps=[0, 50, 100], mean=np.array([0.05, 0.5, 0.9]), sd=np.array([0.1, 0.1, 0.1]))
     fig = FT.quality_figure(q, ["silhouette"], {"silhouette": "silhouette"}, bands)
     assert [t.meta for t in fig.data][:3] == ["g − 1 sd · silhouette", "g + 1 sd · silhouette", "g mean · silhouette"]

@@ -407,7 +407,8 @@ def quality_figure(q: dict, metrics: Sequence[str], labels: dict, bands: dict[st
             gi = group_of.get(run["run"], len(q["groups"]) + ri_)
             many = sizes.get(gi, 1) > 1
             y = run["metrics"][metric]
-            fig.add_trace(go.Scatter(x=np.asarray(run["steps"]), y=y, mode="lines+markers",
+            fig.add_trace(go.Scatter(x=np.asarray(run["steps"]), y=y,
+                                     mode="lines+markers" if len(run["steps"]) >= 3 else "markers",  # no bridging
                                      name=f"{run['run']} ({run['norm']})", meta=f"{run['run']} · {metric}",
                                      legendgroup=f"r{run['run']}", showlegend=mi == 0,
                                      line=dict(color=color(gi), width=1.2 if many else 2, dash="dot" if many else "solid"),
