@@ -1,6 +1,7 @@
 """The MN paper's convergence claim under its own protocol (mixture-normalization.txt Sec. 4.1, Tables 2-3, Fig. 2).
 
     python bench/reproduce_mn.py                       # Fashion-MNIST, the scale of this 2-core CPU (~1 h)
+    python bench/reproduce_mn.py --report              # the README's table from bench/results/reproduce_mn.json
     python bench/reproduce_mn.py --dataset cifar10 --epochs 100 --width 1 --limit-train 0 --jobs 1 --device cuda
                                                        # the paper's full protocol, for CIFAR-10 on disk + a GPU
 
@@ -52,6 +53,44 @@ PAPER = {
 }
 
 
+def _steps(v) -> str:
+    return "never" if v is None else f"{v:,}"
+
+
+def report(result: dict) -> str:
+    """The README's table (the MN paper's Table 3 shape: steps to reach BN's maximum test accuracy, the maximum
+    test accuracy) for every setting of a reproduce_mn.json, with the paper's CIFAR numbers beside ours."""
+    lines = ["| setting | norm | seeds | best acc (mean ± sd) | steps to BN's best: mean curve | per seed | "
+             "mean [95% bootstrap] | reduction vs BN | diff to BN (Welch p) | paper CIFAR-10: steps / max acc | "
+             "paper CIFAR-100: steps / max acc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    paper = result.get("paper", PAPER)
+    for name, s in result["summary"]["settings"].items():
+        for norm, g in s["norms"].items():
+            ci = g.get("steps_to_reference_ci95")
+            mean = g.get("steps_to_reference_mean")
+            red = g.get("reduction_vs_reference_pct")
+            p = g.get("welch_p")
+            diff = ("—" if norm == "bn" else f"{100 * g['best_acc_diff_to_reference']:+.2f}"
+                    + ("" if p is None else f" ({p:.2f})"))
+            cells = []
+            for ds in ("cifar10", "cifar100"):
+                pe = paper.get(ds, {}).get(name, {}).get(norm)
+                cells.append("—" if pe is None else
+                             f"{_steps(int(pe['steps_to_bn_best'])) if 'steps_to_bn_best' in pe else '—'} / "
+                             f"{pe['max_acc']:.2f}")
+            lines.append(
+                f"| {name} | {norm} | {len(g['seeds'])} | {100 * g['best_acc_mean']:.2f} ± {100 * g['best_acc_sd']:.2f}"
+                f" | {_steps(g.get('steps_to_reference'))} | "
+                f"{', '.join(_steps(v) for v in g['steps_to_reference_per_seed'])} | "
+                f"{'—' if mean is None else f'{mean:.0f} [{ci[0]:.0f}, {ci[1]:.0f}]'} | "
+                f"{'—' if red is None or norm == 'bn' else f'{red:+.0f}%'} | "
+                f"{diff} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {name} | BN's mean-curve maximum | | {100 * s['reference_acc']:.2f} at step "
+                     f"{s['reference_step']} | | | | | | | |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="fashion-mnist")
@@ -67,7 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", default=str(ROOT / "runs" / "reproduce_mn"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "reproduce_mn.json"))
+    p.add_argument("--report", action="store_true", help="print the README table from --out and stop")
     a = p.parse_args(argv)
+    if a.report:
+        print(report(read_json(Path(a.out))))
+        return 0
     common = ["--dataset", a.dataset, "--model", "shallow_cnn", "--layers", "conv3", "--width", str(a.width),
               "--epochs", str(a.epochs), "--batch-size", "256", "--optimizer", "rmsprop", "--momentum", "0.9",
               "--weight-decay", "2e-5", "--schedule", "exponential", "--lr-factor", "0.93", "--lr-every", "2",

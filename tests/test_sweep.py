@@ -70,3 +70,22 @@ def test_tiny_sweep_runs_in_parallel_resumes_and_skips(tmp_path):
     again = sweep.run_sweep(sweep.plan(tmp_path / "sw", ["bn"], [0, 1], {"a": ["--lr", "0.003"]}, args[11:]),
                             2, 1, log=logs.append)
     assert all(j.get("skipped") for j in again) and logs == []  # finished runs are not run again
+
+
+def test_reproduction_report_states_the_summary_and_the_paper(tmp_path):
+    """bench/reproduce_mn.py --report: the README's table, one row per setting and norm, from the summary."""
+    from bench.reproduce_mn import PAPER, report
+
+    steps = [0, 10, 20]
+    for s, (b, m) in enumerate([([0.1, 0.6, 0.7], [0.1, 0.7, 0.72]), ([0.1, 0.5, 0.8], [0.1, 0.6, 0.7])]):
+        fake_run(tmp_path, "small", "bn", s, steps, b)
+        fake_run(tmp_path, "small", "mn", s, steps, m)
+    summary = sweep.summarize(tmp_path)
+    table = report({"summary": summary, "paper": PAPER}).splitlines()
+    bn = next(r for r in table if r.startswith("| small | bn |"))
+    mn = next(r for r in table if r.startswith("| small | mn |"))
+    # BN's mean curve: 0.55, 0.75 -> reference 0.75 at step 20; BN's best 0.70 / 0.80 -> 75.00 ± 7.07
+    assert "| 75.00 ± 7.07 | 20 | never, 20 |" in bn and "19,500 / 87.95" in bn and "18,100 / 62.14" in bn
+    # MN's mean curve 0.65 at 10, 0.71 at 20: never reaches 0.75; its best 0.72 / 0.70 -> -4.00 to BN
+    assert "| 71.00 ± 1.41 | never | never, never |" in mn and "| -4.00 (" in mn and "13,400 / 88.47" in mn
+    assert any("75.00 at step 20" in r for r in table)
