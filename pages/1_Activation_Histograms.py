@@ -8,7 +8,8 @@ from cbnorm.app import shared as S
 S.page_setup()  # inside app.py's frame, also when the page is opened directly
 
 st.title("Activation histograms")
-st.caption("What enters and leaves one normalization layer on a minibatch of test images, channel by channel "
+st.caption("What enters and leaves one normalization layer on a minibatch of test images (latent vectors for a "
+           "generator), channel by channel "
            "(as in Fig. 1 of the MN paper and Fig. 4 of the CB-Norm paper).")
 
 sel = S.selection()
@@ -31,6 +32,8 @@ with S.guard("Activation histograms"):
                   help="Components of the GMM fitted per channel with cbnorm.gmm: on the input of layers without "
                        "their own mixture (BN, LN, GN), and on every output")
 
+    is_gan = run.config.get("task") == "gan"
+    inputs = "latent vectors (the generator's input)" if is_gan else "test images"
     n_channels = info["num_features"]
     c5, c6 = st.columns([2, 5])
     mode = c5.radio("Channels", ["random", "choose"], horizontal=True, key="hist_ch_mode",
@@ -46,11 +49,11 @@ with S.guard("Activation histograms"):
             st.info("Choose at least one channel.")
             st.stop()
 
-    with st.spinner(f"Running {run.path.name} on {size} test images and fitting mixtures…"):
+    with st.spinner(f"Running {run.path.name} on {size} {inputs} and fitting mixtures…"):
         panel = H.histogram_panel(str(run.path), S.device(), layer, size, sel["seed"], context_mode,
                                   tuple(int(c) for c in channels), k)
     context_note = {"predicted": " · context inferred by the model", "true": " · true superclass given (oracle)"}
-    st.caption(f"Run **{run.path.name}** ({run.norm}) · layer `{layer}` ({info['class']}) · {size} test images, seed "
+    st.caption(f"Run **{run.path.name}** ({run.norm}) · layer `{layer}` ({info['class']}) · {size} {inputs}, seed "
                f"{sel['seed']} · {panel['points_per_channel']:,} values per channel (images × positions)"
                f"{context_note[context_mode] if run.uses_context else ''} · device {S.device_label()}")
     if panel["subsampled"]:

@@ -152,7 +152,7 @@ with S.guard("Compare normalizers"):
 
 with S.guard("Reproduction of the MN paper's claim"):
     st.subheader("Reproduction of the MN paper's claim")
-    rep = C.reproduction(str(C.bench_dir()))
+    rep = C.reproduction(str(S.bench_dir()))
     if rep["status"] == "missing":
         st.info(rep["message"])
     elif rep["status"] == "malformed":
@@ -184,7 +184,7 @@ with S.guard("Reproduction of the MN paper's claim"):
 
 with S.guard("Benchmark results"):
     st.subheader("Benchmarks")
-    plots = C.bench_plot_data(str(C.bench_dir()))
+    plots = C.bench_plot_data(str(S.bench_dir()))
     if "speed_layers" in plots:
         st.markdown("**Cost of each layer** (`bench/speed.py`): forward + backward time as a multiple of "
                     "`torch.nn.BatchNorm2d`'s on the same input; black ticks are the goals.")
@@ -203,9 +203,9 @@ with S.guard("Benchmark results"):
         st.plotly_chart(fig_conv, key="cmp_bench_conv", config={"displaylogo": False})
         if b.get("note"):
             st.caption(str(b["note"]))
-    results = C.bench_results(str(C.bench_dir()))
+    results = C.bench_results(str(S.bench_dir()))
     if not results:
-        st.caption(f"No benchmark results in `{C.bench_dir()}`.")
+        st.caption(f"No benchmark results in `{S.bench_dir()}`.")
     for res in results:
         with st.expander(res["name"], expanded=False):
             if res["error"]:

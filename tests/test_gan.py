@@ -205,7 +205,8 @@ def test_generation_page_in_apptest(gan_root, tmp_path, monkeypatch):
     at.switch_page("pages/1_Activation_Histograms.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
-    assert "gan-mn" in " ".join(c.value for c in at.caption)
+    captions = " ".join(c.value for c in at.caption)
+    assert "gan-mn" in captions and "latent vectors" in captions and " test images, seed" not in captions
     at.switch_page("pages/2_Cluster_Evolution.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]

@@ -4,7 +4,8 @@ this package, so ``pip install cbnorm`` without the app's extra still imports ev
 
 Layout (app.py and pages/*.py, at the repository root, hold only widgets and plots and call these):
 
-* ``shared``: what every page uses: runs directory and loaded runs (``get_run``, ``inventory``,
+* ``shared``: what every page uses: runs directory (``$CBNORM_RUNS``), benchmark results (``bench_dir``,
+  ``$CBNORM_BENCH``) and loaded runs (``get_run``, ``inventory``,
   ``run_by_name``), the sidebar selection and layer choices (``selection``, ``layer_choices``,
   ``layer_label``, ``layer_info``), the device, the error guard (``guard``) and page frame
   (``page_setup``), the caches' byte budgets (``BUDGET_MB``, ``BUDGETS``), the heap janitor,
@@ -12,9 +13,10 @@ Layout (app.py and pages/*.py, at the repository root, hold only widgets and plo
 * ``activations``: the shared test sets, seeded minibatches, forward hooks on a layer and the cached input
   and output of a layer on a minibatch (pages 1, 2 and 4).
 * ``histograms`` (page 1), ``evolution`` (page 2), ``daynight`` (page 3), ``compare`` (page 4, with the
-  benchmark results' plot data): one service module per page.
-* ``figures``: the Plotly figure builders of every page, and ``figure_frame`` / ``frame_csv`` for the
-  downloads.
+  seed groups, the MN-paper reproduction and the benchmark results' plot data), ``generation`` (page 5, the
+  GAN runs), ``training`` (page 6, across runs and training): one service module per page.
+* ``figures`` and ``figures_training`` (page 6's): the Plotly figure builders, and ``figure_frame`` /
+  ``frame_csv`` for the downloads.
 
 Importing this package imports nothing heavy; import the module you need (``from cbnorm.app import shared``).
 """

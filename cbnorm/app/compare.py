@@ -547,18 +547,9 @@ SEEDS_HELP = {
 
 
 # ============================================================================ the MN paper's claim, reproduced
-#: where the app reads the benchmark results: ``$CBNORM_BENCH`` when set, else bench/results next to app.py
-BENCH_ENV = "CBNORM_BENCH"
 REPRODUCE_FILE = "reproduce_mn.json"
 PAPER_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 SETTING_NAMES = {"small": "small learning rate", "large": "large learning rate"}
-
-
-def bench_dir() -> Path:
-    """The benchmark results folder: ``$CBNORM_BENCH`` when set (a test's or a screenshot's own results),
-    else ``shared.bench_dir()`` (bench/results next to app.py)."""
-    env = os.environ.get(BENCH_ENV)
-    return Path(env).expanduser() if env else S.bench_dir()
 
 
 def _check_group(where: str, g: Any) -> None:

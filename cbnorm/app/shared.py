@@ -45,6 +45,7 @@ from cbnorm.runs import Run, load_run
 log = logging.getLogger("cbnorm.app")
 
 RUNS_ENV = "CBNORM_RUNS"
+BENCH_ENV = "CBNORM_BENCH"
 _APP_DIR = [Path(__file__).resolve().parents[2]]
 TTL = 3600  # seconds
 #: cap on the values of one channel kept for histograms / stats (a notice says when it applies)
@@ -186,7 +187,10 @@ def runs_root() -> Path:
 
 
 def bench_dir() -> Path:
-    return _APP_DIR[0] / "bench" / "results"
+    """The benchmark results every page reads: ``$CBNORM_BENCH`` when set (a test's or a screenshot's own
+    results), else ``bench/results`` next to app.py."""
+    env = os.environ.get(BENCH_ENV)
+    return Path(env).expanduser() if env else _APP_DIR[0] / "bench" / "results"
 
 
 def device() -> str:
