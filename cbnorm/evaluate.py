@@ -8,7 +8,9 @@ number), with the true contexts where they derive from the labels (``oracle``) a
 assignment for k-means contexts. ``--check`` exits with status 1 when a number differs from ``metrics.json``
 by more than ``--tol``; status 2 when the check cannot be made (e.g. ``--limit`` differs from the training
 run's ``--limit-test``). For a GAN run (task "gan") the last evaluation's scores are recomputed from the
-generator's weights instead (FD in classifier features, precision / recall, modes; cbnorm.train.gan.check_run).
+generator's weights instead (FD in classifier features, precision / recall, modes; cbnorm.train.gan.check_run);
+for a day-night run (task "daynight") its training-photo PSNRs and hold-out verification
+(cbnorm.train_daynight.check_run).
 
 The test split is rebuilt exactly as the trainer built it (:func:`load_split`): same dataset, same subset
 (``cbnorm.data.subset`` with the stored seed) and contexts from the stored label table / k-means state.
@@ -127,6 +129,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .train.gan import check_run
 
         return check_run(run, a.check, a.tol, a.json)
+    if run.config.get("task") == "daynight":  # a translator: its PSNR / verification, recomputed
+        from .train_daynight import check_run as check_daynight
+
+        return check_daynight(run, a.check, a.json)
     trained_limit = (run.config.get("dataset") or {}).get("limit_test")
     if a.check and a.limit is not None and a.limit != trained_limit:
         print(f"error: --check needs the test set the run was scored on (limit {trained_limit}), "

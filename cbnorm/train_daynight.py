@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -305,6 +306,58 @@ def train_daynight(given: Any) -> Path:
     if not a["quiet"]:
         print(json.dumps({k: v for k, v in metrics.items() if k != "loss"}, indent=1))
     return out
+
+
+def recompute(run) -> dict[str, float]:
+    """The scores ``train_daynight`` stored, recomputed from a loaded run's weights: the mean PSNR (dB) of
+    translating each training photo's day rendering to night and back against the renderer's own image, and for
+    an input translator the hold-out verification (pair accuracy, mean distances of 256 seeded crop pairs)."""
+    from .daynight import HOLDOUT_PHOTOS, TRAIN_PHOTOS, DayNightPairs, NightParams
+    from .transfer import translate_array
+
+    cfg = run.config
+    params = NightParams.from_dict(cfg["renderer"])
+    pairs = DayNightPairs(TRAIN_PHOTOS, params)
+    out: dict[str, float] = {}
+    run.model.eval()
+    with torch.no_grad():
+        if cfg["translator"] == "input":
+            a = {"crop": int(cfg["training"]["crop"]), "margin": float(cfg["training"]["margin"])}
+            out.update(_verification(run.model, DayNightPairs(HOLDOUT_PHOTOS, params), a))
+        for src, tgt, imgs, refs in (("day", "night", pairs.day, pairs.night), ("night", "day", pairs.night, pairs.day)):
+            out[f"train_psnr_{src}_to_{tgt}"] = float(np.mean([_psnr(translate_array(run, im, src, tgt), ref)
+                                                              for im, ref in zip(imgs, refs)]))
+    return out
+
+
+#: tolerances of ``check_run``: PSNR in dB, distances relative, the pair accuracy absolute
+CHECK_TOL = {"train_psnr_day_to_night": 0.05, "train_psnr_night_to_day": 0.05, "holdout_pair_acc": 0.002,
+             "holdout_pos_dist": 0.002, "holdout_neg_dist": 0.002}
+
+
+def check_run(run, check: bool = False, as_json: bool = False) -> int:
+    """``python -m cbnorm.evaluate RUN [--check]`` for a day-night run: ``recompute`` beside metrics.json; with
+    ``check``, status 1 when a score differs by more than ``CHECK_TOL`` (distances relative to max(1, value))."""
+    got = recompute(run)
+    mismatches, rows = [], []
+    for key, value in got.items():
+        want = run.metrics.get(key)
+        rows.append(f"{key:24s} {value:.4f}  (metrics.json: {'n/a' if want is None else format(want, '.4f')})")
+        lim = CHECK_TOL[key] * (max(1.0, abs(float(want))) if key.endswith("_dist") and want is not None else 1.0)
+        if want is None or abs(float(want) - value) > lim:
+            mismatches.append(f"{key}: recomputed {value:.4f}, metrics.json {want}")
+    if as_json:
+        print(json.dumps({**got, "run": str(run.path), "mismatches": mismatches}))
+    else:
+        print(f"{run.path}: day-night {run.config['translator']} translator / {run.norm}, "
+              f"{len(run.config.get('dataset', {}).get('train_photos', [])) or 'the'} training photos")
+        print("\n".join(rows))
+    if check and mismatches:
+        print("check FAILED: " + "; ".join(mismatches), file=sys.stderr)
+        return 1
+    if check and not as_json:
+        print("check passed (PSNR within 0.05 dB, verification within 0.002)")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -327,3 +327,33 @@ def test_malformed_reproduction_is_a_message_not_an_exception(grouped_runs, tmp_
     assert not at.exception, [e.value for e in at.exception]
     assert any("reproduce_mn.json" in w.value and expected in w.value for w in at.warning)
     assert not [k for k in chart_keys(at) if k.startswith("cmp_repro_chart")]
+
+
+# ----------------------------------------------------------------------------------------------- committed
+def test_committed_runs_and_reproduction_have_dense_curves_and_seed_bands(monkeypatch):
+    """What a new user sees first (issue 12's done-means): on the committed runs, BN, MN and ACN each with 3
+    seeds drawn as a mean line of at least 20 test points inside a ±1 sd band equal to the runs' own curves;
+    the committed reproduce_mn.json drawn with a band for every norm of every setting."""
+    from cbnorm.train.sweep import curve_of
+
+    at = compare_page(monkeypatch, ROOT / "checkpoints", ROOT / "bench" / "results")
+    no_problem(at)
+    fig = chart(at, "cmp_seeds_chart_0")
+    traces = {t["name"]: t for t in fig["data"]}
+    for norm in ("bn", "mn", "acn"):
+        runs = [f"fmnist-{norm}", f"fmnist-{norm}-s1", f"fmnist-{norm}-s2"]
+        curves = [curve_of(json.loads((ROOT / "checkpoints" / r / "metrics.json").read_text())) for r in runs]
+        assert all(c[2] == "evals" and len(c[0]) >= 20 for c in curves)
+        accs = np.array([c[1] for c in curves])
+        name = f"fmnist-{norm} (3 seeds)"
+        line, hi = traces[name], traces[f"{name} + 1 sd"]
+        np.testing.assert_array_equal(arr(line["x"]), curves[0][0])
+        np.testing.assert_allclose(arr(line["y"]), 1 - accs.mean(axis=0), atol=1e-12)
+        np.testing.assert_allclose(arr(hi["y"]), 1 - accs.mean(axis=0) + accs.std(axis=0, ddof=1), atol=1e-12)
+        assert hi["fill"] == "tonexty"
+    rep = json.loads((ROOT / "bench" / "results" / "reproduce_mn.json").read_text())
+    for i, (setting, entry) in enumerate(rep["summary"]["settings"].items()):
+        names = [t["name"] for t in chart(at, f"cmp_repro_chart_{i}")["data"]]
+        for norm, g in entry["norms"].items():
+            assert len(g["seeds"]) == 3 and len(g["steps"]) >= 20, (setting, norm)
+            assert f"{norm} (3 seeds) + 1 sd" in names and f"{norm} (3 seeds)" in names, (setting, norm, names)

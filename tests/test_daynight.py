@@ -170,6 +170,37 @@ def test_trainer_refuses_existing_run_and_bad_options(tiny_runs, tmp_path):
     assert main(["--steps", "0", "--out", str(tmp_path / "w")]) == 2
 
 
+def test_evaluate_check_recomputes_the_stored_scores(tiny_runs, tmp_path, capsys):
+    """``python -m cbnorm.evaluate RUN --check`` on a day-night run: PSNRs (and the hold-out verification of
+    the input translator) recomputed from the weights equal metrics.json; a tampered score fails it."""
+    from cbnorm.evaluate import main
+
+    for tr, path in tiny_runs.items():
+        assert main([str(path), "--check"]) == 0, capsys.readouterr()
+        assert "check passed" in capsys.readouterr().out
+    assert main([str(tiny_runs["input"]), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert {"holdout_pair_acc", "train_psnr_day_to_night"} <= set(got) and not got["mismatches"]
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_runs["feature"], bad)
+    m = json.loads((bad / "metrics.json").read_text())
+    m["train_psnr_night_to_day"] += 0.5
+    (bad / "metrics.json").write_text(json.dumps(m))
+    assert main([str(bad), "--check"]) == 1
+    assert "train_psnr_night_to_day" in capsys.readouterr().err
+
+
+def test_psnr_matches_scikit_image():
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from cbnorm.train_daynight import _psnr
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-9, 10, a.shape), 0, 255).astype(np.uint8)
+    assert _psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255), rel=1e-12)
+
+
 def test_command_of_reproduces_the_options():
     from cbnorm.train_daynight import build_parser, command_of
 

@@ -87,5 +87,5 @@ def test_reproduction_report_states_the_summary_and_the_paper(tmp_path):
     # BN's mean curve: 0.55, 0.75 -> reference 0.75 at step 20; BN's best 0.70 / 0.80 -> 75.00 ± 7.07
     assert "| 75.00 ± 7.07 | 20 | never, 20 |" in bn and "19,500 / 87.95" in bn and "18,100 / 62.14" in bn
     # MN's mean curve 0.65 at 10, 0.71 at 20: never reaches 0.75; its best 0.72 / 0.70 -> -4.00 to BN
-    assert "| 71.00 ± 1.41 | never | never, never |" in mn and "| -4.00 (" in mn and "13,400 / 88.47" in mn
+    assert "| 71.00 ± 1.41 | never | never, never |" in mn and "| -4.00 (" in mn and "13,400 (31% fewer) / 88.47" in mn and "17,700 (2% fewer) / 62.29" in mn
     assert any("75.00 at step 20" in r for r in table)
