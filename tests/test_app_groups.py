@@ -338,8 +338,9 @@ def test_committed_runs_and_reproduction_have_dense_curves_and_seed_bands(monkey
 
     at = compare_page(monkeypatch, ROOT / "checkpoints", ROOT / "bench" / "results")
     no_problem(at)
-    fig = chart(at, "cmp_seeds_chart_0")
-    traces = {t["name"]: t for t in fig["data"]}
+    # one seeds figure per setting (the context runs train with a context head: another setting)
+    figs = [chart(at, k) for k in chart_keys(at) if k.startswith("cmp_seeds_chart")]
+    traces = {t["name"]: t for f in figs for t in f["data"]}
     for norm in ("bn", "mn", "acn"):
         runs = [f"fmnist-{norm}", f"fmnist-{norm}-s1", f"fmnist-{norm}-s2"]
         curves = [curve_of(json.loads((ROOT / "checkpoints" / r / "metrics.json").read_text())) for r in runs]
