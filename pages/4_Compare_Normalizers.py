@@ -37,8 +37,10 @@ with S.guard("Compare normalizers"):
     x_title = {"step": "optimizer step", "epoch": "epoch"}[x_axis]
     left, right = st.container(), st.container()
     with left:
-        fig_err = F.curves_figure(C.error_series(chosen, x_axis), x_title=x_title, y_title="test error (1 − accuracy)",
-                                  title="Test error (honest: inferred context)")
+        err_series = C.error_series(chosen, x_axis)
+        fig_err = F.curves_figure(err_series, x_title=x_title, y_title="test error (1 − accuracy)",
+                                  y_range=C.error_range(err_series) if x_axis == "step" else None,
+                                  title="Test error (honest: inferred context; dots: full test set at epoch ends)")
         st.plotly_chart(fig_err, key="cmp_err_chart", config={"displaylogo": False})
         S.download_figure(fig_err, "test_error.csv", key="cmp_err_dl")
     with right:
@@ -63,7 +65,10 @@ with S.guard("Compare normalizers"):
         c: st.column_config.NumberColumn(format=f, help=C.COMPARE_HELP.get(c)) for c, f in formats.items()})
     if target is not None:
         st.caption(f"**Steps to reach BN best**: the first evaluated step at which a run's test accuracy reaches "
-                   f"{reference}'s best ({target:.2%}) — the MN paper's measure of faster training; None = never reached. Accuracy is evaluated at the end of each epoch, so steps are multiples of an epoch. "
+                   f"{reference}'s best ({target:.2%}) — the MN paper's measure of faster training; None = never reached. This table uses the full test set at "
+                   "epoch ends, so its steps are multiples of an epoch; the figure above draws the dense evaluations "
+                   "(`--eval-every`, a fixed test subset) where a run has them, and the Seeds section below compares "
+                   "on those. "
                    "Test accuracy is honest (context inferred from the image); the oracle column feeds the true "
                    "superclass and leaks the label. Time per step is what the trainer measured on its machine.")
 

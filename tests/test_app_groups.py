@@ -352,8 +352,25 @@ def test_committed_runs_and_reproduction_have_dense_curves_and_seed_bands(monkey
         np.testing.assert_allclose(arr(line["y"]), 1 - accs.mean(axis=0), atol=1e-12)
         np.testing.assert_allclose(arr(hi["y"]), 1 - accs.mean(axis=0) + accs.std(axis=0, ddof=1), atol=1e-12)
         assert hi["fill"] == "tonexty"
+    # one setting: the context layers (trained with a context head) are compared with BN too
+    assert [k for k in chart_keys(at) if k.startswith("cmp_seeds_chart")] == ["cmp_seeds_chart_0"]
+    assert "fmnist-cn (1 seed)" in traces
+    # step 0 (chance, error 0.9) does not squeeze the curves: the y range ends below it
+    lo, hi = figs[0]["layout"]["yaxis"]["range"]
+    assert hi < 0.5 and lo < min(arr(t["y"]).min() for t in figs[0]["data"] if t["name"].endswith("(3 seeds)"))
+    # the learning-curve figure draws the dense evaluations, with the epoch-end full test as markers
+    err = {t["name"]: t for t in chart(at, "cmp_err_chart")["data"]}
+    m = json.loads((ROOT / "checkpoints" / "fmnist-bn" / "metrics.json").read_text())
+    np.testing.assert_array_equal(arr(err["fmnist-bn"]["x"]), [e["step"] for e in m["evals"]])
+    np.testing.assert_allclose(arr(err["fmnist-bn"]["y"]), [1 - e["test_acc"] for e in m["evals"]])
+    err_hi = chart(at, "cmp_err_chart")["layout"]["yaxis"]["range"][1]
+    assert max(1 - e["test_acc"] for e in m["evals"][1:]) < err_hi < 0.5  # every point past step 0's chance
+    ends = err["fmnist-bn (full test, epoch ends)"]
+    assert ends["mode"] == "markers" and list(arr(ends["x"])) == [e["step"] for e in m["epochs"]]
     rep = json.loads((ROOT / "bench" / "results" / "reproduce_mn.json").read_text())
-    for i, (setting, entry) in enumerate(rep["summary"]["settings"].items()):
+    order = sorted(rep["summary"]["settings"], key=lambda n: n != "small")  # the paper's Table 3 setting first
+    for i, setting in enumerate(order):
+        entry = rep["summary"]["settings"][setting]
         names = [t["name"] for t in chart(at, f"cmp_repro_chart_{i}")["data"]]
         for norm, g in entry["norms"].items():
             assert len(g["seeds"]) == 3 and len(g["steps"]) >= 20, (setting, norm)

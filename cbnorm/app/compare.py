@@ -36,12 +36,36 @@ def metric_curves(run: Run) -> dict:
 
 
 def error_series(names: Sequence[str], x_axis: str) -> list[dict]:
-    """Test-error curves (one per run) against "epoch" or "step", for figures.curves_figure."""
+    """Test-error curves (one per run) against "epoch" or "step", for figures.curves_figure. Against steps, a
+    run with dense evaluations (``--eval-every``: metrics.json "evals", a fixed test subset) is drawn as that
+    curve, with its full-test accuracy at each epoch end as markers in the same legend group; other runs (and
+    every run against epochs) as the epoch-end points joined."""
     out = []
     for i, name in enumerate(names):
-        c = metric_curves(S.run_by_name(name))
-        out.append({"name": name, "x": c[x_axis], "y": c["test_error"], "markers": True, "color": i})
+        run = S.run_by_name(name)
+        c = metric_curves(run)
+        evals = [e for e in run.metrics.get("evals") or [] if isinstance(e, dict) and e.get("test_acc") is not None]
+        if x_axis == "step" and evals:
+            out.append({"name": name, "x": np.asarray([e["step"] for e in evals], dtype=np.float64),
+                        "y": 1.0 - np.asarray([e["test_acc"] for e in evals], dtype=np.float64), "color": i,
+                        "group": name, "width": 1.5})
+            out.append({"name": f"{name} (full test, epoch ends)", "x": c["step"], "y": c["test_error"],
+                        "mode": "markers", "color": i, "group": name, "showlegend": False})
+        else:
+            out.append({"name": name, "x": c[x_axis], "y": c["test_error"], "markers": True, "color": i})
     return out
+
+
+def error_range(series: Sequence[dict]) -> Optional[tuple[float, float]]:
+    """A y range for error_series' figure past step 0 (the untrained network at chance would squeeze every
+    curve into a sliver): the values at x > 0 with a 5% margin; None when there are none."""
+    vals = [np.asarray(s["y"], dtype=np.float64)[np.asarray(s["x"], dtype=np.float64) > 0] for s in series]
+    v = np.concatenate(vals) if vals else np.zeros(0)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    pad = 0.05 * max(float(v.max() - v.min()), 1e-3)
+    return float(v.min()) - pad, float(v.max()) + pad
 
 
 def loss_series(names: Sequence[str], x_axis: str, window: int) -> list[dict]:
@@ -247,7 +271,9 @@ _DUPLICATED = ("dataset", "model", "norm", "layers", "width", "norm_kwargs", "mo
                "limit_test", "input_norm")
 #: recipe fields that say which normalizer a run has: groups differing only in these share a *setting*
 #: (the same model, data and optimisation), and the BatchNorm group of a setting is its reference
-NORM_FIELDS = ("norm", "components", "contexts", "context_priors", "context_head", "input_norm")
+#: (``model.predict_contexts``: the context head a context layer's run trains beside it, part of that norm's use)
+NORM_FIELDS = ("norm", "components", "contexts", "context_priors", "context_head", "input_norm",
+               "model.predict_contexts")
 #: fields whose value alone names them in a group label ("rmsprop", not "optimizer rmsprop")
 _BARE = ("task", "dataset", "model", "optimizer", "layers", "schedule", "norm")
 #: what a setting's caption names first (then whatever else tells the settings apart)
@@ -300,9 +326,14 @@ def _describe(fields: dict[str, str], keys: Sequence[str]) -> str:
     """" · "-joined ``keys`` of a recipe: "rmsprop", "lr 0.01", "em_iters 1" (norm_kwargs./model. dropped)."""
     parts = []
     for k in keys:
-        v = _value(json.loads(fields[k])) if k in fields else "—"
+        raw = json.loads(fields[k]) if k in fields else None
         short = k.split(".", 1)[1] if k.startswith(("norm_kwargs.", "model.")) else k
-        parts.append(v if k in _BARE else f"{short} {v}")
+        if raw is None or raw is False:  # absent, null or off: "no context_head", not "context_head —"
+            parts.append(f"no {short}")
+        elif raw is True:
+            parts.append(short)
+        else:
+            parts.append(_value(raw) if k in _BARE else f"{short} {_value(raw)}")
     return _SEP.join(parts)
 
 
@@ -606,7 +637,9 @@ def reproduction(bench_dir: str) -> dict:
         out["message"] = f"`{REPRODUCE_FILE}` is not in the expected shape: {err}"
         return out
     paper = obj.get("paper") if isinstance(obj.get("paper"), dict) else {}
-    out.update(status="ok", settings=summary["settings"], reference_norm=str(summary.get("reference_norm") or "bn"),
+    order = sorted(summary["settings"], key=lambda n: (list(SETTING_NAMES).index(n) if n in SETTING_NAMES
+                                                        else len(SETTING_NAMES), n))  # small (Table 3) first
+    out.update(status="ok", settings={n: summary["settings"][n] for n in order}, reference_norm=str(summary.get("reference_norm") or "bn"),
                paper=paper, machine=obj.get("machine") if isinstance(obj.get("machine"), dict) else {},
                protocol=obj.get("protocol") if isinstance(obj.get("protocol"), dict) else {},
                failed=[str(f) for f in obj.get("failed") or [] if isinstance(f, str)])

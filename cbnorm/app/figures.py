@@ -141,12 +141,12 @@ def histogram_grid(values: np.ndarray, channels: Sequence[int], *,
 def curves_figure(series: Sequence[dict], *, x_title: str, y_title: str, title: str = "",
                   y_range: Optional[Sequence[float]] = None, height: int = 420) -> go.Figure:
     """Lines for several runs. ``series``: dicts with ``name``, ``x``, ``y`` (arrays) and optional ``color``
-    index, ``dash``, ``markers`` (bool), ``group`` (legend group), ``showlegend``."""
+    index, ``dash``, ``markers`` (bool) or ``mode`` (plotly's), ``group`` (legend group), ``showlegend``."""
     fig = go.Figure()
     for i, s in enumerate(series):
         x, y = np.asarray(s["x"]), np.asarray(s["y"], dtype=np.float64)
         fig.add_trace(go.Scatter(
-            x=x, y=y, name=s["name"], mode="lines+markers" if s.get("markers") else "lines",
+            x=x, y=y, name=s["name"], mode=s.get("mode") or ("lines+markers" if s.get("markers") else "lines"),
             legendgroup=s.get("group", s["name"]), showlegend=s.get("showlegend", True),
             line=dict(color=color(s.get("color", i)), dash=s.get("dash", "solid"), width=s.get("width", 2)),
             marker=dict(size=7),
@@ -325,7 +325,7 @@ def rgba(hex_color: str, alpha: float) -> str:
 def seed_band_figure(series: Sequence[dict], *, x_title: str = "optimizer step",
                      y_title: str = "test error (1 − accuracy)", title: str = "",
                      reference_y: Optional[float] = None, reference_name: str = "BN's best (mean curve)",
-                     height: int = 440) -> go.Figure:
+                     height: int = 440, zoom_past_start: bool = True) -> go.Figure:
     """Mean curves over seeds with a ±1 sd band (the MN paper's Fig. 2 shading). ``series``: dicts with
     ``name`` (legend text, e.g. "mn (3 seeds)"), ``x``, ``mean`` (arrays), ``sd`` (array, or None for one
     seed: a plain line, no band), optional ``color`` index, ``reference`` (bool: a thicker line) and
@@ -334,8 +334,11 @@ def seed_band_figure(series: Sequence[dict], *, x_title: str = "optimizer step",
     Traces of a series, in order: the band as two traces, "NAME − 1 sd" (no line) then "NAME + 1 sd"
     (``fill="tonexty"`` down to the first); then the seeds' curves; then the mean line "NAME". They share a
     legend group, so clicking the legend entry toggles the band too. ``reference_y`` adds a dotted
-    horizontal line (BatchNorm's best)."""
+    horizontal line (BatchNorm's best). ``zoom_past_start``: the y range spans every value after each curve's
+    first point (step 0, the untrained network at chance, would squeeze the curves into a sliver); the
+    modebar's autoscale shows it."""
     fig = go.Figure()
+    shown: list[np.ndarray] = []
     for i, s in enumerate(series):
         x = np.asarray(s["x"])
         mean = np.asarray(s["mean"], dtype=np.float64)
@@ -362,6 +365,17 @@ def seed_band_figure(series: Sequence[dict], *, x_title: str = "optimizer step",
         fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=group, legendgroup=group,
                                  line=dict(color=c, width=3.5 if s.get("reference") else 2),
                                  hovertemplate=hover + "<extra></extra>", **extra))
+        later = slice(1, None) if mean.size > 2 else slice(None)
+        shown += [mean[later]] + ([] if sd is None else [(mean - sd)[later], (mean + sd)[later]])
+        shown += [np.asarray(y, dtype=np.float64)[later] for _, y in s.get("seeds") or ()]
+    if reference_y is not None and np.isfinite(reference_y):
+        shown.append(np.array([float(reference_y)]))
+    vals = np.concatenate(shown) if shown else np.zeros(0)
+    vals = vals[np.isfinite(vals)]
+    if zoom_past_start and vals.size:
+        lo, hi = float(vals.min()), float(vals.max())
+        pad = 0.05 * max(hi - lo, 1e-3)
+        fig.update_yaxes(range=[lo - pad, hi + pad])
     if reference_y is not None and np.isfinite(reference_y):
         fig.add_hline(y=float(reference_y), line_dash="dot", line_color="gray", annotation_text=reference_name,
                       annotation_position="top right", annotation_font_size=11)
