@@ -27,7 +27,7 @@ def test_cifar10_protocol_end_to_end(tmp_path):
         _records(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.tile(np.arange(10), 4)))
     out = tmp_path / "reproduce.json"
     cmd = [sys.executable, str(ROOT / "bench" / "reproduce_mn.py"), "--dataset", "cifar10", "--epochs", "2",
-           "--width", "0.125", "--limit-train", "0", "--norms", "bn,mn", "--seeds", "0", "--eval-every", "1",
+           "--width", "0.125", "--norms", "bn,mn", "--seeds", "0", "--eval-every", "1",
            "--eval-subset", "20", "--jobs", "2", "--runs", str(tmp_path / "runs"), "--out", str(out)]
     env = {"CBNORM_DATA": str(tmp_path / "data"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -44,6 +44,7 @@ def test_cifar10_protocol_end_to_end(tmp_path):
                     t["weight_decay"], t["lr"], t["epochs"]) == ("cifar10", "shallow_cnn", "conv3", "rmsprop", 0.9,
                                                                  256, 2e-5, lr, 2)
             assert (t["schedule"], t["lr_factor"], t["lr_every"]) == ("exponential", 0.93, 2)
+            assert t["limit_train"] is None  # any dataset but Fashion-MNIST: the whole training set, as the paper
             m = json.loads((d / "metrics.json").read_text())
             # every update evaluated on the 20-image subset, step 0 included; 0.93 applies from epoch 3 only
             steps = m["steps_done"]
