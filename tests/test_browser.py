@@ -4,8 +4,8 @@ Every page is visited; the test waits until the script has finished (`data-test-
 and the Plotly figures are drawn, checks that no exception or error box is shown, and saves a screenshot
 (to $CBNORM_SCREENSHOTS, default a temporary folder). Skipped when /usr/bin/chromium or Playwright is
 missing. Runs against the small runs built by tests/test_app.py's fixture; the Compare page's figures are
-read back from the browser (their traces) and, on runs with several seeds per recipe (tests/test_app_groups.py's,
-and the committed ones once they have such groups), every group's ±1 sd band and mean line are checked.
+read back from the browser (their traces) and, on the committed runs (BN, MN and ACN with 3 seeds each) and
+the committed reproduce_mn.json, every group's ±1 sd band and mean line are checked.
 
     python tests/test_browser.py [RUNS_DIR] [SCREENSHOT_DIR]   # the same visit, by hand (e.g. checkpoints/)
 """
@@ -200,26 +200,17 @@ def test_every_page_in_chromium(app_runs, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["grouped", "checkpoints"])
-def test_compare_seed_bands_in_chromium(which, request, tmp_path_factory):
-    """The Compare page in Chromium on runs with several seeds per recipe: every group's band and mean
-    line are drawn. "grouped": tests/test_app_groups.py's tiny runs with a synthetic reproduce_mn.json;
-    "checkpoints": the committed runs and bench/results, skipped while no recipe there has several seeds."""
-    import json
-
+def test_compare_seed_bands_in_chromium(tmp_path_factory):
+    """The Compare page in Chromium on the committed runs (BN, MN and ACN with 3 seeds, the other norms one)
+    and bench/results (the committed reproduce_mn.json): every group's band and mean line are drawn, one-seed
+    groups as plain lines, a band per norm of each reproduction setting. (The same checks on a synthetic
+    sweep of tiny runs are AppTest's, tests/test_app_groups.py.)"""
     pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    if which == "grouped":
-        from test_app_groups import reproduce_json
-
-        runs = request.getfixturevalue("grouped_runs")
-        bench = tmp_path_factory.mktemp("bench")
-        (bench / "reproduce_mn.json").write_text(json.dumps(reproduce_json(runs)))
-    else:
-        runs, bench = ROOT / "checkpoints", ROOT / "bench" / "results"
-        if not any(len(g["seeds"]) > 1 for g in seed_groups(runs)):
-            pytest.skip("no recipe of the committed runs has several seeds yet")
+    which = "checkpoints"
+    runs, bench = ROOT / "checkpoints", ROOT / "bench" / "results"
+    assert sum(len(g["seeds"]) == 3 for g in seed_groups(runs)) >= 3  # BN, MN, ACN
     shots = Path(os.environ.get("CBNORM_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots")) / f"seeds-{which}"
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
@@ -306,7 +297,6 @@ def test_across_runs_and_training_views_in_chromium(training_runs, tmp_path_fact
 
 from test_app import app_runs  # noqa: E402,F401  (the session fixture of small runs)
 from test_app_training import training_runs  # noqa: E402,F401  (tiny runs with snapshots, two seeds of bn)
-from test_app_groups import grouped_runs  # noqa: E402,F401  (runs of several seeds)
 
 if __name__ == "__main__":  # by hand: python tests/test_browser.py checkpoints/ /tmp/shots
     runs = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "checkpoints"
