@@ -639,7 +639,8 @@ def reproduction(bench_dir: str) -> dict:
     paper = obj.get("paper") if isinstance(obj.get("paper"), dict) else {}
     order = sorted(summary["settings"], key=lambda n: (list(SETTING_NAMES).index(n) if n in SETTING_NAMES
                                                         else len(SETTING_NAMES), n))  # small (Table 3) first
-    out.update(status="ok", settings={n: summary["settings"][n] for n in order}, reference_norm=str(summary.get("reference_norm") or "bn"),
+    out.update(status="ok", settings={n: summary["settings"][n] for n in order},
+               reference_norm=str(summary.get("reference_norm") or "bn"),
                paper=paper, machine=obj.get("machine") if isinstance(obj.get("machine"), dict) else {},
                protocol=obj.get("protocol") if isinstance(obj.get("protocol"), dict) else {},
                failed=[str(f) for f in obj.get("failed") or [] if isinstance(f, str)])
