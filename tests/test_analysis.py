@@ -236,3 +236,14 @@ def test_distribution_helpers():
     assert np.trapezoid(comps[0], grid) == pytest.approx(0.4, abs=1e-6)
     single, _ = analysis.mixture_curves(grid, w, m, v)
     np.testing.assert_allclose(comps, single.mean(axis=0))
+
+
+def test_tsne_step_does_not_depend_on_threads():
+    """The app runs t-SNE with n_jobs = its cores (shared.PROJECTION_JOBS): the coordinates must not change."""
+    feats, _ = _snapshots(n=120)
+    a, _ = analysis.embed_step(feats[0], None, "tsne", perplexity=15, n_jobs=1)
+    b, _ = analysis.embed_step(feats[0], None, "tsne", perplexity=15, n_jobs=2)
+    np.testing.assert_array_equal(a, b)
+    a2, _ = analysis.embed_step(feats[1], a, "tsne", perplexity=15, n_jobs=1)
+    b2, _ = analysis.embed_step(feats[1], b, "tsne", perplexity=15, n_jobs=2)
+    np.testing.assert_array_equal(a2, b2)

@@ -151,7 +151,7 @@ def _embedding_at(key: tuple, steps: tuple[int, ...], i: int) -> tuple[np.ndarra
     x = reduce(snapshot_features(run_path, dev, steps[i], layer, size, seed, which, pool)["features"])
     return analysis.embed_step(x, prev, p.method, perplexity=p.perplexity, learning_rate=p.learning_rate,
                                n_neighbors=p.n_neighbors, min_dist=p.min_dist, seed=p.seed,
-                               first_iters=p.first_iters, refine_iters=p.refine_iters)
+                               first_iters=p.first_iters, refine_iters=p.refine_iters, n_jobs=S.PROJECTION_JOBS)
 
 
 def _prefetch_features(p: EvolutionParams, steps: Sequence[int]) -> threading.Thread:

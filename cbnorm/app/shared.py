@@ -52,6 +52,10 @@ TTL = 3600  # seconds
 MAX_VALUES = 50_000
 #: byte budgets of the caches whose entries can be large (see the module docstring)
 BUDGET_MB = {"snapshot_features": 64, "layer_activations": 48, "histogram_panel": 24}
+#: threads of one t-SNE projection (openTSNE's n_jobs; the coordinates do not depend on it, tested; umap runs
+#: one thread whenever its random_state is fixed): the cores there are, at most 4. On the 2 cores here it
+#: halves a cold t-SNE evolution.
+PROJECTION_JOBS = max(1, min(4, os.cpu_count() or 1))
 
 
 def _nbytes(obj: Any) -> int:

@@ -467,7 +467,7 @@ def _row_step(run_path: str, layer: str, size: int, seed: int, which: str, pool:
     reduce = _row_reducer(run_path, layer, size, seed, which, pool, steps[-1])
     x = reduce(_features(run_path, steps[i], layer, size, seed, which, pool))
     return analysis.embed_step(x, prev, method, perplexity=perplexity, n_neighbors=n_neighbors, min_dist=min_dist,
-                               seed=seed, refine_iters=refine_iters)
+                               seed=seed, refine_iters=refine_iters, n_jobs=S.PROJECTION_JOBS)
 
 
 @st.cache_data(max_entries=512, ttl=S.TTL, show_spinner=False)
