@@ -7,7 +7,6 @@ on the committed checkpoints/ (skipped when it holds no runs).
 """
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
+from apptest_helpers import arr, chart, chart_keys, no_problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -71,38 +71,14 @@ def app(app_runs, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def arr(v) -> np.ndarray:
-    """A Plotly JSON array: a list or {"dtype", "bdata"} (numpy arrays travel as typed binary arrays)."""
-    if isinstance(v, dict) and "bdata" in v:
-        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
-    return np.asarray(v)
-
-
 def charts(at) -> list[dict]:
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-
-
-def no_problem(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def texts(at) -> str:
     parts = [e.value for kind in ("markdown", "caption", "info", "warning", "error", "title", "subheader")
              for e in getattr(at, kind)]
     return "\n".join(str(p) for p in parts)
-
-
-def chart(at, key: str) -> dict:
-    """The Plotly figure of the chart with widget key ``key``."""
-    for c in at.get("plotly_chart"):
-        if c.proto.id.endswith(f"-{key}"):
-            return json.loads(c.proto.spec)
-    raise AssertionError(f"no chart {key!r} among {chart_keys(at)}")
-
-
-def chart_keys(at) -> list[str]:
-    return [c.proto.id.rsplit("-", 1)[-1] for c in at.get("plotly_chart")]
 
 
 def compare_chart_keys(runs_dir: Path, bench_dir: Path = ROOT / "bench" / "results") -> set:

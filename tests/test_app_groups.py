@@ -19,6 +19,7 @@ import pytest
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
+from apptest_helpers import arr, chart, chart_keys, no_problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,34 +58,10 @@ def expected_summary(root: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def arr(v) -> np.ndarray:
-    import base64
-
-    if isinstance(v, dict) and "bdata" in v:
-        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
-    return np.asarray(v)
-
-
-def chart(at, key: str) -> dict:
-    for c in at.get("plotly_chart"):
-        if c.proto.id.endswith(f"-{key}"):
-            return json.loads(c.proto.spec)
-    raise AssertionError(f"no chart {key!r} among {[c.proto.id.rsplit('-', 1)[-1] for c in at.get('plotly_chart')]}")
-
-
-def chart_keys(at) -> list[str]:
-    return [c.proto.id.rsplit("-", 1)[-1] for c in at.get("plotly_chart")]
-
-
 def table_with(at, column: str, nth: int = 0):
     tables = [d.value for d in at.dataframe if column in d.value.columns]
     assert len(tables) > nth, f"no table with column {column!r}"
     return tables[nth]
-
-
-def no_problem(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def compare_page(monkeypatch, runs: Path, bench: Path) -> AppTest:

@@ -9,7 +9,6 @@ arrays). Layer mismatches and missing snapshots must give a message, never an ex
 """
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
+from apptest_helpers import arr, chart, no_problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -44,26 +44,8 @@ def training_runs(tmp_path_factory) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def arr(v) -> np.ndarray:
-    if isinstance(v, dict) and "bdata" in v:
-        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
-    return np.asarray(v)
-
-
-def chart(at, key: str) -> dict:
-    for c in at.get("plotly_chart"):
-        if c.proto.id.endswith(f"-{key}"):
-            return json.loads(c.proto.spec)
-    raise AssertionError(f"no chart {key!r} among {[c.proto.id.rsplit('-', 1)[-1] for c in at.get('plotly_chart')]}")
-
-
 def metas(fig: dict) -> list[str]:
     return [t.get("meta", "") for t in fig["data"]]
-
-
-def no_problem(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def page(monkeypatch, runs: Path, view: str, run: str = "bn-s0", seed: int = 0) -> AppTest:
