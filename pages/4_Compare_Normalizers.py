@@ -39,7 +39,7 @@ with S.guard("Compare normalizers"):
     with left:
         err_series = C.error_series(chosen, x_axis)
         fig_err = F.curves_figure(err_series, x_title=x_title, y_title="test error (1 − accuracy)",
-                                  y_range=C.error_range(err_series) if x_axis == "step" else None,
+                                  zoom_past_start=x_axis == "step",
                                   title="Test error (honest: inferred context; dots: full test set at epoch ends)")
         st.plotly_chart(fig_err, key="cmp_err_chart", config={"displaylogo": False})
         S.download_figure(fig_err, "test_error.csv", key="cmp_err_dl")

@@ -56,18 +56,6 @@ def error_series(names: Sequence[str], x_axis: str) -> list[dict]:
     return out
 
 
-def error_range(series: Sequence[dict]) -> Optional[tuple[float, float]]:
-    """A y range for error_series' figure past step 0 (the untrained network at chance would squeeze every
-    curve into a sliver): the values at x > 0 with a 5% margin; None when there are none."""
-    vals = [np.asarray(s["y"], dtype=np.float64)[np.asarray(s["x"], dtype=np.float64) > 0] for s in series]
-    v = np.concatenate(vals) if vals else np.zeros(0)
-    v = v[np.isfinite(v)]
-    if not v.size:
-        return None
-    pad = 0.05 * max(float(v.max() - v.min()), 1e-3)
-    return float(v.min()) - pad, float(v.max()) + pad
-
-
 def loss_series(names: Sequence[str], x_axis: str, window: int) -> list[dict]:
     """Loss curves: against steps, the training loss (moving average over ``window`` steps, solid) and the
     test loss at each epoch end (dotted, markers); against epochs, the test loss only."""

@@ -19,7 +19,7 @@ traces into a long table for the CSV download buttons.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -138,10 +138,29 @@ def histogram_grid(values: np.ndarray, channels: Sequence[int], *,
     return fig
 
 
+def range_past_start(curves: Sequence[tuple[Any, Any]], extra: Sequence[float] = ()) -> Optional[list[float]]:
+    """A y range for (x, y) curves over their points after each curve's first step (step 0, the untrained
+    network at chance, would squeeze every curve into a sliver; a curve of 2 points or fewer counts whole),
+    plus ``extra`` values, with a 5% margin; None when no finite value is left."""
+    vals = [np.asarray(extra, dtype=np.float64).ravel()]
+    for x, y in curves:
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        vals.append(y[x > x.min()] if x.size > 2 else y)
+    v = np.concatenate(vals)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    lo, hi = float(v.min()), float(v.max())
+    pad = 0.05 * max(hi - lo, 1e-3)
+    return [lo - pad, hi + pad]
+
+
 def curves_figure(series: Sequence[dict], *, x_title: str, y_title: str, title: str = "",
-                  y_range: Optional[Sequence[float]] = None, height: int = 420) -> go.Figure:
+                  y_range: Optional[Sequence[float]] = None, height: int = 420,
+                  zoom_past_start: bool = False) -> go.Figure:
     """Lines for several runs. ``series``: dicts with ``name``, ``x``, ``y`` (arrays) and optional ``color``
-    index, ``dash``, ``markers`` (bool) or ``mode`` (plotly's), ``group`` (legend group), ``showlegend``."""
+    index, ``dash``, ``markers`` (bool) or ``mode`` (plotly's), ``group`` (legend group), ``showlegend``.
+    ``zoom_past_start`` (without ``y_range``): the y range of :func:`range_past_start`."""
     fig = go.Figure()
     for i, s in enumerate(series):
         x, y = np.asarray(s["x"]), np.asarray(s["y"], dtype=np.float64)
@@ -154,6 +173,8 @@ def curves_figure(series: Sequence[dict], *, x_title: str, y_title: str, title: 
     fig.update_layout(title=title or None, height=height, margin=dict(l=50, r=10, t=50 if title else 20, b=45),
                       xaxis_title=x_title, yaxis_title=y_title, hovermode="closest",
                       legend=dict(title_text="run"))
+    if y_range is None and zoom_past_start:
+        y_range = range_past_start([(t["x"], t["y"]) for t in series])
     if y_range is not None:
         fig.update_yaxes(range=list(y_range))
     return fig
@@ -336,9 +357,8 @@ def seed_band_figure(series: Sequence[dict], *, x_title: str = "optimizer step",
     legend group, so clicking the legend entry toggles the band too. ``reference_y`` adds a dotted
     horizontal line (BatchNorm's best). ``zoom_past_start``: the y range spans every value after each curve's
     first point (step 0, the untrained network at chance, would squeeze the curves into a sliver); the
-    modebar's autoscale shows it."""
+    modebar's autoscale shows it (:func:`range_past_start`)."""
     fig = go.Figure()
-    shown: list[np.ndarray] = []
     for i, s in enumerate(series):
         x = np.asarray(s["x"])
         mean = np.asarray(s["mean"], dtype=np.float64)
@@ -365,17 +385,17 @@ def seed_band_figure(series: Sequence[dict], *, x_title: str = "optimizer step",
         fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=group, legendgroup=group,
                                  line=dict(color=c, width=3.5 if s.get("reference") else 2),
                                  hovertemplate=hover + "<extra></extra>", **extra))
-        later = slice(1, None) if mean.size > 2 else slice(None)
-        shown += [mean[later]] + ([] if sd is None else [(mean - sd)[later], (mean + sd)[later]])
-        shown += [np.asarray(y, dtype=np.float64)[later] for _, y in s.get("seeds") or ()]
-    if reference_y is not None and np.isfinite(reference_y):
-        shown.append(np.array([float(reference_y)]))
-    vals = np.concatenate(shown) if shown else np.zeros(0)
-    vals = vals[np.isfinite(vals)]
-    if zoom_past_start and vals.size:
-        lo, hi = float(vals.min()), float(vals.max())
-        pad = 0.05 * max(hi - lo, 1e-3)
-        fig.update_yaxes(range=[lo - pad, hi + pad])
+    if zoom_past_start:
+        curves = []
+        for s in series:
+            mean, sd = np.asarray(s["mean"], dtype=np.float64), s.get("sd")
+            sd = None if sd is None else np.asarray(sd, dtype=np.float64)
+            ys = [mean] if sd is None else [mean - sd, mean + sd]
+            curves += [(s["x"], y) for y in ys + [y for _, y in s.get("seeds") or ()]]
+        extra = [float(reference_y)] if reference_y is not None and np.isfinite(reference_y) else []
+        y_range = range_past_start(curves, extra)
+        if y_range is not None:
+            fig.update_yaxes(range=y_range)
     if reference_y is not None and np.isfinite(reference_y):
         fig.add_hline(y=float(reference_y), line_dash="dot", line_color="gray", annotation_text=reference_name,
                       annotation_position="top right", annotation_font_size=11)
