@@ -243,7 +243,6 @@ def train_daynight(given: Any) -> Path:
     names with underscores) or a list of CLI arguments."""
     from .daynight import HOLDOUT_PHOTOS, TRAIN_PHOTOS, DayNightPairs, NightParams
     from .runs import load_run
-    from .transfer import translate_array
 
     a = _options(given)
     out = Path(a["out"])
@@ -298,14 +297,22 @@ def train_daynight(given: Any) -> Path:
     if a["translator"] == "input":
         metrics.update(_verification(model, DayNightPairs(HOLDOUT_PHOTOS, params), a))
     save_run(out, config, model, metrics)
-    run = load_run(out)
-    for src, tgt, imgs, refs in (("day", "night", pairs.day, pairs.night), ("night", "day", pairs.night, pairs.day)):
-        vals = [_psnr(translate_array(run, im, src, tgt), ref) for im, ref in zip(imgs, refs)]
-        metrics[f"train_psnr_{src}_to_{tgt}"] = float(np.mean(vals))
+    metrics.update(_train_psnrs(load_run(out), pairs))
     save_run(out, config, model, metrics)
     if not a["quiet"]:
         print(json.dumps({k: v for k, v in metrics.items() if k != "loss"}, indent=1))
     return out
+
+
+def _train_psnrs(run, pairs) -> dict[str, float]:
+    """Mean PSNR (dB) of a saved run translating each training photo's day rendering to night and back
+    against the renderer's own image: {"train_psnr_day_to_night", "train_psnr_night_to_day"}."""
+    from .transfer import translate_array
+
+    return {f"train_psnr_{src}_to_{tgt}": float(np.mean([_psnr(translate_array(run, im, src, tgt), ref)
+                                                         for im, ref in zip(imgs, refs)]))
+            for src, tgt, imgs, refs in (("day", "night", pairs.day, pairs.night),
+                                         ("night", "day", pairs.night, pairs.day))}
 
 
 def recompute(run) -> dict[str, float]:
@@ -313,7 +320,6 @@ def recompute(run) -> dict[str, float]:
     translating each training photo's day rendering to night and back against the renderer's own image, and for
     an input translator the hold-out verification (pair accuracy, mean distances of 256 seeded crop pairs)."""
     from .daynight import HOLDOUT_PHOTOS, TRAIN_PHOTOS, DayNightPairs, NightParams
-    from .transfer import translate_array
 
     cfg = run.config
     params = NightParams.from_dict(cfg["renderer"])
@@ -324,9 +330,7 @@ def recompute(run) -> dict[str, float]:
         if cfg["translator"] == "input":
             a = {"crop": int(cfg["training"]["crop"]), "margin": float(cfg["training"]["margin"])}
             out.update(_verification(run.model, DayNightPairs(HOLDOUT_PHOTOS, params), a))
-        for src, tgt, imgs, refs in (("day", "night", pairs.day, pairs.night), ("night", "day", pairs.night, pairs.day)):
-            out[f"train_psnr_{src}_to_{tgt}"] = float(np.mean([_psnr(translate_array(run, im, src, tgt), ref)
-                                                              for im, ref in zip(imgs, refs)]))
+        out.update(_train_psnrs(run, pairs))
     return out
 
 

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from test_data import cifar_records as _records
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _records(images: np.ndarray, labels: np.ndarray) -> bytes:
-    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-    return np.concatenate([labels[:, None].astype(np.uint8), planes], axis=1).astype(np.uint8).tobytes()
 
 
 def test_cifar10_protocol_end_to_end(tmp_path):
