@@ -25,7 +25,8 @@ from torch import Tensor
 from . import gmm
 
 __all__ = ["channel_values", "fit_channel_mixtures", "layer_channel_mixtures", "mixture_curves",
-           "normality_stats", "flatten_features", "embed_snapshots", "Embedding", "EMBED_METHODS"]
+           "normality_stats", "shape_stats", "standardize_rows", "view_stats", "VIEWS", "flatten_features",
+           "embed_snapshots", "Embedding", "EMBED_METHODS"]
 
 EMBED_METHODS = ("pca", "tsne", "umap")
 
@@ -84,9 +85,10 @@ def mixture_curves(grid: np.ndarray, weights: np.ndarray, means: np.ndarray, var
     return comps, comps.sum(axis=1)
 
 
-def normality_stats(values: np.ndarray) -> dict[str, np.ndarray]:
+def normality_stats(values: np.ndarray, *, reference: bool = True) -> dict[str, np.ndarray]:
     """Per row of ``values`` (G, M): skewness, excess kurtosis, KS statistic and 1-Wasserstein distance
-    to N(0, 1), mean and std. A constant row has skewness/kurtosis 0 (not NaN)."""
+    to N(0, 1), mean and std. A constant row has skewness/kurtosis 0 (not NaN). ``reference=False`` leaves
+    out the two distances to N(0, 1)."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2 or v.shape[1] < 2:
         raise ValueError(f"values must be (G, M) with M >= 2, got shape {v.shape}")
@@ -96,11 +98,52 @@ def normality_stats(values: np.ndarray) -> dict[str, np.ndarray]:
         warnings.simplefilter("ignore", RuntimeWarning)  # constant rows are handled just below
         skew = np.where(const, 0.0, sps.skew(v, axis=1))
         kurt = np.where(const, 0.0, sps.kurtosis(v, axis=1))
+    if not reference:
+        return {"mean": v.mean(axis=1), "std": std, "skewness": skew, "excess_kurtosis": kurt}
     ks = np.array([sps.kstest(row, "norm").statistic for row in v])
     q = sps.norm.ppf((np.arange(v.shape[1]) + 0.5) / v.shape[1])
     w1 = np.abs(np.sort(v, axis=1) - q[None, :]).mean(axis=1)
     return {"mean": v.mean(axis=1), "std": std, "skewness": skew, "excess_kurtosis": kurt, "ks_to_normal": ks,
             "w1_to_normal": w1}
+
+
+#: what a view of a normalization layer shows: its input, x_hat (normalized, before the affine) or its output
+#: (gamma * x_hat + beta). Only x_hat is aimed at N(0, 1); see :func:`view_stats`.
+VIEWS = ("input", "x_hat", "output")
+
+
+def standardize_rows(values: np.ndarray) -> np.ndarray:
+    """Each row of ``values`` (G, M) shifted and scaled to mean 0 and standard deviation 1 (a constant row
+    becomes 0): the input as a normalizer with one Gaussian per channel would see it, so its distance to
+    N(0, 1) measures the shape alone, like with like beside x_hat."""
+    v = np.asarray(values, dtype=np.float64)
+    std = v.std(axis=1, keepdims=True)
+    return np.where(std < 1e-12, 0.0, (v - v.mean(axis=1, keepdims=True)) / np.where(std < 1e-12, 1.0, std))
+
+
+def shape_stats(values: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row of ``values`` (G, M): mean, std, skewness and excess kurtosis, with no reference
+    distribution (for a layer's output after the affine, which gamma and beta move away from N(0, 1))."""
+    return normality_stats(values, reference=False)
+
+
+def view_stats(values: np.ndarray, which: str) -> dict[str, np.ndarray]:
+    """The statistics a view of a layer reports, per row of ``values`` (G, M), computed like with like:
+
+    * "x_hat": :func:`normality_stats` (distances to N(0, 1), the normalizer's target);
+    * "input": the same on the input standardized per row (:func:`standardize_rows`), with the raw mean and
+      std; the "vs input" deltas of the pages compare these with x_hat's;
+    * "output": :func:`shape_stats` only (no N(0, 1) reference: gamma and beta move it on purpose)."""
+    if which == "x_hat":
+        return normality_stats(values)
+    if which == "input":
+        raw = np.asarray(values, dtype=np.float64)
+        out = normality_stats(standardize_rows(raw))
+        out["mean"], out["std"] = raw.mean(axis=1), raw.std(axis=1)
+        return out
+    if which == "output":
+        return shape_stats(values)
+    raise ValueError(f"which must be one of {VIEWS}, got {which!r}")
 
 
 def flatten_features(acts: Tensor, *, pool: bool = False, channel_last: bool = False) -> np.ndarray:

@@ -248,13 +248,27 @@ def context_layers(module: nn.Module) -> list[NormBase]:
 def route_contexts(module: nn.Module, context: Any) -> Iterator[None]:
     """Within the block, every context layer of ``module`` gets ``context`` (ids (N,)) when called with
     ``context=None``. ``context=None`` routes nothing (layers in eval then use CN+ mixing). The ids are
-    forgotten when the block ends, normally or by an exception; nested blocks add to the outer ones."""
+    forgotten when the block ends, normally or by an exception; nested blocks add to the outer ones.
+
+    Eager calls route through ``ROUTED_CONTEXTS`` (a ``ContextVar``: threads never see each other's ids).
+    ``torch.compile`` cannot trace a ``ContextVar``, so while compiling the ids are set as a plain attribute
+    ``_compiled_route`` of each context layer for the call and cleared after it: a ``ContextModel`` compiles
+    whole (``fullgraph=True``). A compiled model is not meant to be called from several threads at once."""
     if context is None:
         yield
         return
     layers = context_layers(module)
     if not layers:
         raise ValueError(f"{type(module).__name__} has no context layer (cn, cnx, cn-embed); pass context=None")
+    if torch.compiler.is_compiling():
+        for m in layers:
+            m._compiled_route = context
+        try:
+            yield
+        finally:
+            for m in layers:
+                m._compiled_route = None
+        return
     token = ROUTED_CONTEXTS.set({**ROUTED_CONTEXTS.get(), **{id(m): context for m in layers}})
     try:
         yield

@@ -1,4 +1,4 @@
-"""Activation histograms: a layer's input and output per channel, with mixtures and normality numbers."""
+"""Activation histograms: a layer's input and its x̂ (or output after the affine) per channel, with mixtures and shape statistics."""
 import streamlit as st
 
 from cbnorm.app import figures as F
@@ -49,9 +49,12 @@ with S.guard("Activation histograms"):
             st.info("Choose at least one channel.")
             st.stop()
 
+    view = st.radio("What leaves the layer", list(H.OUT_VIEWS), horizontal=True, key="hist_view",
+                    format_func=S.VIEW_LABELS.get, help=S.VIEW_HELP)
+
     with st.spinner(f"Running {run.path.name} on {size} {inputs} and fitting mixtures…"):
         panel = H.histogram_panel(str(run.path), S.device(), layer, size, sel["seed"], context_mode,
-                                  tuple(int(c) for c in channels), k)
+                                  tuple(int(c) for c in channels), k, view)
     context_note = {"predicted": " · context inferred by the model", "true": " · true superclass given (oracle)"}
     st.caption(f"Run **{run.path.name}** ({run.norm}) · layer `{layer}` ({info['class']}) · {size} {inputs}, seed "
                f"{sel['seed']} · {panel['points_per_channel']:,} values per channel (images × positions)"
@@ -67,23 +70,35 @@ with S.guard("Activation histograms"):
     st.plotly_chart(fig_in, key="hist_in_chart", config={"displaylogo": False})
     S.download_figure(fig_in, f"{run.path.name}_{layer}_input_histograms.csv", key="hist_in_dl")
 
-    st.subheader("Output of the layer")
+    st.subheader("What leaves the layer")
+    metrics = H.stats_summary(panel)
     cols = st.columns(3)
-    for col, m in zip(cols, H.stats_summary(panel)):
+    for col, m in zip(cols, metrics):
         col.metric(m["label"], m["value"], m["delta"], delta_color="inverse", help=m["help"])
-    st.caption(f"Overlaid: N(0, 1) dotted (what a normalizer aims at) and a {len(panel['names_out'])}-component GMM "
-               "fit of the output (components dashed, mixture solid). Panel titles: skewness, excess kurtosis and "
-               "Kolmogorov-Smirnov distance to N(0, 1).")
+    if view == "x_hat":
+        st.caption(f"x̂, the normalized values before the affine γ·x̂ + β. Overlaid: N(0, 1) dotted (what a "
+                   f"normalizer aims x̂ at) and a {len(panel['names_out'])}-component GMM fit of x̂ (components "
+                   "dashed, mixture solid). Panel titles: skewness, excess kurtosis and Kolmogorov-Smirnov distance "
+                   "to N(0, 1); the deltas compare with the input standardized per channel (like with like). For MN "
+                   "and CN with prior scaling x̂ sums per-component standardized values scaled by 1/√π_k: with "
+                   "well-separated components its variance is near K, not 1, by design (README).")
+    else:
+        st.caption(f"The layer's output γ·x̂ + β, after the affine: γ and β move it away from N(0, 1) on purpose, "
+                   f"so no N(0, 1) is drawn and no distance to it is given. Overlaid: a "
+                   f"{len(panel['names_out'])}-component GMM fit (components dashed, mixture solid). Panel titles: "
+                   "skewness, excess kurtosis (scale-free, so comparable with the input's) and standard deviation.")
     fig_out = F.histogram_grid(panel["output"], panel["channels"], mixture=panel["mix_out"],
                                component_names=panel["names_out"], mixture_name="fitted mixture",
-                               reference_normal=True, subtitles=H.subtitle_stats(panel), x_title="output value")
+                               reference_normal=view == "x_hat", subtitles=H.subtitle_stats(panel),
+                               x_title="x̂ (before the affine)" if view == "x_hat" else "output value (after the affine)")
     st.plotly_chart(fig_out, key="hist_out_chart", config={"displaylogo": False})
-    S.download_figure(fig_out, f"{run.path.name}_{layer}_output_histograms.csv", key="hist_out_dl")
+    S.download_figure(fig_out, f"{run.path.name}_{layer}_{view}_histograms.csv", key="hist_out_dl")
 
-    st.subheader("Normality per channel")
+    st.subheader("Shape per channel")
     table = H.stats_table(panel)
     st.dataframe(table, hide_index=True, key="hist_stats",
                  column_config={c: st.column_config.NumberColumn(format="%.3f", help=H.STATS_HELP.get(c))
                                 for c in table.columns if c != "channel"})
-    st.caption("Skewness and excess kurtosis are 0 for a Gaussian; KS is the Kolmogorov-Smirnov statistic and W1 "
-               "the 1-Wasserstein distance between the channel's output values and N(0, 1).")
+    st.caption("Skewness and excess kurtosis are 0 for a Gaussian; with x̂ shown, KS is the Kolmogorov-Smirnov "
+               "statistic and W1 the 1-Wasserstein distance between the channel's x̂ values and N(0, 1), and the "
+               "input's KS is measured on its standardized values.")

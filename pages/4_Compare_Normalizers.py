@@ -139,15 +139,16 @@ with S.guard("Compare normalizers"):
     l1, l2 = st.columns(2)
     size = l1.select_slider("Minibatch size", options=[32, 64, 128, 256, 512], value=128, key="cmp_size",
                             help="Test images drawn with the sidebar's seed; the same images for every run")
-    which = l2.radio("Values", ["output", "input"], horizontal=True, key="cmp_which",
-                     help="What leaves (or enters) each run's studied layer, all channels pooled")
+    which = l2.radio("Values", ["x_hat", "output", "input"], key="cmp_which", format_func=S.VIEW_LABELS.get,
+                     help=S.VIEW_HELP + " All channels pooled.")
     with st.spinner(f"Running {len(chosen)} models on the same {size} test images…"):
         outs = C.live_outputs(tuple(str(S.runs_root() / n) for n in chosen), S.device(), size, sel["seed"], which)
     if any(o["subsampled"] for o in outs):
         st.info(f"Pooled values were subsampled to {S.MAX_VALUES:,} per run for the histograms.")
     fig_live = F.distributions_figure([o["values"] for o in outs], [o["name"] for o in outs],
                                       subtitles=[f"{o['name']} · {o['layer']}" for o in outs],
-                                      x_title=f"{which} value (all channels pooled)")
+                                      x_title=f"{S.VIEW_LABELS[which]} (all channels pooled)",
+                                      reference_normal=which == "x_hat")
     st.plotly_chart(fig_live, key="cmp_live_chart", config={"displaylogo": False})
     S.download_figure(fig_live, f"live_{which}_distributions.csv", key="cmp_live_dl")
     live = C.live_table(outs)

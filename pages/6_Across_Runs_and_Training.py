@@ -21,7 +21,8 @@ if ss.get("tr_view") not in VIEWS:
     ss["tr_view"] = st.query_params.get("view") if st.query_params.get("view") in VIEWS else "dist"
 view = st.radio("View", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="tr_view",
                 help="One view at a time: each runs its own models and caches what it computed")
-WHICH_HELP = "The layer's output (after normalization and affine) or its input"
+WHICH_HELP = S.VIEW_HELP
+WHICH = ["x_hat", "output", "input"]  # x̂ first: what a normalizer aims at N(0, 1)
 #: every view's settings, kept while another view is shown (Streamlit forgets a widget that is not drawn)
 KEPT = ss.setdefault("tr_kept", {})
 KEPT.update({k: v for k, v in ss.items() if isinstance(k, str) and k.startswith("tr_") and k[3:5] in
@@ -149,8 +150,8 @@ def distributions_view() -> None:
     st.caption(f"Run **{run.path.name}** ({run.norm}) and layer `{layer}` ({info['class']}) from the sidebar; the "
                f"same test images (seed {sel['seed']}) at each of its {len(steps)} snapshots.")
     c1, c2, c3 = st.columns([2, 3, 3])
-    which = c1.radio("Activations", ["input", "output"], horizontal=True, key="tr_d_which", help=WHICH_HELP,
-                     index=index_of("tr_d_which", ["input", "output"], "input"))
+    which = c1.radio("Activations", WHICH, key="tr_d_which", help=WHICH_HELP, format_func=S.VIEW_LABELS.get,
+                     index=index_of("tr_d_which", WHICH, "input"))
     size = c2.select_slider("Test images", options=[64, 128, 256, 512, 1024], value=kept("tr_d_size", 256),
                             key="tr_d_size",
                             help="Drawn with the sidebar's seed; the same images at every snapshot")
@@ -179,7 +180,7 @@ def distributions_view() -> None:
     b = figs["bins"]
     p0 = dist["panels"][0]
     where = "all channels" if not chans else f"channel{'s' if len(chans) > 1 else ''} {', '.join(map(str, chans))}"
-    st.caption(f"{which.capitalize()} of `{layer}`, {where} · {p0['n_values']:,} values per step"
+    st.caption(f"{S.VIEW_LABELS[which]} of `{layer}`, {where} · {p0['n_values']:,} values per step"
                + (f" (subsampled to {S.MAX_VALUES:,})" if p0["subsampled"] else "")
                + f" · components: {p0['source']} · {len(b['edges']) - 1} bins on [{b['lo']:.3g}, {b['hi']:.3g}]"
                + (f" · {sum(b['below']) + sum(b['above']):,} values outside the range over all steps"
@@ -214,8 +215,8 @@ def runs_view() -> None:
     width = min(S.layer_info(r, layer)["num_features"] for r in runs)
     steps = T.common_steps(runs)
     c1, c2, c3 = st.columns([2, 3, 3])
-    which = c1.radio("Activations", ["output", "input"], horizontal=True, key="tr_x_which", help=WHICH_HELP,
-                     index=index_of("tr_x_which", ["output", "input"], "output"))
+    which = c1.radio("Activations", WHICH, key="tr_x_which", help=WHICH_HELP, format_func=S.VIEW_LABELS.get,
+                     index=index_of("tr_x_which", WHICH, "x_hat"))
     ensure("tr_x_step", [T.FINAL] + steps, kept("tr_x_step", T.FINAL) if kept("tr_x_step", T.FINAL) in steps
            else T.FINAL)
     step = c2.selectbox("Weights", [T.FINAL] + steps, key="tr_x_step", format_func=T.step_label,
@@ -228,7 +229,9 @@ def runs_view() -> None:
     ensure("tr_x_ref", names, kept("tr_x_ref", names[0]) if kept("tr_x_ref", names[0]) in names else names[0])
     reference = c4.selectbox("Reference run (differences)", names, key="tr_x_ref",
                              help="The statistics table gives every run's difference to this run")
-    normal = c5.checkbox("N(0, 1) for reference", value=kept("tr_x_normal", True), key="tr_x_normal")
+    normal = c5.checkbox("N(0, 1) for reference", value=kept("tr_x_normal", True), key="tr_x_normal",
+                         disabled=which != "x_hat", help="Drawn with x̂ only: the output after the affine and the input "
+                                                         "are not aimed at N(0, 1)")
     tail, bins, log_y = histogram_controls("tr_x")
     if len(names) < 2:
         st.info("Choose two or more runs to compare them.")
@@ -240,19 +243,24 @@ def runs_view() -> None:
     figs = T.across_figures(tuple(names), layer, which, chans, step, size, sel["seed"], tail, bins, log_y, normal)
     b = figs["bins"]
     where = "all channels" if not chans else f"channel{'s' if len(chans) > 1 else ''} {', '.join(map(str, chans))}"
-    st.caption(f"{which.capitalize()} of `{layer}`, {where}, {T.step_label(step)} · {size} test images (seed "
+    st.caption(f"{S.VIEW_LABELS[which]} of `{layer}`, {where}, {T.step_label(step)} · {size} test images (seed "
                f"{sel['seed']}) · {len(b['edges']) - 1} bins on [{b['lo']:.3g}, {b['hi']:.3g}]")
     base = f"{layer}_{which}_{T.step_label(step).replace(' ', '')}"
     chart(figs["overlay"], "tr_x_overlay", f"{base}_overlay.csv")
     chart(figs["multiples"], "tr_x_multiples", f"{base}_multiples.csv")
-    st.subheader("Normality side by side")
+    st.subheader("Shape side by side")
     table = T.across_stats(res, reference, b)
     st.dataframe(table, hide_index=True, key="tr_x_stats",
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in table.columns
                                 if c not in ("run", "norm", "values", "outside range")})
-    st.caption(f"Skewness and excess kurtosis are 0 for a Gaussian; KS (Kolmogorov-Smirnov) and W1 (1-Wasserstein) "
-               f"are distances to N(0, 1). Δ: the run's value minus {reference}'s. Outside range: values beyond the "
-               "plotted range (still in the statistics).")
+    st.caption("Skewness and excess kurtosis are 0 for a Gaussian. "
+               + {"x_hat": "KS (Kolmogorov-Smirnov) and W1 (1-Wasserstein) are distances of x̂ to N(0, 1). ",
+                  "input": "KS and W1 are distances to N(0, 1) of the input standardized per channel (the shape "
+                           "alone). ",
+                  "output": "The output after the affine gets no distance to N(0, 1): γ and β move it on purpose. "
+                  }[which]
+               + f"Δ: the run's value minus {reference}'s. Outside range: values beyond the plotted range (still in "
+               "the statistics).")
     S.download_frame(table, f"{base}_stats.csv", key="tr_x_stats_dl", label="Download the table (CSV)")
 
 
@@ -265,8 +273,8 @@ def grid_view() -> None:
         c1, c2, c3 = st.columns(3)
         size = c1.slider("Test images", 100, 5000, kept("tr_g_size", 1000), step=100, key="tr_g_size",
                          help="A fixed random sample (sidebar seed), the same in every cell")
-        which = c2.radio("Activations", ["output", "input"], horizontal=True, key="tr_g_which", help=WHICH_HELP,
-                         index=index_of("tr_g_which", ["output", "input"], "output"))
+        which = c2.radio("Activations", WHICH, key="tr_g_which", help=WHICH_HELP, format_func=S.VIEW_LABELS.get,
+                         index=index_of("tr_g_which", WHICH, "output"))
         pool = c3.checkbox("Average over positions", value=kept("tr_g_pool", False), key="tr_g_pool",
                            help="Each channel's spatial mean (C features) instead of every activation")
         c4, c5 = st.columns(2)
@@ -325,8 +333,8 @@ def quality_view() -> None:
     size = c2.select_slider("Test images", options=[200, 500, 1000, 2000], value=kept("tr_q_size", 1000),
                             key="tr_q_size",
                             help="The same images (sidebar seed) at every snapshot of every run")
-    which = c3.radio("Activations", ["output", "input"], horizontal=True, key="tr_q_which", help=WHICH_HELP,
-                     index=index_of("tr_q_which", ["output", "input"], "output"))
+    which = c3.radio("Activations", WHICH, key="tr_q_which", help=WHICH_HELP, format_func=S.VIEW_LABELS.get,
+                     index=index_of("tr_q_which", WHICH, "output"))
     k = c4.select_slider("k (neighbours)", options=[1, 3, 5, 10, 20], value=kept("tr_q_k", 5), key="tr_q_k")
     pool = st.checkbox("Average over positions", value=kept("tr_q_pool", False), key="tr_q_pool",
                        help="Each channel's spatial mean (C features) instead of every activation")

@@ -61,3 +61,43 @@ def warm_up(layer, c=4, steps=3, n=12, hw=(3, 3), seed=0, dtype=torch.float32):
         x = torch.randn(n, c, *hw, generator=g, dtype=dtype) * 2 + 1
         call(layer, x)
     return layer
+
+
+def native_stacks(pids) -> str:
+    """The native + Python stacks of ``pids`` (``py-spy dump --native``), for the message of a hung test."""
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return "(py-spy is not installed: no stacks)"
+    out = []
+    for pid in pids:
+        try:
+            r = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True,
+                               timeout=30)
+            out.append(f"--- pid {pid} ---\n{r.stdout}{r.stderr}")
+        except (OSError, subprocess.SubprocessError) as err:
+            out.append(f"--- pid {pid}: py-spy failed: {err}")
+    return "\n".join(out)
+
+
+def spawn_timeboxed(fn, args=(), nprocs: int = 2, timeout: float = 120.0) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` that fails instead of hanging: when the ranks have not
+    all exited after ``timeout`` seconds, their native stacks are dumped into the failure and they are killed.
+    (``mp.spawn(join=True)`` waits forever for a rank stuck, e.g., in a process group's destructor.)"""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+        if time.monotonic() > deadline:
+            alive = [p.pid for p in ctx.processes if p.is_alive()]
+            stacks = native_stacks(alive)
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"spawned ranks {alive} still running after {timeout:.0f} s; their stacks:\n{stacks}",
+                        pytrace=False)

@@ -166,14 +166,65 @@ def test_histograms_defaults_draw_the_layers_own_mixture(app):
     comp = sum(arr(t["y"]) for t in dashed[:k])
     np.testing.assert_allclose(comp, arr(solid[0]["y"]), rtol=1e-6, atol=1e-9)
     assert "own AdaptiveContextNorm parameters" in texts(app)
-    # the output grid: N(0, 1) dotted in each panel, stats in the panel titles and in the table
+    # the default view is x_hat (before the affine): N(0, 1) dotted in each panel, KS in the titles and table
+    assert app.radio(key="hist_view").value == "x_hat"
+    assert app.radio(key="hist_view").options == ["x̂ — normalized, before the affine",
+                                                  "output — γ·x̂ + β, after the affine"]
+    assert "x̂ (before the affine)" in {ax.get("title", {}).get("text") for k, ax in fig_out["layout"].items()
+                                       if k.startswith("xaxis")}
     assert sum(t.get("name") == "N(0, 1)" and t["line"]["dash"] == "dot" for t in fig_out["data"]) == channels
     titles = [a["text"] for a in fig_out["layout"]["annotations"]]
     assert len(titles) == channels and all("skew" in t and "KS" in t for t in titles)
     table = app.dataframe[0].value
-    assert len(table) == channels and {"skew out", "ex. kurt out", "KS out"} <= set(table.columns)
-    assert metric(app, "median |skewness| (output)") == f"{np.median(np.abs(table['skew out'])):.3f}"
+    assert len(table) == channels and {"skew x̂", "ex. kurt x̂", "KS x̂", "KS in (std.)"} <= set(table.columns)
+    assert metric(app, "median |skewness| (x̂)") == f"{np.median(np.abs(table['skew x̂'])):.3f}"
+    assert metric(app, "median KS distance to N(0,1) (x̂)") == f"{np.median(table['KS x̂']):.3f}"
     assert len(app.get("download_button")) == 2
+    # the second view, the output after the affine: labelled so, shape statistics only, no N(0, 1) anywhere
+    app.radio(key="hist_view").set_value("output").run()
+    no_problem(app)
+    _, fig_aff = charts(app)
+    assert "output value (after the affine)" in {ax.get("title", {}).get("text") for k, ax in
+                                                 fig_aff["layout"].items() if k.startswith("xaxis")}
+    assert not any(t.get("name") == "N(0, 1)" for t in fig_aff["data"])
+    assert not any("KS" in a["text"] for a in fig_aff["layout"]["annotations"])
+    table = app.dataframe[0].value
+    assert {"skew out", "ex. kurt out", "std out"} <= set(table.columns)
+    assert not any("KS" in c or "W1" in c for c in table.columns)
+    labels = [m.label for m in app.metric]
+    assert "median |skewness| (output)" in labels and not any("N(0,1)" in m for m in labels)
+
+
+def test_histogram_statistics_are_scipys_on_x_hat_and_the_standardized_input(app, app_runs):
+    """The table's numbers, recomputed outside the app with scipy on the same arrays: x_hat (before the
+    affine) of the same layer on the same seeded minibatch, the input standardized per channel."""
+    import scipy.stats as sps
+    import torch
+
+    from cbnorm import probe
+    from cbnorm.data import load_dataset
+    from cbnorm.runs import load_run
+
+    app.switch_page(HIST).run()
+    no_problem(app)
+    table = app.dataframe[0].value
+    seed, layer = app.session_state["seed"], app.session_state["layer"]
+    run = load_run(app_runs / app.session_state["run"])
+    ds = load_dataset("fashion-mnist", "test")
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=256, replace=False))
+    cap = probe.capture(run.model, run.preprocess(ds.images[idx]), [layer])[layer]
+    for _, row in table.iterrows():
+        c = int(row["channel"])
+        xh = cap.x_hat[:, c].reshape(-1).double().numpy()
+        xi = cap.input[:, c].reshape(-1).double().numpy()
+        zi = (xi - xi.mean()) / xi.std()
+        assert row["ex. kurt x̂"] == pytest.approx(sps.kurtosis(xh), abs=1e-6)
+        assert row["skew x̂"] == pytest.approx(sps.skew(xh), abs=1e-6)
+        assert row["KS x̂"] == pytest.approx(sps.kstest(xh, "norm").statistic, abs=1e-6)
+        assert row["KS in (std.)"] == pytest.approx(sps.kstest(zi, "norm").statistic, abs=1e-6)
+        assert row["skew in"] == pytest.approx(sps.skew(xi), abs=1e-6)
+    # and x_hat is not the output: the affine moved it
+    assert not torch.allclose(cap.x_hat, cap.output, atol=1e-3)
 
 
 def test_histograms_after_changing_widgets(app):
@@ -316,7 +367,13 @@ def test_compare_defaults_and_changes(app, app_runs):
     assert sum(t["type"] == "bar" for t in live["data"]) == 2
     app.radio(key="cmp_which").set_value("input").run()
     no_problem(app)
-    assert "input value" in chart(app, "cmp_live_chart")["layout"]["xaxis"]["title"]["text"]
+    live = chart(app, "cmp_live_chart")
+    assert live["layout"]["xaxis"]["title"]["text"] == "input (all channels pooled)"
+    assert not any(t.get("name") == "N(0, 1)" for t in live["data"])  # only x_hat is aimed at N(0, 1)
+    app.radio(key="cmp_which").set_value("output").run()
+    no_problem(app)
+    assert not any(t.get("name") == "N(0, 1)" for t in chart(app, "cmp_live_chart")["data"])
+    assert not any("KS" in c for c in app.dataframe[1].value.columns)
 
 
 def test_day_night_page_renders(app):

@@ -183,14 +183,26 @@ def test_the_same_histogram_across_runs_overlay_multiples_and_statistics(trainin
     assert all(r == ys[0] for r in ys)  # aligned: one y range
     table = next(d.value for d in at.dataframe if "Δ skewness" in d.value.columns)
     assert list(table["run"]) == names and abs(table["Δ skewness"].iloc[0]) < 1e-12
-    for i, n in enumerate(names):  # the final weights' output, channel 0, against scipy
+    assert at.radio(key="tr_x_which").value == "x_hat"  # the default: what a normalizer aims at N(0, 1)
+    for i, n in enumerate(names):  # the final weights' x_hat (before the affine), channel 0, against scipy
         cap, _ = layer_capture(training_runs, n, None, 256, 5)
-        v = cap.output[:, 0].reshape(-1).double().numpy()
+        v = cap.x_hat[:, 0].reshape(-1).double().numpy()
         np.testing.assert_allclose(table["skewness"].iloc[i], sps.skew(v), rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(table["excess kurtosis"].iloc[i], sps.kurtosis(v), rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(table["KS to N(0,1)"].iloc[i], sps.kstest(v, "norm").statistic, rtol=1e-6)
     ref = table[table["run"] == "bn-s0"].iloc[0]
     np.testing.assert_allclose(table["Δ KS to N(0,1)"], table["KS to N(0,1)"] - ref["KS to N(0,1)"])
+
+    # the output after the affine: shape statistics only, no N(0, 1) drawn even with the box ticked
+    at.radio(key="tr_x_which").set_value("output").run()
+    no_problem(at)
+    assert "N(0, 1)" not in metas(chart(at, "tr_x_overlay")) + metas(chart(at, "tr_x_multiples"))
+    table = next(d.value for d in at.dataframe if "Δ skewness" in d.value.columns)
+    assert not any("N(0,1)" in c for c in table.columns)
+    cap, _ = layer_capture(training_runs, names[1], None, 256, 5)
+    v = cap.output[:, 0].reshape(-1).double().numpy()
+    np.testing.assert_allclose(table["std"].iloc[1], v.std(), rtol=1e-5)
+    at.radio(key="tr_x_which").set_value("x_hat").run()
 
     # a snapshot step every run has, a robust range that leaves values out (counted), log y
     at.selectbox(key="tr_x_step").set_value(2)

@@ -298,6 +298,8 @@ def test_across_runs_and_training_views_in_chromium(training_runs, tmp_path_fact
 from test_app import app_runs  # noqa: E402,F401  (the session fixture of small runs)
 from test_app_training import training_runs  # noqa: E402,F401  (tiny runs with snapshots, two seeds of bn)
 
+pytestmark = pytest.mark.timeout(240)  # spawns a server and Chromium: a hang fails here with its stack
+
 if __name__ == "__main__":  # by hand: python tests/test_browser.py checkpoints/ /tmp/shots
     runs = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "checkpoints"
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/cbnorm-shots")

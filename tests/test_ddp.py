@@ -1,5 +1,6 @@
 """DDP on CPU (gloo, 2 processes): synced statistics (bn, cn, mode) equal the single-process joint batch; the
 trainer runs unchanged under torchrun's environment and follows the single-process run."""
+import gc
 import json
 import os
 import socket
@@ -7,14 +8,16 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import cbnorm
 from cbnorm.runs import read_safetensors
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+from conftest import spawn_timeboxed
+
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+              pytest.mark.timeout(180)]  # the ranks themselves are boxed tighter (spawn_timeboxed)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -87,13 +90,15 @@ def _stats_worker(rank, world, init_file, out_dir, third=None):
         save_file({k: v.contiguous() for k, v in run_steps(model, rank, world).items()},
                   os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
+        model = None  # the DDP wrapper's reducer holds the group: release it first, or its destructor hangs
+        gc.collect()
         dist.destroy_process_group()
 
 
 def compare_with_joint_batch(tmp_path, third=None):
     torch.manual_seed(0)
     ref = run_steps(Tiny(third), 0, 1)  # one process, the joint batch of 8
-    mp.spawn(_stats_worker, args=(2, str(tmp_path / "store"), str(tmp_path), third), nprocs=2, join=True)
+    spawn_timeboxed(_stats_worker, (2, str(tmp_path / "store"), str(tmp_path), third), nprocs=2, timeout=120)
     for rank in range(2):
         got, _ = read_safetensors(tmp_path / f"rank{rank}.safetensors")
         for key in [k for k in ref if k.startswith("state.")]:  # running stats of bn, cn (per context), ...
@@ -143,7 +148,7 @@ def test_trainer_under_two_ranks_follows_single_process(tmp_path):
     opts = dict(dataset="digits", norm="cn", contexts="kmeans:2", width=0.125, epochs=1, batch_size=64,
                 optimizer="sgd", lr=0.05,  # Adam would turn float-noise gradients (~0) into lr-sized steps
                 limit_train=384, quiet=True, snapshot_every=0, device="cpu")
-    mp.spawn(_train_worker, args=(2, _free_port(), {**opts, "out": str(tmp_path / "ddp")}), nprocs=2, join=True)
+    spawn_timeboxed(_train_worker, (2, _free_port(), {**opts, "out": str(tmp_path / "ddp")}), nprocs=2, timeout=180)
     single = train({**opts, "out": str(tmp_path / "single")})
     md = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     ms = json.loads((single / "metrics.json").read_text())
@@ -177,7 +182,7 @@ def _acn_init_worker(rank, world, init_file, out_dir):
 def test_acn_data_init_is_broadcast_from_rank_0(tmp_path):
     """ACN's data-dependent initialisation fits on each rank's own minibatch; every rank must start from the
     same components (rank 0's), or DDP would train different models."""
-    mp.spawn(_acn_init_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    spawn_timeboxed(_acn_init_worker, (2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, timeout=120)
     s0, _ = read_safetensors(tmp_path / "acn0.safetensors")
     s1, _ = read_safetensors(tmp_path / "acn1.safetensors")
     assert int(s0["data_initialized"]) == int(s1["data_initialized"]) == 1
@@ -187,3 +192,21 @@ def test_acn_data_init_is_broadcast_from_rank_0(tmp_path):
     alone = cbnorm.build_norm("acn", 4, num_components=2, init="data")  # rank 0's data, one process
     alone(torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(s0["mean"], alone.mean.detach())
+
+
+def test_repeated_two_rank_runs_tear_down_without_hanging(tmp_path):
+    """The DDP wrapper is released before the process group is destroyed, in the trainer (``_Dist.close``) and
+    in the workers: three two-rank trainer runs and three synced-statistics runs in a row, each time-boxed (a
+    rank stuck in ``ProcessGroupGloo``'s destructor fails with its native stack instead of hanging)."""
+    opts = dict(dataset="digits", norm="bn", width=0.125, epochs=1, batch_size=64, optimizer="sgd", lr=0.05,
+                limit_train=128, quiet=True, snapshot_every=0, device="cpu", eval_batch_size=512)
+    for i in range(3):
+        out = tmp_path / f"ddp{i}"
+        spawn_timeboxed(_train_worker, (2, _free_port(), {**opts, "out": str(out)}), nprocs=2, timeout=90)
+        assert json.loads((out / "config.json").read_text())["training"]["world_size"] == 2
+        assert len(json.loads((out / "metrics.json").read_text())["loss"]) == 2
+    for i in range(3):
+        d = tmp_path / f"stats{i}"
+        d.mkdir()
+        spawn_timeboxed(_stats_worker, (2, str(d / "store"), str(d)), nprocs=2, timeout=60)
+        assert (d / "rank0.safetensors").is_file() and (d / "rank1.safetensors").is_file()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.timeout(300)  # spawns pip in a fresh venv: a hang fails here with its stack
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHECK = textwrap.dedent("""

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import load  # noqa: E402
 
+pytestmark = pytest.mark.timeout(300)  # spawns servers and load sessions: a hang fails here with its stack
+
 
 def test_upload_files_are_what_they_claim():
     from cbnorm.images import load_image

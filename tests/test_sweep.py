@@ -7,6 +7,8 @@ import pytest
 
 from cbnorm.train import sweep
 
+pytestmark = pytest.mark.timeout(180)  # spawns sweep worker processes: a hang fails here with its stack
+
 
 def fake_run(root: Path, setting, norm, seed, steps, acc, epochs=1):
     d = root / setting / norm / f"seed{seed}"

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cbnorm
@@ -359,3 +360,28 @@ def test_cuda_defers_by_default_and_the_check_raises():
     cn(torch.randn(6, 4, 2, 2, device="cuda"), context=torch.tensor([0, 1, 2, 3, 0, 1], device="cuda"))
     with pytest.raises(ValueError, match=r"context ids must be in \[0, 2\]"):
         check_deferred(cn)
+
+
+@pytest.mark.parametrize("name", ["cn", "cnx", "cn-embed"])
+def test_context_model_with_routed_ids_compiles_whole(name):
+    """``ContextModel`` routes ids through a ContextVar in eager, which dynamo cannot trace; while compiling it
+    routes them as a plain attribute: the wrapped model compiles with fullgraph=True, gives the eager numbers
+    in train and eval, and the attribute is cleared after each call."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3, 4, 3), make_layer(name, 4), nn.ReLU())
+    model = cbnorm.ContextModel(inner)
+    twin = copy.deepcopy(model)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    g = torch.Generator().manual_seed(1)
+    for train in (True, False):
+        model.train(train), twin.train(train)
+        for _ in range(2):
+            x = torch.randn(12, 3, 6, 6, generator=g)
+            ctx = contexts_for(12)
+            torch.testing.assert_close(compiled(x, context=ctx), twin(x, context=ctx), atol=1e-5, rtol=1e-5)
+            assert inner[1]._compiled_route is None
+    assert counter.frame_count == 2  # one graph per mode, no break
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{k}: {m}")

@@ -81,7 +81,7 @@ def capture(run: Run, model: torch.nn.Module, x: torch.Tensor, layer: str, conte
 
 def layer_activations(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str = "predicted"
                       ) -> dict:
-    """Input and output of ``layer`` on a minibatch (cached within ``BUDGET_MB["layer_activations"]``; see
+    """Input, x_hat and output of ``layer`` on a minibatch (cached within ``BUDGET_MB["layer_activations"]``; see
     :func:`_layer_activations`)."""
     args = (run_path, dev, layer, int(size), int(seed), context_mode)
     out = _layer_activations(*args)
@@ -92,11 +92,11 @@ def layer_activations(run_path: str, dev: str, layer: str, size: int, seed: int,
 @st.cache_data(max_entries=32, ttl=S.TTL, show_spinner=False)
 def _layer_activations(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str = "predicted"
                        ) -> dict:
-    """Input and output of ``layer`` on a minibatch of ``size`` test images drawn with ``seed``.
+    """Input, x_hat and output of ``layer`` on a minibatch of ``size`` test images drawn with ``seed``.
 
     ``context_mode``: "predicted" (honest: the model infers the context — its context predictor, or CN+
-    mixing) or "true" (the label-derived superclass, an oracle). Returns numpy arrays: input, output
-    (N, C, *S), indices, labels, predictions, contexts (true superclass or None), components (per-sample
+    mixing) or "true" (the label-derived superclass, an oracle). Returns numpy arrays: input, x_hat (the
+    normalized values before the affine, ``probe``), output (N, C, *S), indices, labels, predictions, contexts (true superclass or None), components (per-sample
     mixture component / context under the layer, or None) and ``layer`` (layer_info)."""
     run = S.get_run(run_path, dev)
     info = S.layer_info(run, layer)
@@ -113,6 +113,7 @@ def _layer_activations(run_path: str, dev: str, layer: str, size: int, seed: int
         raise ValueError(f"context_mode must be 'predicted' or 'true', got {context_mode!r}")
     cap, logits = capture(run, run.model, x, layer, context)
     comps = analysis.sample_components(cap.module, cap.input.to(run.device))
-    return {"input": cap.input.numpy(), "output": cap.output.numpy(), "indices": idx, "labels": labels,
+    return {"input": cap.input.numpy(), "x_hat": cap.x_hat.numpy(), "output": cap.output.numpy(), "indices": idx,
+            "labels": labels,
             "predictions": None if logits is None else logits.argmax(1).numpy(), "contexts": ctx_true,
             "components": comps, "layer": info}

@@ -111,9 +111,13 @@ COMPARE_HELP = {
 
 
 @st.cache_data(max_entries=16, ttl=S.TTL, show_spinner=False)
-def live_outputs(run_paths: tuple[str, ...], dev: str, size: int, seed: int, which: str = "output") -> list[dict]:
-    """The studied layer of each run on the SAME minibatch (same test images): pooled values (capped at
-    MAX_VALUES) and normality statistics (pooled, and median |.| over channels)."""
+def live_outputs(run_paths: tuple[str, ...], dev: str, size: int, seed: int, which: str = "x_hat") -> list[dict]:
+    """The studied layer of each run on the SAME minibatch (same test images): pooled values of ``which``
+    (``analysis.VIEWS``; capped at MAX_VALUES) and their statistics like with like (``analysis.view_stats``:
+    pooled, and median |.| over channels): distances to N(0, 1) for x_hat and for the input standardized per
+    channel, the shape only for the output after the affine."""
+    if which not in analysis.VIEWS:
+        raise ValueError(f"which must be one of {analysis.VIEWS}, got {which!r}")
     runs = [S.get_run(p, dev) for p in run_paths]
     datasets = {A.dataset_name(r) for r in runs}
     if len(datasets) > 1:
@@ -128,11 +132,14 @@ def live_outputs(run_paths: tuple[str, ...], dev: str, size: int, seed: int, whi
         chans = list(range(info["num_features"]))
         per = analysis.channel_values(torch.from_numpy(np.ascontiguousarray(a)), chans, channel_last=info["channel_last"])
         pooled = per.reshape(-1)
+        shape_of = (analysis.standardize_rows(per) if which == "input" else per).reshape(-1)
         sub = pooled.size > S.MAX_VALUES
         if sub:
-            pooled = pooled[np.random.default_rng(seed).choice(pooled.size, S.MAX_VALUES, replace=False)]
-        st_pool = analysis.normality_stats(pooled[None, :])
-        st_ch = analysis.normality_stats(per)
+            keep = np.random.default_rng(seed).choice(pooled.size, S.MAX_VALUES, replace=False)
+            pooled, shape_of = pooled[keep], shape_of[keep]
+        st_pool = analysis.view_stats(shape_of[None, :], "x_hat" if which == "input" else which)
+        st_pool.update(mean=pooled[None].mean(axis=1), std=pooled[None].std(axis=1))
+        st_ch = analysis.view_stats(per, which)
         out.append({"name": run.path.name, "norm": run.norm, "layer": layer, "values": pooled.astype(np.float32),
                     "subsampled": sub, "pooled": {k: float(v[0]) for k, v in st_pool.items()},
                     "channel_median": {k: float(np.median(np.abs(v))) for k, v in st_ch.items()}})
@@ -142,19 +149,24 @@ def live_outputs(run_paths: tuple[str, ...], dev: str, size: int, seed: int, whi
 def live_table(outs: Sequence[dict]):
     import pandas as pd
 
-    return pd.DataFrame([{
-        "run": o["name"], "layer": o["layer"], "mean": o["pooled"]["mean"], "std": o["pooled"]["std"],
-        "skew": o["pooled"]["skewness"], "ex. kurt": o["pooled"]["excess_kurtosis"],
-        "KS": o["pooled"]["ks_to_normal"],
-        "med |skew| per ch.": o["channel_median"]["skewness"],
-        "med |ex. kurt| per ch.": o["channel_median"]["excess_kurtosis"],
-        "med KS per ch.": o["channel_median"]["ks_to_normal"]} for o in outs])
+    rows = []
+    for o in outs:  # the distances to N(0, 1) only where the view has them (not the output after the affine)
+        row = {"run": o["name"], "layer": o["layer"], "mean": o["pooled"]["mean"], "std": o["pooled"]["std"],
+               "skew": o["pooled"]["skewness"], "ex. kurt": o["pooled"]["excess_kurtosis"]}
+        if "ks_to_normal" in o["pooled"]:
+            row["KS"] = o["pooled"]["ks_to_normal"]
+        row.update({"med |skew| per ch.": o["channel_median"]["skewness"],
+                    "med |ex. kurt| per ch.": o["channel_median"]["excess_kurtosis"]})
+        if "ks_to_normal" in o["channel_median"]:
+            row["med KS per ch."] = o["channel_median"]["ks_to_normal"]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 LIVE_HELP = {
     "mean": "Mean of all values (channels pooled)", "std": "Standard deviation of all values",
     "skew": "Skewness of the pooled values (0: symmetric)", "ex. kurt": "Excess kurtosis of the pooled values (0: Gaussian)",
-    "KS": "Kolmogorov-Smirnov distance of the pooled values to N(0, 1)",
+    "KS": "Kolmogorov-Smirnov distance to N(0, 1) of the pooled x̂ (of the input: each channel standardized first)",
     "med |skew| per ch.": "Median over channels of |skewness| of each channel's values",
     "med |ex. kurt| per ch.": "Median over channels of |excess kurtosis|",
     "med KS per ch.": "Median over channels of the KS distance to N(0, 1)"}

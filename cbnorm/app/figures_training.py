@@ -235,7 +235,8 @@ def runs_overlay_figure(res: dict, bins: dict, *, log_y: bool = False, reference
 def runs_multiples_figure(res: dict, bins: dict, *, log_y: bool = False, reference_normal: bool = False,
                           cols: int = 3, x_title: str = "value", height_per_row: int = 250) -> go.Figure:
     """One panel per run with shared x AND y axes (aligned small multiples): the run's histogram (bars),
-    N(0, 1) dotted with ``reference_normal``; panel titles give skewness, excess kurtosis and KS to N(0, 1)."""
+    N(0, 1) dotted with ``reference_normal``; panel titles give skewness, excess kurtosis and KS to N(0, 1) (the std for the output after the affine,
+    which has no distance to N(0, 1))."""
     n = len(res["runs"])
     cols = max(1, min(cols, n))
     rows = int(math.ceil(n / cols))
@@ -244,7 +245,8 @@ def runs_multiples_figure(res: dict, bins: dict, *, log_y: bool = False, referen
         st_ = p["stats"]
         out = bins["below"][i] + bins["above"][i]
         titles.append(f"{name}<br><span style='font-size:10px'>skew {st_['skewness']:+.2f} · ex. kurt "
-                      f"{st_['excess_kurtosis']:+.2f} · KS {st_['ks_to_normal']:.3f}"
+                      f"{st_['excess_kurtosis']:+.2f}"
+                      + (f" · KS {st_['ks_to_normal']:.3f}" if "ks_to_normal" in st_ else f" · std {st_['std']:.3f}")
                       + (f" · {out:,} outside" if out else "") + "</span>")
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, shared_xaxes="all", shared_yaxes="all",
                         horizontal_spacing=0.04, vertical_spacing=min(0.2, 0.6 / max(rows, 1)))

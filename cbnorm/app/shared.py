@@ -50,6 +50,13 @@ _APP_DIR = [Path(__file__).resolve().parents[2]]
 TTL = 3600  # seconds
 #: cap on the values of one channel kept for histograms / stats (a notice says when it applies)
 MAX_VALUES = 50_000
+#: the labels of a layer's three views (``analysis.VIEWS``), the same on every page: only x_hat is aimed at
+#: N(0, 1); the output after the affine is compared with nothing
+VIEW_LABELS = {"x_hat": "x̂ — normalized, before the affine", "output": "output — γ·x̂ + β, after the affine",
+               "input": "input"}
+VIEW_HELP = ("x̂: the normalized values before the affine, what a normalizer aims at N(0, 1) (for MN and ACN the "
+             "posterior-weighted sum of eq. 37; see the README). Output: γ·x̂ + β, which γ and β move away from "
+             "N(0, 1) on purpose, so it is shown with its shape statistics only. Input: what enters the layer.")
 #: byte budgets of the caches whose entries can be large (see the module docstring)
 BUDGET_MB = {"snapshot_features": 64, "layer_activations": 48, "histogram_panel": 24}
 #: threads of one t-SNE projection (openTSNE's n_jobs; the coordinates do not depend on it, tested; umap runs

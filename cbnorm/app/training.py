@@ -204,12 +204,12 @@ def snapshot_activations(run_path: str, dev: str, step: int, layer: str, size: i
 
 @st.cache_resource(max_entries=96, ttl=S.TTL, show_spinner=False)
 def _snapshot_activations(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str) -> dict:
-    """acts (N, C, *S) (``which`` = "input" or "output" of the layer), labels, test indices, true contexts,
+    """acts (N, C, *S) (``which`` = "input", "x_hat" or "output" of the layer: ``analysis.VIEWS``), labels, test indices, true contexts,
     predictions, each sample's mixture component under the layer (``analysis.mixture_assignments``) and the
     layer's own per-channel mixture ``(weights, means, variances)`` (K, C) when it has one. The snapshot is
     loaded as a NEW model; arrays are read-only (shared by every session)."""
-    if which not in ("input", "output"):
-        raise ValueError(f"which must be 'input' or 'output', got {which!r}")
+    if which not in analysis.VIEWS:
+        raise ValueError(f"which must be one of {analysis.VIEWS}, got {which!r}")
     run = S.get_run(run_path, dev)
     x, idx, labels = A.test_batch(run, size, seed)
     if int(step) == FINAL:
@@ -223,7 +223,7 @@ def _snapshot_activations(run_path: str, dev: str, step: int, layer: str, size: 
     mixture = None
     if info["has_mixture"]:
         mixture = tuple(t.detach().double().cpu().numpy() for t in module.channel_mixture_parameters())
-    acts = (cap.output if which == "output" else cap.input).detach().float().cpu().numpy()
+    acts = {"input": cap.input, "x_hat": cap.x_hat, "output": cap.output}[which].detach().float().cpu().numpy()
     out = {"acts": acts, "labels": np.asarray(labels), "indices": np.asarray(idx),
            "contexts": A.true_contexts(run, labels), "predictions": None if logits is None else logits.argmax(1).numpy(),
            "components": comps, "mixture": mixture, "layer": info}
@@ -257,7 +257,9 @@ def _step_panel(run_path: str, dev: str, step: int, layer: str, size: int, seed:
     """What a histogram of the chosen ``channels`` (() = every channel) at one step needs: their values
     pooled (at most ``shared.MAX_VALUES``, subsampled with ``seed``), the mixture over them (the layer's own
     per-channel components on its input, else a ``k``-component fit with cbnorm.gmm of the pooled values:
-    weights, means, variances (G, K)), TensorBoard's percentiles and the normality statistics."""
+    weights, means, variances (G, K)), TensorBoard's percentiles and the statistics of ``which``, like with
+    like (``analysis.view_stats``): x_hat against N(0, 1); the input on its values standardized per channel
+    before pooling (raw mean and std); the output after the affine its shape only (no distance to N(0, 1))."""
     run = S.get_run(run_path, dev)
     acts = snapshot_activations(run_path, dev, step, layer, size, seed, which)
     info = acts["layer"]
@@ -267,10 +269,18 @@ def _step_panel(run_path: str, dev: str, step: int, layer: str, size: int, seed:
                                 channel_last=info["channel_last"])
     pooled = v.reshape(-1)
     total = int(pooled.size)
-    pooled = pooled[np.isfinite(pooled)]
+    finite = np.isfinite(pooled)
+    pooled = pooled[finite]
+    # the input's distances to N(0, 1) are measured on each channel standardized by its own finite values
+    shape_of = pooled
+    if which == "input":
+        z = np.where(np.isfinite(v), v, np.nan)
+        z = (z - np.nanmean(z, axis=1, keepdims=True)) / np.maximum(np.nanstd(z, axis=1, keepdims=True), 1e-12)
+        shape_of = z.reshape(-1)[finite]
     sub = pooled.size > S.MAX_VALUES
     if sub:
-        pooled = pooled[np.sort(np.random.default_rng(seed).choice(pooled.size, S.MAX_VALUES, replace=False))]
+        keep = np.sort(np.random.default_rng(seed).choice(pooled.size, S.MAX_VALUES, replace=False))
+        pooled, shape_of = pooled[keep], shape_of[keep]
     if pooled.size < 2:
         raise ValueError(f"{run.path.name} {step_label(step)}: fewer than 2 finite values in the chosen channels")
     if which == "input" and acts["mixture"] is not None:
@@ -282,7 +292,10 @@ def _step_panel(run_path: str, dev: str, step: int, layer: str, size: int, seed:
         w, m, var = analysis.fit_channel_mixtures(pooled[None, :], kk, seed=seed)
         names = [f"component {i + 1}" for i in range(kk)]
         source = f"a {kk}-component GMM fitted with cbnorm.gmm"
-    stats = {key: float(val[0]) for key, val in analysis.normality_stats(pooled[None, :]).items()}
+    stats = {key: float(val[0]) for key, val in
+             analysis.view_stats(shape_of[None, :], "x_hat" if which == "input" else which).items()}
+    if which == "input":
+        stats.update(mean=float(pooled.mean()), std=float(pooled.std()))
     return {"step": int(step), "values": pooled, "n_values": total, "subsampled": bool(sub),
             "mixture": (np.asarray(w), np.asarray(m), np.asarray(var)), "names": names, "source": source,
             "percentiles": analysis.distribution_percentiles(pooled), "stats": stats, "channels": chans,
@@ -332,7 +345,7 @@ def distribution_figures(run_name: str, layer: str, which: str, channels: tuple[
 
     dist = distributions(run_name, layer, which, channels, k, size, seed, steps)
     b = binning([p["values"] for p in dist["panels"]], tail, bins)
-    x = f"{which} value"
+    x = AXIS_TITLES[which]
     return {"bins": b, "ridge": FT.ridge_figure(dist, b, components=components, x_title=x),
             "multiples": FT.step_multiples_figure(dist, b, log_y=log_y, x_title=x),
             "overlay": FT.overlay_figure(dist, b, log_y=log_y, x_title=x),
@@ -344,7 +357,8 @@ def percentile_frame(dist: dict):
 
     cols = ["min", "p7", "p16", "p31", "median", "p69", "p84", "p93", "max"]
     rows = [{"step": p["step"], **dict(zip(cols, p["percentiles"].tolist())), **{k: p["stats"][k] for k in
-            ("mean", "std", "skewness", "excess_kurtosis", "ks_to_normal", "w1_to_normal")}} for p in dist["panels"]]
+            ("mean", "std", "skewness", "excess_kurtosis", "ks_to_normal", "w1_to_normal") if k in p["stats"]}}
+            for p in dist["panels"]]
     return pd.DataFrame(rows)
 
 
@@ -387,11 +401,16 @@ def across_figures(run_names_: tuple[str, ...], layer: str, which: str, channels
 
     res = across_runs(run_names_, layer, which, channels, step, size, seed)
     b = binning([p["values"] for p in res["panels"]], tail, bins)
-    x = f"{which} value"
+    x = AXIS_TITLES[which]
+    normal = normal and which == "x_hat"  # only x_hat is aimed at N(0, 1)
     return {"bins": b, "overlay": FT.runs_overlay_figure(res, b, log_y=log_y, reference_normal=normal, x_title=x),
             "multiples": FT.runs_multiples_figure(res, b, log_y=log_y, reference_normal=normal, x_title=x)}
 
 
+#: x-axis titles of the three views (``analysis.VIEWS``)
+AXIS_TITLES = {"input": "input value", "x_hat": "x̂ (normalized, before the affine)",
+               "output": "output value (after the affine)"}
+#: the statistics table's columns; the distances to N(0, 1) only where the view has them (``analysis.view_stats``)
 STAT_COLUMNS = {"skewness": "skewness", "excess_kurtosis": "excess kurtosis", "ks_to_normal": "KS to N(0,1)",
                 "w1_to_normal": "W1 to N(0,1)", "mean": "mean", "std": "std"}
 
@@ -406,13 +425,14 @@ def across_stats(res: dict, reference: Optional[str], bins: Optional[dict] = Non
         row = {"run": name, "norm": norm, "values": p["values"].size}
         if bins is not None:
             row["outside range"] = bins["below"][i] + bins["above"][i]
-        row.update({label: p["stats"][key] for key, label in STAT_COLUMNS.items()})
+        row.update({label: p["stats"][key] for key, label in STAT_COLUMNS.items() if key in p["stats"]})
         rows.append(row)
     df = pd.DataFrame(rows)
     if reference in res["runs"]:
         ref = df[df["run"] == reference].iloc[0]
         for label in ("skewness", "excess kurtosis", "KS to N(0,1)", "W1 to N(0,1)"):
-            df[f"Δ {label}"] = df[label] - ref[label]
+            if label in df:
+                df[f"Δ {label}"] = df[label] - ref[label]
     return df
 
 

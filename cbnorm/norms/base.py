@@ -289,8 +289,11 @@ class NormBase(nn.Module):
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:  # noqa: D401
         """Normalize ``x`` (N, C, *spatial) or (N, L, D) with ``channel_last=True``; ``context`` (N,) long."""
         self._check_input(x)
-        if context is None and self.uses_context and ROUTED_CONTEXTS.active:  # ids routed for this call
-            context = _routed_context(self)
+        if context is None and self.uses_context:
+            if torch.compiler.is_compiling():  # ids routed for this call (route_contexts), traced as an attribute
+                context = getattr(self, "_compiled_route", None)
+            elif ROUTED_CONTEXTS.active:  # ids routed for this call, in eager
+                context = _routed_context(self)
         context = self._check_context(x, context)
         if self.training and x.shape[0] * (x.numel() // (x.shape[0] * self.num_features)) < 2 \
                 and self._needs_batch_statistics():

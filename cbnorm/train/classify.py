@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -217,6 +218,7 @@ class _Dist:
 
         self.dist = dist
         self.owns_group = False
+        self.ddp: Optional[nn.Module] = None
         world = int(os.environ.get("WORLD_SIZE", "1"))
         want_cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
         if world > 1 and not dist.is_initialized():
@@ -248,7 +250,24 @@ class _Dist:
         if self.enabled:
             self.dist.barrier()
 
+    def wrap(self, model: nn.Module, find_unused_parameters: bool) -> nn.Module:
+        """The model under DDP, held here only: ``close`` releases it before the process group goes."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                       find_unused_parameters=find_unused_parameters)
+        return self.ddp
+
+    def net(self, model: nn.Module) -> nn.Module:
+        """What the training step calls: the DDP wrapper when there is one, else ``model``."""
+        return model if self.ddp is None else self.ddp
+
     def close(self) -> None:
+        """Release the DDP wrapper, then the process group we created. The order matters: a wrapper
+        deallocated after ``destroy_process_group`` joins the gloo group's threads in its reducer's destructor
+        and hangs there forever (seen in a spawned rank's native stack)."""
+        self.ddp = None
+        gc.collect()  # the reducer sits in reference cycles: free it now, not at some later collection
         if self.owns_group and self.dist.is_initialized():
             self.dist.destroy_process_group()
 
@@ -497,14 +516,10 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
         ctx = contexts[idx].to(device) if uses_ctx else None
         return x, labels[idx].to(device), ctx
 
-    net: nn.Module = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
+    if dist.enabled:  # the wrapper lives in dist only (dist.close releases it before the process group)
         sampler.set_epoch(start_epoch)
         first = torch.as_tensor(list(sampler)[:local_bs])
-        unused = _needs_unused_detection(model, *batch(first), dist)
-        net = DDP(model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=unused)
+        dist.wrap(model, _needs_unused_detection(model, *batch(first), dist))
     show = not a["quiet"] and dist.main
     total_steps = a["epochs"] * steps_per_epoch
     snaps = snapshot_steps(total_steps, a["snapshot_every"], a["snapshot_early"])
@@ -529,7 +544,7 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
     for epoch in range(start_epoch, a["epochs"]):
         sampler.set_epoch(epoch)
         order = torch.as_tensor(list(sampler), dtype=torch.long)
-        net.train()
+        dist.net(model).train()
         correct = seen = 0
         step_time = 0.0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{a['epochs']}", leave=False,
@@ -542,10 +557,10 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=bool(a["amp"])):
                 if has_predictor:  # joint loss: classes + the context predictor (on the training contexts)
-                    logits, ctx_logits = net(x, context=ctx, return_context_logits=True)
+                    logits, ctx_logits = dist.net(model)(x, context=ctx, return_context_logits=True)
                     loss = F.cross_entropy(logits.float(), y) + F.cross_entropy(ctx_logits.float(), ctx)
                 else:
-                    logits = net(x, context=ctx)
+                    logits = dist.net(model)(x, context=ctx)
                     loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
