@@ -20,6 +20,7 @@ numbers come from. On a CUDA machine run it with ``--device cuda`` (synchronised
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -453,10 +454,12 @@ def main(argv=None) -> None:
     shapes = SHAPES[:1] if a.quick else SHAPES
     parts = set(a.parts.split(","))
     result = json.loads(Path(a.merge).read_text()) if a.merge else {}
-    result.update({"machine": machine(a.device), "clock": a.clock, "goals": GOALS, "network_goals": NETWORK_GOALS,
+    result.update({"machine": machine(a.device), "date": datetime.date.today().isoformat(), "clock": a.clock,
+                   "goals": GOALS, "network_goals": NETWORK_GOALS,
                    "earlier_goals": EARLIER_GOALS, "method": "forward+backward, interleaved with "
                    "nn.BatchNorm2d, median of the per-repetition ratios (repetitions per part in 'reps'); "
                    "ratio_q1/ratio_q3: quartiles of the per-repetition ratios (the spread within the run)"})
+    result.pop("date_note", None)  # a merged file's note on a date that was not recorded then
     result["reps"] = {**result.get("reps", {}), **{part: a.reps for part in parts}}
     if a.previous:
         prev = json.loads(Path(a.previous).read_text())

@@ -7,16 +7,19 @@
 from __future__ import annotations
 
 from .norms import (ALIASES, LAYERS, NORMS, AdaptiveContextNorm, BatchNorm, ContextNorm, ContextNormEmbed,
-                    ContextNormX, GroupNorm, LayerNorm, MixtureNorm, ModeNorm, NormBase, build_norm, resolve_name)
+                    ContextNormX, GroupNorm, LayerNorm, MixtureNorm, ModeNorm, NonFiniteError, NormBase, build_norm,
+                    resolve_name)
 
 from .convert import ContextModel, convert, norm_layer_paths, route_contexts, select_layers
+from .guard import StepGuard
+from .optim import param_groups
 
 __version__ = "0.1.0"
 
 __all__ = ["NORMS", "ALIASES", "LAYERS", "build_norm", "resolve_name", "NormBase", "BatchNorm", "LayerNorm",
            "GroupNorm", "MixtureNorm", "ModeNorm", "ContextNorm", "ContextNormX", "ContextNormEmbed",
            "AdaptiveContextNorm", "convert", "ContextModel", "route_contexts", "norm_layer_paths", "select_layers",
-           "load_run"]
+           "NonFiniteError", "StepGuard", "param_groups", "load_run"]
 
 
 def __getattr__(name: str):  # lazy: heavy modules load on first use

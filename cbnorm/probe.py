@@ -15,7 +15,7 @@ torch's ``BatchNorm*d``, ``SyncBatchNorm``, ``GroupNorm`` and ``LayerNorm`` keep
 named ``weight`` and ``bias`` and skip it when those are None. So x_hat is the same layer called again on
 the same input (and the same routed context ids) with ``weight`` and ``bias`` set to None for that call
 (:func:`normalized`): for BN, LN, GN, ModeNorm and CN it is (x - mu) / sqrt(var + eps) with the statistics
-the call uses; for MN and ACN the posterior-weighted sum of eq. 37 before gamma, beta,
+the call uses; for MN and ACN the posterior-weighted sum of MN eq. 34 (ACN: CB-Norm eq. 6) before gamma, beta,
 x_hat = sum_k tau_k(x) / sqrt(pi_k) * (x - mu_k) / sqrt(sigma_k^2 + eps). In train mode (``allow_train``)
 the second call starts from the buffers and random state the first one started from, and both are put back
 as the first call left them: x_hat uses the minibatch statistics of the call it describes, and the model's

@@ -58,8 +58,9 @@ with S.guard("Compare normalizers"):
                                  help="Whose best test accuracy defines the target of 'steps to reach BN best'")
     else:
         st.info("No BatchNorm run is loaded, so 'steps to reach BN best' cannot be computed.")
-    table, target = C.compare_table(chosen, reference)
-    formats = {"test acc": "percent", "oracle acc": "percent", "best acc": "percent", "s / step": "%.3f",
+    table, target = C.compare_table(chosen, reference, str(S.bench_dir()))
+    formats = {"test acc": "percent", "oracle acc": "percent", "best acc": "percent",
+               "step cost vs BN (bench)": "%.2f×",
                "params": "%d", "steps to BN best": "%d", "steps": "%d"}
     st.dataframe(table, hide_index=True, key="cmp_table", column_config={
         c: st.column_config.NumberColumn(format=f, help=C.COMPARE_HELP.get(c)) for c, f in formats.items()})
@@ -70,7 +71,8 @@ with S.guard("Compare normalizers"):
                    "(`--eval-every`, a fixed test subset) where a run has them, and the Seeds section below compares "
                    "on those. "
                    "Test accuracy is honest (context inferred from the image); the oracle column feeds the true "
-                   "superclass and leaks the label. Time per step is what the trainer measured on its machine.")
+                   "superclass and leaks the label.")
+    st.caption(C.cost_caption(str(S.bench_dir()), chosen))
 
     st.subheader("Seeds")
     groups, seed_summary = C.seed_groups(names)

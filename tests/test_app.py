@@ -351,6 +351,13 @@ def test_compare_defaults_and_changes(app, app_runs):
     best_step = next(e["step"] for e in bn_metrics["epochs"] if e["test_acc"] >= bn_metrics["best_test_acc"])
     assert bn["steps to BN best"] == best_step and bn["params"] == bn_metrics["params"]
     assert bn["best acc"] == pytest.approx(bn_metrics["best_test_acc"])
+    # the cost column is the benchmark's side-by-side ratio for the run's setting, never the trainer's wall time
+    assert not any("s / step" in c or "wall" in c for c in table.columns)
+    network = {r["layer"]: r["ratio_to_bn_network"] for r in
+               json.loads((ROOT / "bench" / "results" / "speed.json").read_text())["network"]}
+    for _, row in table.iterrows():
+        assert row["step cost vs BN (bench)"] == pytest.approx(network[row["norm"]]), row["run"]
+    assert "measured side by side by bench/speed.py on AMD EPYC" in texts(app) and "2026-12-01" in texts(app)
     # live panel: one histogram per run, N(0, 1) in each panel, stats table
     assert sum(t["type"] == "bar" for t in live["data"]) == 3
     assert sum(t.get("name") == "N(0, 1)" for t in live["data"]) == 3

@@ -49,7 +49,8 @@ def test_run_directory_and_metrics(cn_run):
     assert [s for s, _ in m["loss"]] == list(range(1, steps + 1))
     assert all(l > 0 for _, l in m["loss"])
     (ep,) = m["epochs"]
-    for key in ("epoch", "step", "train_acc", "test_acc", "test_acc_oracle", "test_loss", "time_per_step_s", "wall"):
+    for key in ("epoch", "step", "train_acc", "test_acc", "test_acc_oracle", "test_loss", "time_per_step_s", "wall",
+                "loadavg"):
         assert key in ep, key
     assert ep["epoch"] == 1 and ep["step"] == steps
     assert 0 <= ep["train_acc"] <= 1 and 0 <= ep["test_acc"] <= 1 and 0 <= ep["test_acc_oracle"] <= 1
@@ -102,7 +103,7 @@ def test_resume_gives_the_same_run(fashion, tmp_path, norm="mn"):
     part = train(["--out", str(part), "--resume", "--epochs", "2", "--quiet"])
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (full, part))
     assert ma["loss"] == mb["loss"]
-    strip = lambda eps: [{k: v for k, v in e.items() if k not in ("time_per_step_s", "wall")} for e in eps]
+    strip = lambda eps: [{k: v for k, v in e.items() if k not in ("time_per_step_s", "wall", "loadavg")} for e in eps]
     assert strip(ma["epochs"]) == strip(mb["epochs"])
     wa, _ = read_safetensors(full / "model.safetensors")
     wb, _ = read_safetensors(part / "model.safetensors")

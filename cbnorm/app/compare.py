@@ -70,10 +70,80 @@ def loss_series(names: Sequence[str], x_axis: str, window: int) -> list[dict]:
     return out
 
 
-def compare_table(names: Sequence[str], reference: Optional[str]):
+def bench_variant(config: dict) -> Optional[str]:
+    """The name under which ``bench/speed.py``'s whole-network part measured this run's setting, or None when
+    it measured none like it: the shallow CNN (width 0.25) with the norm at conv3 only, MN's fit fraction
+    0.25 and warm start as the "-fit25" / "-warm" variants."""
+    model = config.get("model") or {}
+    if not isinstance(model, dict) or model.get("name") != "shallow_cnn" or config.get("layers") != ["conv3"]:
+        return None
+    if (model.get("kwargs") or {}).get("width") != 0.25 or not isinstance(config.get("norm"), str):
+        return None
+    kw = config.get("norm_kwargs") or {}
+    name = config["norm"]
+    if name == "mn":
+        frac = kw.get("fit_fraction", 1.0)
+        if frac not in (1.0, 0.25):
+            return None
+        name += ("-fit25" if frac == 0.25 else "") + ("-warm" if kw.get("warm_start") else "")
+    return name
+
+
+def benchmark_cost(config: dict, speed: Optional[dict]) -> Optional[dict]:
+    """What ``bench/results/speed.json`` measured for this run's setting, side by side with BatchNorm in one
+    benchmark run: {"ratio" (one train step of the network with this norm / with BN, median), "q1", "q3",
+    "K", "machine", "date", "clock"}; None when no benchmark covers the run. (A training log's wall time is
+    not a cost: it measures whatever else ran on that machine.)"""
+    variant = bench_variant(config)
+    if variant is None or not isinstance(speed, dict):
+        return None
+    for rec in speed.get("network") or []:
+        if isinstance(rec, dict) and rec.get("layer") == variant and isinstance(rec.get("ratio_to_bn_network"),
+                                                                                (int, float)):
+            machine = speed.get("machine") if isinstance(speed.get("machine"), dict) else {}
+            return {"ratio": float(rec["ratio_to_bn_network"]), "q1": rec.get("ratio_q1"), "q3": rec.get("ratio_q3"),
+                    "K": rec.get("K"), "machine": machine, "date": speed.get("date"), "clock": speed.get("clock")}
+    return None
+
+
+def machine_label(machine: dict) -> str:
+    """'AMD EPYC, 2 cores, 1 thread, torch 2.13.0+cpu, cpu' from a benchmark's ``machine`` record."""
+    parts = [machine.get("cpu")]
+    if machine.get("cpu_count"):
+        parts.append(f"{machine['cpu_count']} cores")
+    if machine.get("torch_threads"):
+        parts.append(f"{machine['torch_threads']} thread{'s' if machine['torch_threads'] != 1 else ''}")
+    parts += [f"torch {machine['torch']}" if machine.get("torch") else None, machine.get("device")]
+    return ", ".join(str(p) for p in parts if p)
+
+
+def cost_caption(bench_dir: str, names: Sequence[str]) -> str:
+    """What the table's cost column is, where and when it was measured, and which runs it does not cover."""
+    speed = bench_json(str(Path(bench_dir) / "speed.json"))
+    covered = [n for n in names if benchmark_cost(S.run_by_name(n).config, speed) is not None]
+    if not covered:
+        return ("**Step cost vs BN**: no benchmark covers the chosen runs (bench/results/speed.json measures the "
+                "shallow CNN of width 0.25 with the norm at conv3), so no cost is shown. The trainers' wall times "
+                "are not shown as a cost: they measure what else ran on their machines.")
+    cost = benchmark_cost(S.run_by_name(covered[0]).config, speed) or {}
+    when = f" on {cost['date']}" if cost.get("date") else ""
+    missing = [n for n in names if n not in covered]
+    return ("**Step cost vs BN**: one AdamW training step of the shallow CNN (width 0.25, batch 128, 28×28) with the "
+            f"run's norm at conv3 (K={cost.get('K')}), divided by the same step with BatchNorm, measured side by side "
+            f"by bench/speed.py on {machine_label(cost.get('machine') or {})}{when} ({cost.get('clock') or 'wall'} "
+            "clock; median over repetitions)."
+            + (f" Not covered by the benchmark, so left empty: {', '.join(missing)}." if missing else "")
+            + " The trainers' wall times are not a cost (they measure what else ran on their machines).")
+
+
+def compare_table(names: Sequence[str], reference: Optional[str], bench_dir: Optional[str] = None):
     """The comparison table: final (honest) and oracle accuracy, best accuracy, steps to reach the
-    reference (BatchNorm) run's best accuracy, time per step, parameter count."""
+    reference (BatchNorm) run's best accuracy, the step cost relative to BatchNorm that ``bench/speed.py``
+    measured side by side for the run's setting (:func:`benchmark_cost`; empty where no benchmark covers
+    it), parameter count. The trainer's own wall time is not shown: it measures the machine's load."""
     import pandas as pd
+
+    speed = bench_json(str(Path(bench_dir) / "speed.json")) if bench_dir else None
 
     rows = []
     target = None
@@ -93,7 +163,7 @@ def compare_table(names: Sequence[str], reference: Optional[str]):
             "oracle acc": m.get("test_acc_oracle"),
             "best acc": m.get("best_test_acc"),
             "steps to BN best": reach,
-            "s / step": S.finite_mean([e.get("time_per_step_s") for e in m.get("epochs", []) if isinstance(e, dict)]),
+            "step cost vs BN (bench)": (benchmark_cost(run.config, speed) or {}).get("ratio"),
             "params": m.get("params") if m.get("params") is not None else sum(p.numel() for p in run.model.parameters()),
             "steps": m.get("steps_done")})
     return pd.DataFrame(rows), target
@@ -106,7 +176,10 @@ COMPARE_HELP = {
     "best acc": "Best honest test accuracy over the epochs",
     "steps to BN best": "First evaluated step at which the test accuracy reaches the BatchNorm reference's best "
                         "(MN paper's measure); None = never",
-    "s / step": "Mean training time per optimizer step, as the trainer measured it on its machine",
+    "step cost vs BN (bench)": "Time of one training step of the network with this norm divided by the same step "
+                               "with BatchNorm, measured side by side in one run of bench/speed.py (median over "
+                               "repetitions; machine and date below the table). Empty: no benchmark measured this "
+                               "run's setting. The trainer's wall time is not a cost: it measures the machine's load",
     "params": "Number of parameters", "steps": "Optimizer steps trained"}
 
 

@@ -55,8 +55,9 @@ MAX_VALUES = 50_000
 VIEW_LABELS = {"x_hat": "x̂ — normalized, before the affine", "output": "output — γ·x̂ + β, after the affine",
                "input": "input"}
 VIEW_HELP = ("x̂: the normalized values before the affine, what a normalizer aims at N(0, 1) (for MN and ACN the "
-             "posterior-weighted sum of eq. 37; see the README). Output: γ·x̂ + β, which γ and β move away from "
-             "N(0, 1) on purpose, so it is shown with its shape statistics only. Input: what enters the layer.")
+             "posterior-weighted sum of MN eq. 34 before γ, β; see the README). Output: γ·x̂ + β, which γ and β move "
+             "away from N(0, 1) on purpose, so it is shown with its shape statistics only. Input: what enters the "
+             "layer.")
 #: byte budgets of the caches whose entries can be large (see the module docstring)
 BUDGET_MB = {"snapshot_features": 64, "layer_activations": 48, "histogram_panel": 24}
 #: threads of one t-SNE projection (openTSNE's n_jobs; the coordinates do not depend on it, tested; umap runs

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .adaptive import AdaptiveContextNorm
-from .base import VALIDATE_MODES, NormBase, RunningStatsNorm, check_deferred
+from .base import (VALIDATE_MODES, NonFiniteError, NormBase, RunningStatsNorm, check_deferred, clear_nonfinite,
+                   nonfinite_count)
 from .batch import BatchNorm, GroupNorm, LayerNorm
 from .context import ContextNorm, ContextNormEmbed, ContextNormX
 from .mixture import MixtureNorm
@@ -57,4 +58,4 @@ def build_norm(name: str, num_features: int, **kwargs) -> NormBase:
 __all__ = ["NORMS", "ALIASES", "LAYERS", "build_norm", "resolve_name", "accepted_kwargs", "check_deferred",
            "VALIDATE_MODES", "NormBase", "RunningStatsNorm", "BatchNorm", "LayerNorm",
            "GroupNorm", "MixtureNorm", "ModeNorm", "ContextNorm", "ContextNormX", "ContextNormEmbed",
-           "AdaptiveContextNorm"]
+           "AdaptiveContextNorm", "NonFiniteError", "nonfinite_count", "clear_nonfinite"]

@@ -216,6 +216,8 @@ class AdaptiveContextNorm(RunningStatsNorm):
                 return y
             lam_n, mu_n, var_n = lam_b.clamp_min(1e-12), mu_b, var_b
         else:
+            if self.training:  # no batch statistics here, but a non-finite batch is refused like everywhere
+                self._refuse_nonfinite(x3.detach().mean(dim=(0, 2)), x3.detach().square().mean(dim=(0, 2)))
             lam_n, mu_n, var_n = lam, mu, var
             if self.posterior == "joint":  # posteriors differentiable: one op with a hand-written backward
                 a, b = normalizing_coefficients(mu, var, self.eps, torch.rsqrt(lam)[:, None], gain, bias)

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["NormBase", "RunningStatsNorm", "ema_update", "stat_dtype", "check_positive_int", "ROUTED_CONTEXTS",
+           "NonFiniteError", "nonfinite_count", "clear_nonfinite",
            "VALIDATE_MODES", "check_deferred"]
 
 #: ``validate=`` values (module docstring)
@@ -271,7 +272,7 @@ class NormBase(nn.Module):
         ok = torch.isfinite(flat if flat.dtype == store else flat.to(store)).all()
         if not self._defers(ok):
             if not bool(ok):
-                raise ValueError(_nonfinite_message(type(self).__name__, store))
+                raise NonFiniteError(_nonfinite_message(type(self).__name__, store))
             return None
         with torch.no_grad():
             self.deferred_errors[_NONFINITE:_NONFINITE + 1].add_((~ok).long())
@@ -438,13 +439,24 @@ class RunningStatsNorm(NormBase):
         super().reset_parameters()
 
 
+class NonFiniteError(ValueError):
+    """A training minibatch gave a layer non-finite statistics (raised at once, or by ``check_deferred``)."""
+
+
+#: what a non-finite message adds: what may already be affected, and what to do
+NONFINITE_ADVICE = ("; layers that ran before it in the same forward pass (torch's BatchNorm too) may already have "
+                    "taken this batch into their running statistics, and with deferred checks the parameters may "
+                    "have been stepped since: skip the step and put the buffers back (cbnorm.StepGuard does both, "
+                    "as GradScaler skips a step with inf gradients), or restore from the last good checkpoint")
+
+
 def _nonfinite_message(name: str, store: torch.dtype, count: int = 0) -> str:
     what = "this minibatch gives" if not count else \
         f"{count} training minibatch{'es' if count > 1 else ''} since the last check gave"
     return (f"{name}: {what} non-finite statistics (NaN or inf in the input, or activations too large for "
             f"{store} statistics, |x| > ~1e19); refusing to update the running statistics with "
             f"{'it' if count <= 1 else 'them'}" + (" (they were left unchanged; validate='deferred' reports this at "
-                                                  "check_deferred)" if count else ""))
+                                                  "check_deferred)" if count else "") + NONFINITE_ADVICE)
 
 
 def check_deferred(module: nn.Module, *, clear: bool = True) -> None:
@@ -477,7 +489,23 @@ def check_deferred(module: nn.Module, *, clear: bool = True) -> None:
         msg = _nonfinite_message(type(m).__name__, m._store_dtype(), nonfinite) + f" (layer {name!r})"
     if len(found) > 1:
         msg += f"; {len(found) - 1} more layer(s) reported too: " + ", ".join(repr(f[0]) for f in found[1:6])
-    raise ValueError(msg)
+    raise ValueError(msg) if bad_ids else NonFiniteError(msg)
+
+
+def nonfinite_count(module: nn.Module) -> Optional[Tensor]:
+    """The non-finite training batches counted by the deferred checks of every cbnorm layer in ``module``,
+    summed on the device (no host read), or None when it has no cbnorm layer."""
+    counts = [m.deferred_errors[_NONFINITE] for m in module.modules() if isinstance(m, NormBase)]
+    return torch.stack([c.to(counts[0].device) for c in counts]).sum() if counts else None
+
+
+def clear_nonfinite(module: nn.Module) -> None:
+    """Reset the deferred non-finite counts of every cbnorm layer in ``module`` (a caller that skipped the
+    step has dealt with them); counts of out-of-range context ids are kept for ``check_deferred``."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, NormBase):
+                m.deferred_errors[_NONFINITE].zero_()
 
 
 def affine_params(module: nn.Module, shape: tuple[int, ...], enabled: bool) -> None:

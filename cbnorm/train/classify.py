@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
-from ..norms import check_deferred
+from ..guard import StepGuard
+from ..norms import NonFiniteError, check_deferred
 from .schedules import SCHEDULES, check_schedule, lr_at, parse_milestones, snapshot_steps
 from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, build_model_from_config, count_parameters,
                    load_resume_state, preprocess_images, read_json, save_config, save_metrics,
@@ -63,10 +64,10 @@ DEFAULTS: dict[str, Any] = {
     "lr_every": 1, "milestones": None, "warmup_steps": 0, "seed": 0, "snapshot_every": 200, "snapshot_early": 0,
     "eval_every": 0, "eval_subset": 1000, "amp": False, "limit_train": None,
     "limit_test": None, "eval_batch_size": 1000, "out": None, "resume": False, "device": "auto",
-    "threads": None, "quiet": False, "context_head": False,
+    "threads": None, "quiet": False, "context_head": False, "max_skipped": 10,
 }
 #: options that describe the environment, not the experiment (not stored in config.json "training")
-_RUNTIME = ("out", "resume", "device", "threads", "quiet")
+_RUNTIME = ("out", "resume", "device", "threads", "quiet", "max_skipped")
 #: options that may differ when resuming
 _RESUMABLE = ("epochs", "snapshot_every", "eval_batch_size")
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit-train", type=int, help="train on a stratified subset of this many images")
     t.add_argument("--limit-test", type=int, help="test on a stratified subset of this many images")
     t.add_argument("--eval-batch-size", type=int, help=f"({d['eval_batch_size']})")
+    t.add_argument("--max-skipped", type=int,
+                   help="a step whose batch is not finite is skipped (parameters, optimizer state and buffers as "
+                        "before it, as GradScaler skips inf gradients); stop after this many in a row "
+                        f"({d['max_skipped']})")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run directory to write (e.g. checkpoints/NAME)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
@@ -243,6 +248,14 @@ class _Dist:
         t = torch.tensor(list(values), dtype=torch.float64,
                          device=self.device if self.device.type == "cuda" else "cpu")
         if self.enabled:
+            self.dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_tensor(self, t: torch.Tensor) -> list[float]:
+        """``t`` (a small 1-D tensor on the training device) summed over ranks, read back in one transfer."""
+        t = t.detach().to(torch.float64)
+        if self.enabled:
+            t = t if self.device.type == "cuda" else t.cpu()
             self.dist.all_reduce(t)
         return t.tolist()
 
@@ -473,7 +486,7 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
     uses_ctx = bool(getattr(model, "uses_context", False))
     has_predictor = getattr(model, "context_predictor", None) is not None
 
-    metrics: dict[str, Any] = {"loss": [], "lr": [], "evals": [], "epochs": []}
+    metrics: dict[str, Any] = {"loss": [], "lr": [], "evals": [], "epochs": [], "skipped_steps": []}
     start_epoch, step, wall0 = 0, 0, 0.0
     resume_path = out / files["resume"]
     if stored is not None and resume_path.is_file():
@@ -484,6 +497,7 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
         metrics["lr"] = [r for r in old.get("lr", []) if r[0] <= step]
         metrics["evals"] = [r for r in old.get("evals", []) if r["step"] <= step]
         metrics["epochs"] = [r for r in old.get("epochs", []) if r["epoch"] <= start_epoch]
+        metrics["skipped_steps"] = [s for s in old.get("skipped_steps", []) if s <= step]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
@@ -538,6 +552,7 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
         c, l, n = dist.sum(score(model, eval_images, eval_labels, pre, None, a["eval_batch_size"], device, part))
         metrics["evals"].append({"step": step, "test_acc": c / max(n, 1), "test_loss": l / max(n, 1), "n": int(n)})
 
+    guard = StepGuard(model, max_consecutive=a["max_skipped"])
     if a["eval_every"] and step == 0 and not metrics["evals"]:
         eval_subset_now()
     session_start = time.perf_counter()
@@ -555,24 +570,38 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
             lr = lr_at(step, a["lr"], **sched)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=bool(a["amp"])):
-                if has_predictor:  # joint loss: classes + the context predictor (on the training contexts)
-                    logits, ctx_logits = dist.net(model)(x, context=ctx, return_context_logits=True)
-                    loss = F.cross_entropy(logits.float(), y) + F.cross_entropy(ctx_logits.float(), ctx)
-                else:
-                    logits = dist.net(model)(x, context=ctx)
-                    loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            guard.begin()  # a non-finite batch leaves parameters, optimizer state and buffers as they were
+            try:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=bool(a["amp"])):
+                    if has_predictor:  # joint loss: classes + the context predictor (on the training contexts)
+                        logits, ctx_logits = dist.net(model)(x, context=ctx, return_context_logits=True)
+                        loss = F.cross_entropy(logits.float(), y) + F.cross_entropy(ctx_logits.float(), ctx)
+                    else:
+                        logits = dist.net(model)(x, context=ctx)
+                        loss = F.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                # the step's one host read: the loss (all ranks' mean) and whether to skip the step
+                loss_sum, bad = dist.sum_tensor(torch.stack([loss.detach().float(), guard.bad(loss)]))
+            except NonFiniteError as err:  # a layer's immediate check refused the batch (every rank alike)
+                loss_sum, bad, reason = float("nan"), 1.0, str(err)
+            else:
+                reason = "the loss or a layer's statistics were not finite"
             step += 1
-            with torch.no_grad():
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-            loss_val = dist.sum([float(loss.detach())])[0] / dist.world
+            if bad:
+                guard.skip(optimizer, reason)  # raises after --max-skipped steps in a row
+                metrics["skipped_steps"].append(step)
+                if show:
+                    print(f"step {step}: non-finite batch, step skipped ({reason.split(';')[0]})", flush=True)
+            else:
+                guard.stepped()
+                scaler.step(optimizer)
+                scaler.update()
+                with torch.no_grad():
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(y)
+                metrics["loss"].append([step, loss_sum / dist.world])
             step_time += time.perf_counter() - t0
-            metrics["loss"].append([step, loss_val])
             metrics["lr"].append([step, lr])
             if step in snaps or (a["eval_every"] and step % a["eval_every"] == 0):
                 check_deferred(model)  # checks the layers deferred on the device (validate="auto" off the CPU)
@@ -581,7 +610,7 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
             if a["eval_every"] and step % a["eval_every"] == 0:
                 eval_subset_now()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.4f}")
+            bar.set_postfix(loss=f"{loss_sum / dist.world:.4f}")
         bar.close()
         check_deferred(model)  # before the epoch's evaluation and saves
         c_train, n_train = dist.sum([correct, seen])
@@ -603,8 +632,11 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
             co = dist.sum([score(model, test_images, test_labels, pre, test_ctx, a["eval_batch_size"], device,
                                  shard)[0]])[0]
             record["test_acc_kmeans"] = co / max(n, 1)
+        # wall time with the machine's load beside it: a record of this run, not a cost of its norm (that is
+        # bench/speed.py's, measured side by side)
         record.update(test_loss=l / max(n, 1), time_per_step_s=step_time / steps_per_epoch,
-                      wall=wall0 + time.perf_counter() - session_start)
+                      wall=wall0 + time.perf_counter() - session_start,
+                      loadavg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         metrics["epochs"].append(record)
         _summary(metrics, params)
         if dist.main:
@@ -619,7 +651,8 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
             extra = "".join(f" {k.replace('test_acc_', '')} {record[k]:.4f}" for k in ("test_acc_oracle",
                                                                                         "test_acc_kmeans")
                             if k in record)
-            print(f"epoch {epoch + 1}/{a['epochs']} step {step}: loss {metrics['loss'][-1][1]:.4f} "
+            last_loss = metrics["loss"][-1][1] if metrics["loss"] else float("nan")
+            print(f"epoch {epoch + 1}/{a['epochs']} step {step}: loss {last_loss:.4f} "
                   f"train_acc {record['train_acc']:.4f} test_acc {record['test_acc']:.4f}{extra} "
                   f"test_loss {record['test_loss']:.4f} ({record['time_per_step_s']:.3f} s/step)", flush=True)
     return out
