@@ -29,25 +29,29 @@ sys.path.insert(0, str(ROOT))
 
 import cbnorm  # noqa: E402
 from bench.depth_models import ResNet18, fashion_batches  # noqa: E402
+from cbnorm.data import FASHION_SUPERCLASSES  # noqa: E402
+
+SUPER = torch.tensor([FASHION_SUPERCLASSES[i] for i in range(10)])  # Fashion-MNIST's 4 superclasses
 
 #: (label, norm, convert kwargs, options): each ablation switches one suspected cause off
 CASES = [
     ("bn", "bn", {}, {}),
-    ("acn", "acn", {}, {}),
-    ("acn: init=data", "acn", {"init": "data"}, {}),
-    ("acn: init=data, eps=1e-2 (variance floor)", "acn", {"init": "data", "eps": 1e-2}, {}),
-    ("acn: no weight decay / momentum on mixture params", "acn", {}, {"mixture_group": "plain"}),
-    ("acn: mixture params frozen", "acn", {}, {"mixture_group": "frozen"}),
-    ("acn: autograd backward (no hand-written)", "acn", {}, {"autograd": True}),
+    ("acn: init=random (the default before this study)", "acn", {"init": "random"}, {}),
+    ("acn: init=random, no weight decay / momentum on mixture params", "acn", {"init": "random"},
+     {"mixture_group": "plain"}),
+    ("acn: init=random, mixture params frozen", "acn", {"init": "random"}, {"mixture_group": "frozen"}),
+    ("acn: init=random, autograd backward (no hand-written)", "acn", {"init": "random"}, {"autograd": True}),
+    ("acn: init=data, no variance floor", "acn", {"init": "data"}, {"no_floor": True}),
+    ("acn: init=data, variance floor 0.01 (the new default)", "acn", {}, {}),
+    ("acn: init=data + floor, mixture params frozen", "acn", {}, {"mixture_group": "frozen"}),
     ("acn: update=moving_average", "acn", {"update": "moving_average"}, {}),
-    ("acn: standardizing init (fix)", "acn", {"init": "standardize"}, {}),
+    ("cnx", "cnx", {"num_contexts": 4}, {}),
     ("mn K=3", "mn", {"num_components": 3}, {}),
     ("mn K=1 (= BN)", "mn", {"num_components": 1}, {}),
     ("mn K=3, eps=1e-2", "mn", {"num_components": 3, "eps": 1e-2}, {}),
     ("mn K=3, batch 128", "mn", {"num_components": 3}, {"batch_size": 128}),
     ("mn K=3, no 1/sqrt(lambda_k) scale (x_hat variance 1, not ~K)", "mn", {"num_components": 3}, {"unscaled": True}),
     ("mn K=3, warm start (EM from the previous fit)", "mn", {"num_components": 3, "warm_start": True}, {}),
-    ("mn K=3, min points per component (fix)", "mn", {"num_components": 3, "min_points": "auto"}, {}),
 ]
 
 
@@ -60,8 +64,9 @@ def run_case(norm: str, kw: dict, opts: dict, steps: int, width: int, seed: int 
     torch.manual_seed(seed)
     model = ResNet18(width=width)
     if norm != "bn":
-        kw = dict(kw)
         cbnorm.convert(model, norm, **kw)
+        if norm == "cnx":
+            model = cbnorm.ContextModel(model)
     mix = mixture_params(model)
     ids = {id(p) for p in mix}
     rest = [p for p in model.parameters() if id(p) not in ids]
@@ -87,6 +92,11 @@ def run_case(norm: str, kw: dict, opts: dict, steps: int, width: int, seed: int 
                                          a, b, "joint")
         patches.append((adaptive, "joint_mixture_transform", adaptive.joint_mixture_transform))
         adaptive.joint_mixture_transform = composed
+    if opts.get("no_floor"):
+        from cbnorm.norms import adaptive
+
+        patches.append((adaptive, "INIT_VAR_FLOOR", adaptive.INIT_VAR_FLOOR))
+        adaptive.INIT_VAR_FLOOR = 0.0
     if opts.get("unscaled"):  # MN's eq. 34 without the 1/sqrt(lambda_k) factor
         from cbnorm.norms import functional as fn, mixture
 
@@ -103,7 +113,7 @@ def run_case(norm: str, kw: dict, opts: dict, steps: int, width: int, seed: int 
             hooks = [m.register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o.detach()))
                      for n, m in norms]
             try:
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(x) if norm != "cnx" else model(x, context=SUPER[y]), y)
             finally:
                 for h in hooks:
                     h.remove()
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default="", help="comma-separated norms to run (bn, acn, mn)")
-    p.add_argument("--no-fixes", action="store_true", help="leave out the cases labelled (fix)")
+
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "depth_causes.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -143,7 +153,7 @@ def main(argv=None) -> int:
            "recipe": "ResNet18 (kuangliu), Fashion-MNIST 32x32x3, SGD lr 0.01 momentum 0.9 wd 5e-4, batch 32, seed 0",
            "cases": []}
     for label, norm, kw, opts in CASES:
-        if (only and norm not in only) or (a.no_fixes and "(fix)" in label):
+        if only and norm not in only:
             continue
         t0 = time.perf_counter()
         rec = run_case(norm, kw, opts, a.steps, a.width)

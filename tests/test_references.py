@@ -224,9 +224,9 @@ def test_acn_weight_update_against_loop(posterior):
 
 def test_acn_moving_average_against_loop():
     torch.manual_seed(0)
-    layer = make_layer("acn", 2, num_components=2, update="moving_average", momentum=0.25).double()
+    layer = make_layer("acn", 2, num_components=2, update="moving_average", momentum=0.25, init="random").double()
     x = torch.randn(5, 2, 3, 3, dtype=torch.float64)
-    layer.initialize_from(layer._to_ncp(x))  # what the first training step does (init="data")
+    layer.initialize_from(layer._to_ncp(x))  # what the first training step does with init="data"
     lam0, mu0, var0 = (t.numpy().copy() for t in layer.component_parameters())
     y = layer(x)
     pts = np.concatenate(npoints(x))
@@ -421,7 +421,7 @@ def test_acn_data_init_puts_components_on_the_data(update):
     torch.manual_seed(0)
     data = make_layer("acn", 3, num_components=2, update=update, affine=False, init="data")
     torch.manual_seed(0)
-    rand = make_layer("acn", 3, num_components=2, update=update, affine=False)  # default: init="random"
+    rand = make_layer("acn", 3, num_components=2, update=update, affine=False, init="random")
     y = data(x).detach()
     lam, mu, var = data.mixture_parameters()
     assert int(data.data_initialized) == 1
@@ -451,6 +451,55 @@ def test_acn_data_init_happens_once_and_survives_state_dict():
     fresh.load_state_dict(untrained.state_dict())  # data_initialized = 0 again: the next step fits
     fresh(x)
     assert int(fresh.data_initialized) == 1 and abs(float(fresh.mean.mean()) + 10) < 1
-    assert int(make_layer("acn", 3).data_initialized) == 1  # init="random": nothing left to do
+    assert int(make_layer("acn", 3, init="random").data_initialized) == 1  # nothing left to do
+    assert int(make_layer("acn", 3).data_initialized) == 0  # init="data", the default: the first step fits
     with pytest.raises(ValueError, match="init must be"):
         make_layer("acn", 3, init="kmeans")
+
+
+def test_cnx_data_init_is_each_contexts_minibatch_statistics():
+    """CN-X init="data" (the default): each context's mean and variance from its own samples of the first
+    training minibatch (numpy reference), the whole minibatch's for a context with none; then x_hat of a
+    context is its standardized values times 1/sqrt(prior) (eq. 8); once only, kept through state_dict."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 3, 2, 2, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1) + 4
+    ctx = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0, 1])  # context 2 absent
+    layer = make_layer("cnx", 3, num_contexts=3, affine=False).double().train()
+    y = layer(x, context=ctx)
+    xn = x.numpy()
+    for k in range(3):
+        sel = xn[ctx.numpy() == k] if k < 2 else xn
+        pts = sel.transpose(1, 0, 2, 3).reshape(3, -1)
+        np.testing.assert_allclose(layer.mean[k].detach().numpy(), pts.mean(1), rtol=1e-10)
+        np.testing.assert_allclose(layer.log_var[k].detach().exp().numpy(), pts.var(1) + 1e-5, rtol=1e-10)
+    z = (xn[ctx.numpy() == 0].transpose(1, 0, 2, 3).reshape(3, -1))
+    z = (z - z.mean(1, keepdims=True)) / np.sqrt(z.var(1, keepdims=True) + 2e-5) * np.sqrt(3)
+    np.testing.assert_allclose(y[ctx == 0].detach().numpy().transpose(1, 0, 2, 3).reshape(3, -1), z, rtol=1e-4, atol=1e-6)
+    assert int(layer.data_initialized) == 1
+    mean = layer.mean.detach().clone()
+    layer(x + 10, context=ctx)  # never again
+    torch.testing.assert_close(layer.mean.detach(), mean)
+    fresh = make_layer("cnx", 3, num_contexts=3, affine=False).double()
+    fresh.load_state_dict(layer.state_dict())
+    fresh.train()(x - 10, context=ctx)
+    torch.testing.assert_close(fresh.mean.detach(), mean)
+    zeros = make_layer("cnx", 3, num_contexts=3, init="zeros")
+    assert int(zeros.data_initialized) == 1 and torch.equal(zeros.mean.detach(), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="init must be 'data' or 'zeros'"):
+        make_layer("cnx", 3, num_contexts=3, init="random")
+
+
+def test_acn_data_init_floors_a_collapsed_components_variance():
+    """Many identical points (zero padding, a black background) give a GMM component a variance of ~0; the
+    data init floors every component's variance at INIT_VAR_FLOOR of its channel's minibatch variance."""
+    from cbnorm.norms.adaptive import INIT_VAR_FLOOR
+
+    torch.manual_seed(0)
+    x = torch.zeros(8, 2, 4, 4)
+    x[:, :, :2] = torch.randn(8, 2, 2, 4) * 2 + 3  # half the positions carry signal, half are exactly 0
+    layer = make_layer("acn", 2, num_components=2)
+    layer(x)
+    _, _, var = layer.mixture_parameters()
+    channel_var = x.transpose(0, 1).reshape(2, -1).var(dim=1)
+    assert (var >= INIT_VAR_FLOOR * channel_var[None] * (1 - 1e-5)).all()
+    assert float(var.min()) < 0.02 * float(channel_var.min())  # the floor is what held it (collapsed component)

@@ -382,6 +382,7 @@ def test_context_model_with_routed_ids_compiles_whole(name):
             ctx = contexts_for(12)
             torch.testing.assert_close(compiled(x, context=ctx), twin(x, context=ctx), atol=1e-5, rtol=1e-5)
             assert inner[1]._compiled_route is None
-    assert counter.frame_count == 2  # one graph per mode, no break
+    # one graph per mode, no break (CN-X's init="data" fits on the first step: one recompile after it)
+    assert counter.frame_count == 2 + (name == "cnx")
     for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
         torch.testing.assert_close(a, b, msg=lambda m: f"{k}: {m}")

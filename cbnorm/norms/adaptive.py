@@ -34,17 +34,22 @@ from .base import RunningStatsNorm, affine_params, check_positive_int, ddp_activ
 from .functional import (check_posterior, flat_posteriors, joint_mixture_transform, log_posteriors, mix_affine,
                          normalizing_coefficients, posterior_batch_norm, weighted_moments)
 
-__all__ = ["AdaptiveContextNorm"]
+__all__ = ["AdaptiveContextNorm", "INIT_VAR_FLOOR"]
+
+#: init="data": each fitted component's variance is at least this share of its channel's minibatch variance
+INIT_VAR_FLOOR = 0.01
 
 
 class AdaptiveContextNorm(RunningStatsNorm):
     """ACN / UCB-Norm / UAN (PKN eq. 19, CB-Norm eq. 6). x (N, C, *S) or (N, L, D) with channel_last; no context.
 
     ``num_components`` K; ``update`` in {"weight", "moving_average"}; ``posterior`` in {"joint", "channel"};
-    ``init``: "random" (default; PKN Algorithm 5 line 1, "randomly initialized") draws the means from
-    N(0, init_std^2), with unit variances and uniform weights; "data" sets lambda, mu, sigma^2 from a GMM
-    fitted (k-means++ and EM, ``cbnorm.gmm``) to the first training minibatch, so the components start where
-    the activations are. The buffer ``data_initialized`` records that the fit happened (it is saved, so a
+    ``init``: "data" (default) sets lambda, mu, sigma^2 from a GMM fitted (k-means++ and EM, ``cbnorm.gmm``)
+    to the first training minibatch, so the components start where the activations are and the layer
+    standardizes from step 0 (each variance floored at ``INIT_VAR_FLOOR`` of its channel's); "random" (PKN
+    Algorithm 5 line 1, "randomly initialized"; the default before the depth study) draws the means from
+    N(0, init_std^2), with unit variances and uniform weights, whatever the scale of the activations: in
+    every layer of a ResNet-20 the first loss is 3e4 (README, "Depth"). The buffer ``data_initialized`` records that the fit happened (it is saved, so a
     loaded or resumed model is never re-initialised); under DDP rank 0's fit is broadcast. Neither is clearly
     better on Fashion-MNIST (bench/results/convergence.json).
 
@@ -62,7 +67,7 @@ class AdaptiveContextNorm(RunningStatsNorm):
     has_mixture = True
 
     def __init__(self, num_features: int, *, num_components: int = 3, update: str = "weight",
-                 posterior: str = "joint", init: str = "random", init_std: float = 1.0, eps: float = 1e-5,
+                 posterior: str = "joint", init: str = "data", init_std: float = 1.0, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, channel_last: bool = False,
                  validate: str = "auto") -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, channel_last=channel_last,
@@ -72,6 +77,8 @@ class AdaptiveContextNorm(RunningStatsNorm):
         if update not in ("weight", "moving_average"):
             raise ValueError(f"update must be 'weight' or 'moving_average', got {update!r}")
         self.update = update
+        # learned components: every norm of a width-64 ResNet-18 diverges, ResNet-20's train (README, "Depth")
+        self.max_stacked = 6 if update == "weight" else None
         self.posterior = check_posterior(posterior, ("joint", "channel"))
         if init not in ("data", "random"):
             raise ValueError(f"init must be 'data' or 'random', got {init!r}")
@@ -160,7 +167,11 @@ class AdaptiveContextNorm(RunningStatsNorm):
         except ValueError as err:
             raise ValueError(f"AdaptiveContextNorm: cannot initialise from this minibatch: {err}") from None
         weights = weights / weights.sum()
-        vars = vars.clamp_min(self.eps)
+        # a component fitted to many identical points (zero padding, a black background) gets a variance of ~0:
+        # its 1/sigma then turns the first step's gradients into 1e5 (measured: bench/depth_causes.py). Floor
+        # every component's variance at INIT_VAR_FLOOR of its channel's variance in the minibatch.
+        floor = (INIT_VAR_FLOOR * pts_t.float().var(dim=1)).to(vars.dtype)  # (C,)
+        vars = torch.maximum(vars.clamp_min(self.eps), floor[None, :])
         if ddp_active():
             for t in (weights, means, vars):  # every rank starts from rank 0's components
                 torch.distributed.broadcast(t, src=0)
@@ -194,6 +205,8 @@ class AdaptiveContextNorm(RunningStatsNorm):
             return flat_posteriors(resp, self.posterior)
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        if self.training and self.update == "weight":  # no batch statistics, but a non-finite batch is refused
+            self._refuse_nonfinite(x3.detach().mean(dim=(0, 2)), x3.detach().square().mean(dim=(0, 2)))
         if self.training and not self._init_checked:  # init="data": the one-off fit of the first step
             self.initialize_from(x3)
             self._init_checked = True
@@ -216,8 +229,6 @@ class AdaptiveContextNorm(RunningStatsNorm):
                 return y
             lam_n, mu_n, var_n = lam_b.clamp_min(1e-12), mu_b, var_b
         else:
-            if self.training:  # no batch statistics here, but a non-finite batch is refused like everywhere
-                self._refuse_nonfinite(x3.detach().mean(dim=(0, 2)), x3.detach().square().mean(dim=(0, 2)))
             lam_n, mu_n, var_n = lam, mu, var
             if self.posterior == "joint":  # posteriors differentiable: one op with a hand-written backward
                 a, b = normalizing_coefficients(mu, var, self.eps, torch.rsqrt(lam)[:, None], gain, bias)

@@ -144,6 +144,11 @@ class NormBase(nn.Module):
     uses_context: ClassVar[bool] = False
     #: whether the layer has a mixture / per-context Gaussians to show (``mixture_parameters()``)
     has_mixture: ClassVar[bool] = False
+    #: the most layers of this kind measured to train stacked in any network, None = no limit found. ACN with
+    #: update="weight" and CN-X normalize with statistics learned as weights, which do not follow the scale of
+    #: their input as the layers before them train: in every norm of a width-64 ResNet-18 they diverge
+    #: (README, "Depth"); ``convert`` warns past the limit
+    max_stacked: Optional[int] = None
     #: whether the constructor takes ``momentum`` (running averages with BatchNorm's convention)
     takes_momentum: ClassVar[bool] = False
     #: registry names, first one canonical

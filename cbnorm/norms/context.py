@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import NormBase, RunningStatsNorm, affine_params, allreduce_sum, check_positive_int
+from .base import NormBase, RunningStatsNorm, affine_params, allreduce_sum, check_positive_int, ddp_active
 from .functional import check_posterior, flat_posteriors, log_posteriors, mix_affine, normalizing_coefficients
 
 __all__ = ["ContextNorm", "ContextNormX", "ContextNormEmbed"]
@@ -198,25 +198,84 @@ class ContextNormX(_ContextBase):
     """CN-X / SCB-Norm (PKN Algorithm 3, CB-Norm eq. 8): per-context mean and log-variance learned as weights
     (K, C). x (N, C, *S) or (N, L, D); context (N,) long. No running statistics (no ``momentum``).
 
-    ``mean`` initialised at 0 and ``log_var`` at 0 (variance 1) so training starts at the identity; the
-    contexts separate as gradients differ (the papers initialise randomly; zeros keep runs reproducible).
+    ``init``: "data" (default) sets each context's ``mean`` and ``log_var`` from its samples in the first
+    training minibatch (a context absent from it from the whole minibatch), so the layer standardizes from
+    step 0; "zeros" (the default before the depth study) starts at mean 0 and variance 1 whatever the scale
+    of the activations (the papers initialise randomly): in ResNet-20's last stage the first loss is 147, in
+    every layer 4e5 (README, "Depth"). The buffer ``data_initialized`` records the fit (saved; a loaded
+    model is never re-initialised); under DDP rank 0's statistics are broadcast.
     """
 
     names = ("cnx", "scb", "cn-x", "scb-norm")
+    max_stacked = 6  # learned statistics: every norm of a width-64 ResNet-18 diverges (README, "Depth")
 
-    def __init__(self, num_features: int, *, num_contexts: int, **kw) -> None:
+    def __init__(self, num_features: int, *, num_contexts: int, init: str = "data", **kw) -> None:
         super().__init__(num_features, num_contexts=num_contexts, **kw)
+        if init not in ("data", "zeros"):
+            raise ValueError(f"init must be 'data' or 'zeros', got {init!r}")
+        self.init = init
         self.mean = nn.Parameter(torch.zeros(num_contexts, num_features))
         self.log_var = nn.Parameter(torch.zeros(num_contexts, num_features))
+        self.register_buffer("data_initialized", torch.tensor(int(init == "zeros"), dtype=torch.long))
+        self._init_checked = init == "zeros"
 
     def _reset_extra_parameters(self) -> None:
         self.mean.zero_()
         self.log_var.zero_()
+        if self.init == "data":
+            self.data_initialized.zero_()
+            self._init_checked = False
+
+    def upgrade_state_dict(self, state_dict: dict, prefix: str) -> None:
+        """Files written before ``data_initialized`` existed hold a trained (or zero-initialised) layer: 1."""
+        super().upgrade_state_dict(state_dict, prefix)
+        key = prefix + "data_initialized"
+        if key not in state_dict and any(k.startswith(prefix) for k in state_dict):
+            state_dict[key] = torch.tensor(1, dtype=torch.long)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        loaded = state_dict.get(prefix + "data_initialized")
+        if not (isinstance(loaded, Tensor) and loaded.numel() == 1):
+            loaded = self.data_initialized
+        self._init_checked = self.init == "zeros" or bool(int(loaded))
+
+    def refresh_host_state(self) -> None:
+        self._init_checked = self.init == "zeros" or bool(int(self.data_initialized))
+
+    @torch.no_grad()
+    def initialize_from(self, x3: Tensor, context: Tensor) -> None:
+        """Each context's mean and log-variance from its points in x3 (N, C, P) (context (N,) long); a context
+        with no sample gets the whole minibatch's. No host read; non-finite statistics leave the parameters
+        as they are (and are refused or counted as everywhere)."""
+        k = self.num_contexts
+        onehot = torch.nn.functional.one_hot(context.clamp(0, k - 1), k).to(x3.dtype) \
+            * (context < k).to(x3.dtype)[:, None]  # (N, K); the deferred-check sentinel K counts nowhere
+        p = x3.shape[2]
+        count = onehot.sum(0) * p  # (K,)
+        s1 = onehot.t() @ x3.sum(2)  # (K, C)
+        s2 = onehot.t() @ (x3 * x3).sum(2)
+        all_mean = x3.mean(dim=(0, 2))
+        all_var = x3.var(dim=(0, 2), unbiased=False)
+        safe = count.clamp_min(1)[:, None]
+        mean = torch.where(count[:, None] > 0, s1 / safe, all_mean[None])
+        var = torch.where(count[:, None] > 0, (s2 / safe - mean * mean).clamp_min(0), all_var[None])
+        if ddp_active():
+            for t in (mean, var):
+                torch.distributed.broadcast(t, src=0)
+        ok = self._refuse_nonfinite(mean, var)
+        log_var = torch.log(var + self.eps)
+        for target, value in ((self.mean, mean), (self.log_var, log_var)):
+            target.copy_(value.to(target.dtype) if ok is None else torch.where(ok, value.to(target.dtype), target))
+        self.data_initialized.copy_(torch.ones_like(self.data_initialized) if ok is None else ok.long())
 
     def context_statistics(self) -> tuple[Tensor, Tensor]:
         return self.mean, self.log_var.exp()
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
+        if self.training and not self._init_checked and context is not None:  # init="data": the first step
+            self.initialize_from(x3.detach(), context)
+            self._init_checked = True
         mean, var = self.mean.to(x3.dtype), self.log_var.to(x3.dtype).exp()
         if context is None:
             if self.training or not self.mixed_inference:
