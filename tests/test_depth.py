@@ -120,3 +120,19 @@ def test_acn_in_every_layer_of_resnet20_diverges_with_the_old_random_init_and_tr
     losses = train(net, *data, uses_context=False)
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20])
+
+
+def test_depth_bench_runs_a_few_steps_and_tabulates_seeds():
+    """bench/depth.py's pieces on a tiny budget: a run's record, and the README table's mean ± sd over seeds."""
+    from bench import depth
+
+    rec = depth.train_one("mode", "layer3", 0, limit=96, width=0.25, steps=3)
+    assert rec["steps"] == 3 and rec["skipped"] == 0 and rec["diverged_at"] is None
+    assert math.isfinite(rec["final_loss"]) and 0.0 <= rec["test_acc"] <= 1.0
+    fake = {"runs": [dict(rec, label="bn", seed=0, final_loss=1.0, test_acc=0.5),
+                     dict(rec, label="bn", seed=1, final_loss=3.0, test_acc=0.7),
+                     dict(rec, label="acn every layer", seed=0, final_loss=None, test_acc=None, diverged_at=12)],
+            "step_time": {"bn": {"ratio_to_bn": 1.0, "q1": 1.0, "q3": 1.0, "ms": 10.0}}}
+    table = depth.table(fake).splitlines()
+    assert table[2] == "| bn | 2.000 ± 1.414 | 0.600 ± 0.141 | 0/2 diverged, 0 steps skipped | 1.00× [1.00, 1.00] |"
+    assert table[3].startswith("| acn every layer | — | — | 1/1 diverged")
