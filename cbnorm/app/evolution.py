@@ -203,6 +203,11 @@ def umap_warmup(delay_s: float = 3.0) -> threading.Thread:
         except Exception:  # noqa: BLE001 - a failed warm-up only means a slower first UMAP
             S.log.warning("UMAP warm-up failed", exc_info=True)
 
+    # UMAP's import pulls in pandas; a page thread that meets pandas half-imported in sys.modules fails
+    # (plotly: "partially initialized module 'pandas' has no attribute 'Series'", seen on the histogram
+    # page of a fresh server). Import it here, before the thread starts.
+    import pandas  # noqa: F401
+
     t = threading.Thread(target=work, name="umap-warmup", daemon=True)
     t.start()
     return t
