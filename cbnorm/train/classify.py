@@ -245,17 +245,14 @@ class _Dist:
         return self.rank == 0
 
     def sum(self, values: Sequence[float]) -> list[float]:
-        t = torch.tensor(list(values), dtype=torch.float64,
-                         device=self.device if self.device.type == "cuda" else "cpu")
-        if self.enabled:
-            self.dist.all_reduce(t)
-        return t.tolist()
+        """Host numbers summed over ranks (:meth:`sum_tensor`)."""
+        return self.sum_tensor(torch.tensor(list(values), dtype=torch.float64))
 
     def sum_tensor(self, t: torch.Tensor) -> list[float]:
-        """``t`` (a small 1-D tensor on the training device) summed over ranks, read back in one transfer."""
-        t = t.detach().to(torch.float64)
+        """``t`` (a small 1-D tensor, on any device) summed over ranks, read back in one transfer (the
+        collective runs on the training device under NCCL, on the CPU under gloo)."""
+        t = t.detach().to(device=self.device if self.device.type == "cuda" else "cpu", dtype=torch.float64)
         if self.enabled:
-            t = t if self.device.type == "cuda" else t.cpu()
             self.dist.all_reduce(t)
         return t.tolist()
 
