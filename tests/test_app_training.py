@@ -217,7 +217,7 @@ def test_the_same_histogram_across_runs_overlay_multiples_and_statistics(trainin
     lo, hi = overlay["layout"]["xaxis"]["range"]  # the 2 % quantile of one run, the 98 % of one
     outside = []
     for n in names:
-        v = layer_capture(training_runs, n, 2, 256, 5)[0].output[:, 0].reshape(-1).double().numpy()
+        v = layer_capture(training_runs, n, 2, 256, 5)[0].x_hat[:, 0].reshape(-1).double().numpy()  # the view
         outside.append(int(((v < lo) | (v > hi)).sum()))
     assert sum(outside) > 0 and list(table["outside range"]) == outside
     assert ["outside" in t["name"] for t in overlay["data"][:3]] == [o > 0 for o in outside]
