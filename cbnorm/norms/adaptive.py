@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import RunningStatsNorm, affine_params, check_positive_int, ddp_active
+from .base import DataInitialized, RunningStatsNorm, affine_params, check_positive_int, ddp_active
 from .functional import (check_posterior, flat_posteriors, joint_mixture_transform, log_posteriors, mix_affine,
                          normalizing_coefficients, posterior_batch_norm, weighted_moments)
 
@@ -40,7 +40,7 @@ __all__ = ["AdaptiveContextNorm", "INIT_VAR_FLOOR"]
 INIT_VAR_FLOOR = 0.01
 
 
-class AdaptiveContextNorm(RunningStatsNorm):
+class AdaptiveContextNorm(DataInitialized, RunningStatsNorm):
     """ACN / UCB-Norm / UAN (PKN eq. 19, CB-Norm eq. 6). x (N, C, *S) or (N, L, D) with channel_last; no context.
 
     ``num_components`` K; ``update`` in {"weight", "moving_average"}; ``posterior`` in {"joint", "channel"};
@@ -84,8 +84,7 @@ class AdaptiveContextNorm(RunningStatsNorm):
             raise ValueError(f"init must be 'data' or 'random', got {init!r}")
         self.init = init
         affine_params(self, (num_features,), affine)
-        self.register_buffer("data_initialized", torch.tensor(int(init == "random"), dtype=torch.long))
-        self._init_checked = init == "random"
+        self._register_data_init()
         k, c = num_components, num_features
         if update == "weight":
             self.logits = nn.Parameter(torch.zeros(k))
@@ -102,12 +101,6 @@ class AdaptiveContextNorm(RunningStatsNorm):
         k, c = self.num_components, self.num_features
         return torch.randn(k, c) * self.init_std if k > 1 else torch.zeros(k, c)
 
-    def _forget_initialisation(self) -> None:
-        """With init="data", the next training step fits the components again."""
-        if self.init == "data":
-            self.data_initialized.zero_()
-            self._init_checked = False
-
     def _reset_extra_running(self) -> None:
         if self.update == "moving_average":
             self.running_mean.copy_(self._initial_means())
@@ -122,25 +115,6 @@ class AdaptiveContextNorm(RunningStatsNorm):
 
     def _needs_batch_statistics(self) -> bool:
         return self.update == "moving_average"
-
-    def upgrade_state_dict(self, state_dict: dict, prefix: str) -> None:
-        """Files written before ``data_initialized`` existed hold a trained or initialised layer: 1."""
-        super().upgrade_state_dict(state_dict, prefix)
-        key = prefix + "data_initialized"
-        if key not in state_dict and any(k.startswith(prefix) for k in state_dict):
-            state_dict[key] = torch.tensor(1, dtype=torch.long)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # whether the next training step fits the components: decided here, on the host, from the loaded
-        # value (so that forward never reads it back)
-        loaded = state_dict.get(prefix + "data_initialized")
-        if not (isinstance(loaded, Tensor) and loaded.numel() == 1):
-            loaded = self.data_initialized
-        self._init_checked = self.init == "random" or bool(int(loaded))
-
-    def refresh_host_state(self) -> None:
-        self._init_checked = self.init == "random" or bool(int(self.data_initialized))
 
     @torch.no_grad()
     def initialize_from(self, x3: Tensor) -> None:

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["NormBase", "RunningStatsNorm", "ema_update", "stat_dtype", "check_positive_int", "ROUTED_CONTEXTS",
-           "NonFiniteError", "nonfinite_count", "clear_nonfinite",
+           "NonFiniteError", "nonfinite_count", "clear_nonfinite", "DataInitialized",
            "VALIDATE_MODES", "check_deferred"]
 
 #: ``validate=`` values (module docstring)
@@ -453,6 +453,42 @@ NONFINITE_ADVICE = ("; layers that ran before it in the same forward pass (torch
                     "taken this batch into their running statistics, and with deferred checks the parameters may "
                     "have been stepped since: skip the step and put the buffers back (cbnorm.StepGuard does both, "
                     "as GradScaler skips a step with inf gradients), or restore from the last good checkpoint")
+
+
+class DataInitialized:
+    """Mixin (before the norm base in the bases) of a layer whose learned statistics are set from its first
+    training minibatch when ``self.init == "data"`` (ACN's components, CN-X's per-context statistics).
+
+    The saved buffer ``data_initialized`` records that the fit happened, so a loaded or resumed model is never
+    re-initialised; the host flag ``_init_checked`` mirrors it (set here from loaded state dicts, so forward
+    never reads the buffer back)."""
+
+    def _register_data_init(self) -> None:
+        self.register_buffer("data_initialized", torch.tensor(int(self.init != "data"), dtype=torch.long))
+        self._init_checked = self.init != "data"
+
+    def _forget_initialisation(self) -> None:
+        """With init="data", the next training step fits again."""
+        if self.init == "data":
+            self.data_initialized.zero_()
+            self._init_checked = False
+
+    def upgrade_state_dict(self, state_dict: dict, prefix: str) -> None:
+        """Files written before ``data_initialized`` existed hold a trained or initialised layer: 1."""
+        super().upgrade_state_dict(state_dict, prefix)
+        key = prefix + "data_initialized"
+        if key not in state_dict and any(k.startswith(prefix) for k in state_dict):
+            state_dict[key] = torch.tensor(1, dtype=torch.long)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        loaded = state_dict.get(prefix + "data_initialized")
+        if not (isinstance(loaded, Tensor) and loaded.numel() == 1):
+            loaded = self.data_initialized
+        self._init_checked = self.init != "data" or bool(int(loaded))
+
+    def refresh_host_state(self) -> None:
+        self._init_checked = self.init != "data" or bool(int(self.data_initialized))
 
 
 def _nonfinite_message(name: str, store: torch.dtype, count: int = 0) -> str:

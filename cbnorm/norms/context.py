@@ -39,7 +39,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import NormBase, RunningStatsNorm, affine_params, allreduce_sum, check_positive_int, ddp_active
+from .base import (DataInitialized, NormBase, RunningStatsNorm, affine_params, allreduce_sum, check_positive_int,
+                   ddp_active)
 from .functional import check_posterior, flat_posteriors, log_posteriors, mix_affine, normalizing_coefficients
 
 __all__ = ["ContextNorm", "ContextNormX", "ContextNormEmbed"]
@@ -194,7 +195,7 @@ class ContextNorm(_ContextBase, RunningStatsNorm):
         return self._apply_known(x3, context, mean, var)
 
 
-class ContextNormX(_ContextBase):
+class ContextNormX(DataInitialized, _ContextBase):
     """CN-X / SCB-Norm (PKN Algorithm 3, CB-Norm eq. 8): per-context mean and log-variance learned as weights
     (K, C). x (N, C, *S) or (N, L, D); context (N,) long. No running statistics (no ``momentum``).
 
@@ -216,32 +217,12 @@ class ContextNormX(_ContextBase):
         self.init = init
         self.mean = nn.Parameter(torch.zeros(num_contexts, num_features))
         self.log_var = nn.Parameter(torch.zeros(num_contexts, num_features))
-        self.register_buffer("data_initialized", torch.tensor(int(init == "zeros"), dtype=torch.long))
-        self._init_checked = init == "zeros"
+        self._register_data_init()
 
     def _reset_extra_parameters(self) -> None:
         self.mean.zero_()
         self.log_var.zero_()
-        if self.init == "data":
-            self.data_initialized.zero_()
-            self._init_checked = False
-
-    def upgrade_state_dict(self, state_dict: dict, prefix: str) -> None:
-        """Files written before ``data_initialized`` existed hold a trained (or zero-initialised) layer: 1."""
-        super().upgrade_state_dict(state_dict, prefix)
-        key = prefix + "data_initialized"
-        if key not in state_dict and any(k.startswith(prefix) for k in state_dict):
-            state_dict[key] = torch.tensor(1, dtype=torch.long)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        loaded = state_dict.get(prefix + "data_initialized")
-        if not (isinstance(loaded, Tensor) and loaded.numel() == 1):
-            loaded = self.data_initialized
-        self._init_checked = self.init == "zeros" or bool(int(loaded))
-
-    def refresh_host_state(self) -> None:
-        self._init_checked = self.init == "zeros" or bool(int(self.data_initialized))
+        self._forget_initialisation()
 
     @torch.no_grad()
     def initialize_from(self, x3: Tensor, context: Tensor) -> None:
