@@ -106,10 +106,14 @@ def _state(module: nn.Module) -> dict[str, Tensor]:
 
 
 def _put_back(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` back into ``module``'s tensors, and let cbnorm layers recompute their host-side flags
+    from the buffers (e.g. whether the first-step data init is still to come)."""
     current = _tensors(module)
     with torch.no_grad():
         for k, v in state.items():
             current[k].copy_(v)
+    if isinstance(module, NormBase):
+        module.refresh_host_state()
 
 
 @torch.no_grad()
