@@ -180,7 +180,8 @@ class AdaptiveContextNorm(DataInitialized, RunningStatsNorm):
 
     def _normalize(self, x3: Tensor, context: Optional[Tensor]) -> Tensor:
         if self.training and self.update == "weight":  # no batch statistics, but a non-finite batch is refused
-            self._refuse_nonfinite(x3.detach().mean(dim=(0, 2)), x3.detach().square().mean(dim=(0, 2)))
+            # one reduction suffices: the mean square is non-finite for NaN, inf and squares that overflow
+            self._refuse_nonfinite(x3.detach().square().mean(dim=(0, 2)))
         if self.training and not self._init_checked:  # init="data": the one-off fit of the first step
             self.initialize_from(x3)
             self._init_checked = True
