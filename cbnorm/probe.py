@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .norms import NormBase
 
-__all__ = ["Capture", "capture", "layer_names", "is_norm_layer", "normalized", "without_affine", "num_features"]
+__all__ = ["Capture", "capture", "layer_names", "is_norm_layer", "normalized", "without_affine", "num_features",
+           "preserved_state"]
 
 #: torch's own normalization layers whose x_hat the probe computes beside cbnorm's
 TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -116,14 +117,34 @@ def _put_back(module: nn.Module, state: dict[str, Tensor]) -> None:
         module.refresh_host_state()
 
 
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Within the block ``model`` may run in train mode: every parameter and buffer of its normalization
+    layers and the CPU (and CUDA) random state are put back as they were when the block ends (a recorder's
+    train-mode probe must not change training)."""
+    norms = [m for m in model.modules() if is_norm_layer(m)]
+    saved = [_state(m) for m in norms]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for m, st in zip(norms, saved):
+                _put_back(m, st)
+
+
 @torch.no_grad()
 def capture(model: nn.Module, x: Tensor, layers: Optional[Sequence[str]] = None, context: Optional[Tensor] = None,
-            *, allow_train: bool = False, x_hat: bool = True) -> dict[str, Capture]:
+            *, allow_train: bool = False, x_hat: bool = True, reduce: Optional[Callable] = None,
+            result: Optional[dict] = None) -> dict[str, Any]:
     """Run ``model(x, context=context)`` and return {layer name: Capture}.
 
     ``layers`` defaults to every cbnorm normalization layer; any module may be named (x_hat is computed for
     normalization layers only). ``x_hat=False`` skips it. Unknown names raise ``ValueError`` listing the
-    valid ones.
+    valid ones. ``reduce(name, module, input, x_hat, output)``, when given, receives each layer's tensors on
+    the model's device (x_hat None for other modules) and its return value replaces the Capture (a recorder
+    keeps a summary instead of float32 copies on the CPU). ``result``, when given, receives the model's
+    output under "output".
     """
     if model.training and not allow_train:
         raise ValueError("capture() needs the model in eval mode (a train-mode pass would update its statistics)")
@@ -162,6 +183,10 @@ def capture(model: nn.Module, x: Tensor, layers: Optional[Sequence[str]] = None,
                     _put_back(module, after)
                 else:
                     xh = normalized(module, *args, **kwargs)
+            if reduce is not None:
+                found[name] = reduce(name, module, inp.detach(), None if xh is None else xh.detach(), output.detach())
+                return
+            if xh is not None:
                 xh = xh.detach().float().cpu()
             found[name] = Capture(name, inp.detach().float().cpu(), output.detach().float().cpu(), module, xh)
         return hook
@@ -175,7 +200,9 @@ def capture(model: nn.Module, x: Tensor, layers: Optional[Sequence[str]] = None,
         x = x.to(device)
         if context is not None:
             context = context.to(device)
-        model(x) if context is None else model(x, context=context)
+        out = model(x) if context is None else model(x, context=context)
+        if result is not None:
+            result["output"] = out
     finally:
         for h in hooks:
             h.remove()

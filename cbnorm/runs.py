@@ -69,14 +69,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FORMAT_VERSION", "Run", "load_run", "save_run", "save_config", "save_metrics", "save_weights",
+__all__ = ["FORMAT_VERSION", "Run", "load_run", "Summary", "read_summary", "list_summaries", "read_metric_lines",
+           "metrics_from_lines", "run_status", "summary_name", "atomic_write_bytes", "find_runs", "METRICS_LINES",
+           "STATUS_NAME", "SUMMARY_DIR", "save_run", "save_config", "save_metrics", "save_weights",
            "save_snapshot", "snapshot_name", "save_resume_state", "load_resume_state", "read_safetensors",
            "validate_config", "build_model_from_config", "preprocess_images", "read_json", "write_json_atomic",
            "DEFAULT_FILES", "CONFIG_NAME", "count_parameters"]
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-TASKS = ("classify", "daynight", "gan")
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+#: "record": a run written by cbnorm.watch from a model the library cannot rebuild (a user's own)
+TASKS = ("classify", "daynight", "gan", "record")
+METRICS_LINES = "metrics.jsonl"
+STATUS_NAME = "status.json"
+SUMMARY_DIR = "summaries"
+_SUMMARY_RE = re.compile(r"^step_(\d+)\.safetensors$")
+#: the views a summary keeps of each layer (values (C, M) per view)
+SUMMARY_VIEWS = ("input", "x_hat", "output")
+#: a run whose status says "running" but has written nothing for this long is shown as stopped
+STALE_SECONDS = 600.0
 CONFIG_NAME = "config.json"
 DEFAULT_FILES: dict[str, str] = {"weights": "model.safetensors", "metrics": "metrics.json",
                                  "snapshots": "snapshots", "resume": "resume.safetensors"}
@@ -139,6 +150,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+#: public name of the atomic writer (the recorder writes summaries and metrics through it)
+atomic_write_bytes = _atomic_write_bytes
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -278,6 +293,10 @@ def validate_config(config: Any) -> dict:
 
     if not isinstance(config, dict):
         raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
+    if config.get("task") == "record":
+        return _validate_recorded(config)
+    if "recorder" in config:
+        _validate_recorder(config["recorder"])
     daynight = config.get("task") == "daynight"
     gan = config.get("task") == "gan"
     if "task" in config and config["task"] not in TASKS:
@@ -349,6 +368,47 @@ def validate_config(config: Any) -> dict:
         from .models.dcgan import check_gan_config
 
         check_gan_config(config)
+    return config
+
+
+def _validate_recorder(rec: Any) -> None:
+    """The "recorder" section cbnorm.watch writes: who recorded, and each recorded layer's path, class, kind
+    and width."""
+    if not isinstance(rec, dict):
+        raise ValueError("config.json 'recorder' must be a JSON object")
+    layers = rec.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ValueError("config.json recorder.layers must be a non-empty list of the recorded layers")
+    for i, li in enumerate(layers):
+        if not (isinstance(li, dict) and isinstance(li.get("path"), str) and isinstance(li.get("class"), str)
+                and isinstance(li.get("kind"), str) and type(li.get("width")) is int and li["width"] >= 1):
+            raise ValueError(f"config.json recorder.layers[{i}] must hold path, class, kind (strings) and width "
+                             f"(int >= 1), got {li!r}")
+    paths = [li["path"] for li in layers]
+    if len(set(paths)) != len(paths):
+        raise ValueError("config.json recorder.layers names a layer twice")
+
+
+def _validate_recorded(config: dict) -> dict:
+    """Task "record" (cbnorm.watch on a model the library cannot rebuild): format_version 2, the model's
+    class name, the recorder section; class_names and contexts optional."""
+    missing = [k for k in ("format_version", "task", "model", "recorder") if k not in config]
+    if missing:
+        raise ValueError(f"config.json is missing the keys {missing}")
+    version = config["format_version"]
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool) or version < 2:
+        raise ValueError(f"config.json has format_version {version!r}; recorded runs (task 'record') are format "
+                         f"2 (this cbnorm reads {list(SUPPORTED_VERSIONS)})")
+    model = config["model"]
+    if not isinstance(model, dict) or not isinstance(model.get("class"), str):
+        raise ValueError("config.json 'model' of a recorded run must be {\"class\": <the model's class name>, ...}")
+    names = config.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError("config.json 'class_names' must be a list of strings or null")
+    ctx = config.get("contexts")
+    if ctx is not None and not isinstance(ctx, dict):
+        raise ValueError("config.json 'contexts' must be a JSON object or null")
+    _validate_recorder(config["recorder"])
     return config
 
 
@@ -678,9 +738,44 @@ class Run:
     path: Path
     config: dict
     metrics: dict
-    model: nn.Module
+    #: None for a recorded run of a model the library cannot rebuild (task "record"): its views read summaries
+    model: Optional[nn.Module]
     snapshots: list[tuple[int, Path]] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: (step, path) of the recorded summaries (cbnorm.watch), in step order
+    summaries: list[tuple[int, Path]] = field(default_factory=list)
+
+    @property
+    def rebuildable(self) -> bool:
+        """Whether the library can rebuild this run's model (live views: resampling, snapshots, translation)."""
+        return self.model is not None
+
+    @property
+    def recorded_layers(self) -> list[dict]:
+        """The layers cbnorm.watch recorded (path, class, kind, width, ...); [] for runs without summaries."""
+        return list((self.config.get("recorder") or {}).get("layers") or [])
+
+    def refresh(self) -> "Run":
+        """Re-read what a run still being written adds: summaries, metrics, snapshots (the model is kept)."""
+        files = {**DEFAULT_FILES, **(self.config.get("files") or {})}
+        self.summaries = list_summaries(self.path)
+        self.metrics = _read_metrics(self.path, self.config, files)
+        if self.model is not None:
+            self.snapshots = _list_snapshots(self.path, files)
+        return self
+
+    def read_summary(self, step: int) -> "Summary":
+        paths = dict(self.summaries)
+        if int(step) not in paths:
+            raise ValueError(f"no recorded summary at step {step} in {self.path}; recorded steps: {sorted(paths)}")
+        return read_summary(paths[int(step)])
+
+    def _need_model(self, what: str) -> nn.Module:
+        if self.model is None:
+            cls = (self.config.get("model") or {}).get("class", "?")
+            raise ValueError(f"{what} needs the model, and run {self.path.name} was recorded from a {cls} that "
+                             f"cbnorm cannot rebuild: only its recorded summaries can be shown")
+        return self.model
 
     # -------------------------------------------------------------- descriptors
     @property
@@ -697,15 +792,22 @@ class Run:
 
     @property
     def uses_context(self) -> bool:
+        if self.model is None:
+            return any(li.get("uses_context") for li in self.recorded_layers)
         return bool(getattr(self.model, "uses_context", False))
 
     @property
     def norm(self) -> str:
-        return self.config["norm"]
+        """The studied norm; for a recorded run of a user's model, the kinds of its recorded layers."""
+        if "norm" in self.config:
+            return self.config["norm"]
+        kinds = list(dict.fromkeys(li.get("kind", "?") for li in self.recorded_layers))
+        return "+".join(kinds) if kinds else "?"
 
     # -------------------------------------------------------------- models
     def new_model(self) -> nn.Module:
         """A fresh model of this run's architecture (random init) on ``device``."""
+        self._need_model("a new model")
         return build_model_from_config(self.config).to(self.device)
 
     def load_snapshot(self, step: int) -> nn.Module:
@@ -763,7 +865,7 @@ class Run:
     def logits(self, images: Any, context: Any = None, batch_size: int = 512, model: Optional[nn.Module] = None,
                ) -> Tensor:
         """Logits (N, num_classes) for uint8 ``images``; ``context`` ids (N,) or None (CN+ inference)."""
-        model = self.model if model is None else model
+        model = self._need_model("running images through the run") if model is None else model
         x = self.preprocess(images)
         ctx = None if context is None else torch.as_tensor(np.asarray(context) if not isinstance(context, Tensor)
                                                            else context, dtype=torch.long).to(self.device)
@@ -796,8 +898,30 @@ def _list_snapshots(run_dir: Path, files: Mapping[str, str]) -> list[tuple[int, 
     return sorted(out)
 
 
+def _read_metrics(run_dir: Path, config: Mapping, files: Mapping[str, str]) -> dict:
+    """metrics.json when the run has one (our trainers), with the scalar lines of metrics.jsonl (cbnorm.watch)
+    merged in (``metrics_from_lines``): keys of metrics.json win."""
+    metrics_path = _inside(run_dir, files["metrics"], "files.metrics")
+    lines_path = run_dir / METRICS_LINES
+    metrics: dict = {}
+    if metrics_path.is_file() or config.get("task") != "record":
+        metrics = read_json(metrics_path, "metrics.json")
+        if not isinstance(metrics, dict):
+            raise ValueError(f"metrics.json at {metrics_path} must hold a JSON object")
+        for key in ("loss", "epochs"):
+            if key in metrics and not isinstance(metrics[key], list):
+                raise ValueError(f"metrics.json '{key}' must be a list")
+    if lines_path.is_file():
+        from_lines = metrics_from_lines(read_metric_lines(run_dir))
+        metrics = {**from_lines, **metrics, "scalars": from_lines["scalars"]}
+    return metrics
+
+
 def load_run(path: PathLike, device: str | torch.device = "cpu") -> Run:
-    """Load and validate a run directory; ``ValueError`` with the reason when anything is wrong."""
+    """Load and validate a run directory; ``ValueError`` with the reason when anything is wrong.
+
+    A run recorded by ``cbnorm.watch`` from a model the library cannot rebuild (task "record") loads with
+    ``model=None``: its summaries and metrics are what there is to show."""
     run_dir = Path(path).expanduser()
     if not run_dir.exists():
         raise ValueError(f"run directory {run_dir} does not exist")
@@ -806,20 +930,199 @@ def load_run(path: PathLike, device: str | torch.device = "cpu") -> Run:
                          f"metrics.json and model.safetensors)")
     config = validate_config(read_json(_inside(run_dir, CONFIG_NAME, "config.json"), "config.json"))
     files = {**DEFAULT_FILES, **(config.get("files") or {})}
+    device = torch.device(device)
+    metrics = _read_metrics(run_dir, config, files)
+    summaries = list_summaries(run_dir)
+    if config["task"] == "record":
+        return Run(path=run_dir, config=config, metrics=metrics, model=None, device=device, summaries=summaries)
     weights_path = _inside(run_dir, files["weights"], "files.weights")
-    metrics_path = _inside(run_dir, files["metrics"], "files.metrics")
     if not weights_path.is_file():
         raise ValueError(f"weights are missing: expected {weights_path}")
-    metrics = read_json(metrics_path, "metrics.json")
-    if not isinstance(metrics, dict):
-        raise ValueError(f"metrics.json at {metrics_path} must hold a JSON object")
-    for key in ("loss", "epochs"):
-        if key in metrics and not isinstance(metrics[key], list):
-            raise ValueError(f"metrics.json '{key}' must be a list")
-    device = torch.device(device)
     model = build_model_from_config(config)
     tensors, _ = read_safetensors(weights_path, "model.safetensors")
     _load_into(model, tensors, "model.safetensors", config)
     model.to(device).eval()
     return Run(path=run_dir, config=config, metrics=metrics, model=model,
-               snapshots=_list_snapshots(run_dir, files), device=device)
+               snapshots=_list_snapshots(run_dir, files), device=device, summaries=summaries)
+
+
+# ============================================================================ recorded runs (format 2)
+def summary_name(step: int) -> str:
+    return f"step_{int(step):08d}.safetensors"
+
+
+def list_summaries(run_dir: PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the complete summary files of a run, in step order (temporary files of a step being
+    written are never listed: they are renamed into place whole)."""
+    sdir = Path(run_dir) / SUMMARY_DIR
+    if not sdir.is_dir():
+        return []
+    out = []
+    for p in sdir.iterdir():
+        m = _SUMMARY_RE.match(p.name)
+        if m and p.is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def read_metric_lines(run_dir: PathLike) -> list[dict]:
+    """The scalar lines of ``metrics.jsonl`` (one JSON object per line, each with "step"). A last line
+    without its newline (a process killed while appending) and lines that are not such objects are skipped."""
+    path = Path(run_dir) / METRICS_LINES
+    if not path.is_file():
+        return []
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{METRICS_LINES} at {path} is {size} bytes, over the limit of {MAX_JSON_BYTES}")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise ValueError(f"{METRICS_LINES} at {path} cannot be read ({err})") from None
+    parts = text.split("\n")
+    out = []
+    for line in parts[:-1]:  # the part after the last newline is incomplete (or empty)
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(obj, dict) and type(obj.get("step")) is int:
+            out.append(obj)
+    return out
+
+
+def metrics_from_lines(lines: Sequence[Mapping]) -> dict:
+    """The metrics dict of scalar lines: ``scalars`` {name: [[step, value], ...]}, ``loss`` [[step, loss]],
+    ``steps_done`` (the largest step), and the last value of test_acc / best_test_acc (the max of test_acc)
+    when logged. Non-numeric values are dropped."""
+    scalars: dict[str, list[list[float]]] = {}
+    for line in lines:
+        for k, v in line.items():
+            if k in ("step", "wall") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            scalars.setdefault(k, []).append([int(line["step"]), float(v)])
+    for v in scalars.values():
+        v.sort(key=lambda sv: sv[0])
+    out: dict[str, Any] = {"scalars": scalars, "loss": scalars.get("loss", []),
+                           "steps_done": max((int(ln["step"]) for ln in lines), default=0)}
+    acc = [v for _, v in scalars.get("test_acc", []) if math.isfinite(v)]
+    if acc:
+        out.update(test_acc=acc[-1], best_test_acc=max(acc))
+    return out
+
+
+def run_status(run_dir: PathLike, now: Optional[float] = None) -> dict:
+    """{"state": "running" | "finished" | "stopped" | None, "age_s": seconds since the run last wrote}.
+    "stopped": the status says running but nothing was written for ``STALE_SECONDS`` (a killed process)."""
+    import time
+
+    run_dir = Path(run_dir)
+    now = time.time() if now is None else now
+    paths = [run_dir / METRICS_LINES, run_dir / STATUS_NAME, run_dir / CONFIG_NAME]
+    summ = list_summaries(run_dir)
+    if summ:
+        paths.append(summ[-1][1])
+    mtimes = [p.stat().st_mtime for p in paths if p.exists()]
+    age = now - max(mtimes) if mtimes else None
+    try:
+        state = read_json(run_dir / STATUS_NAME).get("state")
+    except (ValueError, AttributeError):
+        state = None
+    if state == "running" and age is not None and age > STALE_SECONDS:
+        state = "stopped"
+    return {"state": state, "age_s": age}
+
+
+@dataclass
+class Summary:
+    """One recorded step (``summaries/step_XXXXXXXX.safetensors``): per layer, values (C, M) of the input,
+    x_hat and output at fixed positions of the probe batch, per-sample channel means (N, C) of input and
+    output, the layer's mixture (K, C) where it has one, per-sample components (N,), counts of non-finite
+    values; predictions (N,), labels (N,), context (N,) of the probe batch when recorded."""
+
+    step: int
+    tensors: dict[str, Tensor]
+    meta: dict[str, str]
+
+    def layers(self) -> list[str]:
+        return sorted({k.split("::", 1)[0] for k in self.tensors if "::" in k})
+
+    def _get(self, layer: str, name: str) -> Optional[Tensor]:
+        return self.tensors.get(f"{layer}::{name}")
+
+    def values(self, layer: str, view: str) -> np.ndarray:
+        """(C, M) float32 values of ``view`` ("input", "x_hat", "output") of ``layer``."""
+        if view not in SUMMARY_VIEWS:
+            raise ValueError(f"view must be one of {SUMMARY_VIEWS}, got {view!r}")
+        t = self._get(layer, view)
+        if t is None:
+            raise ValueError(f"step {self.step} holds no {view} of layer {layer!r} (recorded: {self.layers()})")
+        return t.float().numpy()
+
+    def features(self, layer: str, which: str = "output") -> np.ndarray:
+        """(N, C) float32 per-sample channel means of the layer's ``which`` ("input" | "output")."""
+        t = self._get(layer, f"pooled_{which}")
+        if t is None:
+            raise ValueError(f"step {self.step} holds no pooled {which} of layer {layer!r}")
+        return t.float().numpy()
+
+    def mixture(self, layer: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The layer's own mixture per channel: weights, means, variances, each (K, C) float64; None when the
+        layer has none."""
+        parts = [self._get(layer, f"mixture_{n}") for n in ("weights", "means", "vars")]
+        if any(p is None for p in parts):
+            return None
+        return tuple(p.double().numpy() for p in parts)  # type: ignore[return-value]
+
+    def components(self, layer: str) -> Optional[np.ndarray]:
+        t = self._get(layer, "components")
+        return None if t is None else t.numpy().astype(np.int64)
+
+    def nonfinite(self, layer: str) -> dict[str, int]:
+        t = self._get(layer, "nonfinite")
+        if t is None:
+            return {v: 0 for v in SUMMARY_VIEWS}
+        return {v: int(c) for v, c in zip(SUMMARY_VIEWS, t.tolist())}
+
+    def array(self, name: str) -> Optional[np.ndarray]:
+        """A probe-level array: "predictions", "labels", "context" (N,) int64, or None."""
+        t = self.tensors.get(name)
+        return None if t is None else t.numpy().astype(np.int64)
+
+
+def read_summary(path: PathLike) -> Summary:
+    """One summary file (safe: :func:`read_safetensors`); ``ValueError`` for a foreign or damaged file."""
+    path = Path(path)
+    m = _SUMMARY_RE.match(path.name)
+    tensors, meta = read_safetensors(path, f"summary {path.name}")
+    if meta.get("format") != "cbnorm-summary":
+        raise ValueError(f"summary {path.name} at {path} is not a cbnorm summary (its metadata has format "
+                         f"{meta.get('format')!r})")
+    step = int(m.group(1)) if m else int(meta.get("step", -1))
+    for k, t in tensors.items():
+        if "::" in k and k.rsplit("::", 1)[1] in SUMMARY_VIEWS and t.dim() != 2:
+            raise ValueError(f"summary {path.name}: {k} must be (C, M), got shape {tuple(t.shape)}")
+    return Summary(step=step, tensors=tensors, meta=meta)
+
+
+def find_runs(root: PathLike, max_depth: int = 6, limit: int = 500) -> list[Path]:
+    """Run directories (holding config.json) under ``root``, nested folders included (as ``tensorboard
+    --logdir``); ``root`` itself when it is a run. Hidden folders are skipped; a run's own folders are not
+    searched; at most ``limit`` runs."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return []
+    out: list[Path] = []
+    stack = [(root, 0)]
+    while stack and len(out) < limit:
+        d, depth = stack.pop()
+        if (d / CONFIG_NAME).is_file():
+            out.append(d)
+            continue
+        if depth >= max_depth:
+            continue
+        try:
+            kids = sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+        except OSError:
+            continue
+        stack.extend((k, depth + 1) for k in kids)
+    return sorted(out)
