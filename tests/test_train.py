@@ -34,7 +34,7 @@ def test_run_directory_and_metrics(cn_run):
     names = {p.name for p in cn_run.iterdir()}
     assert {"config.json", "metrics.json", "model.safetensors", "snapshots", "resume.safetensors"} <= names
     cfg = json.loads((cn_run / "config.json").read_text())
-    assert cfg["format_version"] == 1 and cfg["task"] == "classify"
+    assert cfg["format_version"] == 2 and cfg["task"] == "classify"
     assert cfg["norm"] == "cn" and cfg["layers"] == ["conv3"]
     assert cfg["norm_kwargs"]["num_contexts"] == 4  # Fashion-MNIST superclasses
     assert sum(cfg["norm_kwargs"]["priors"]) == pytest.approx(1.0)
