@@ -668,7 +668,7 @@ RUN_CASES: dict[str, dict[str, Callable[[Path, Path], None]]] = {
         "image_size_inf": _cfg_case(lambda c: c["preprocessing"].update(image_size=[float("inf"), 8])),
         "std_zero": _cfg_case(lambda c: c["preprocessing"].update(std=[0.0])),
         "priors_negative": _cfg_case(lambda c: c["norm_kwargs"].update(priors=[-1.0, 2.0])),
-        "format_version_2": _cfg_case(lambda c: c.update(format_version=2)),
+        "format_version_99": _cfg_case(lambda c: c.update(format_version=99)),
         "not_an_object": _write("config.json", b"[1, 2, 3]"),
         "malformed_json": _write("config.json", b'{"format_version": 1,,}'),
         "nested_100000_deep": _write("config.json", b"[" * 100_000 + b"]" * 100_000),
