@@ -58,9 +58,11 @@ def home() -> None:
         for r in bad:
             st.error(f"Run **{r['name']}** cannot be loaded: {r['error']}")
         if not runs:
-            st.warning(f"No runs found in `{S.runs_root()}`. Train one with `python -m cbnorm.train --out "
-                       f"{S.runs_root()}/NAME ...` (see README.md) and press **Reload runs**.")
-        classify = [r for r in ok if r["task"] == "classify"]
+            st.warning(f"No runs found in `{S.runs_root()}` (nor in its folders). Record one from your own "
+                       f"training loop with `cbnorm.watch(model, \"{S.runs_root()}/NAME\", probe=...)` or train one "
+                       f"with `python -m cbnorm.train --out {S.runs_root()}/NAME ...` (see README.md), or choose "
+                       f"another runs directory in the sidebar.")
+        classify = [r for r in ok if r["task"] in ("classify", "record")]
         if classify:
             st.subheader("Loaded runs")
             pct = lambda label, help: st.column_config.NumberColumn(label, format="percent", help=help)  # noqa: E731
@@ -68,7 +70,8 @@ def home() -> None:
                 [{"run": r["name"], "norm": r["norm"], "test_acc": r["test_acc"], "oracle": r["test_acc_oracle"],
                   "mixed": r["test_acc_mixed"], "best": r["best_test_acc"], "dataset": r["dataset"],
                   "model": f"{r['model']} ({', '.join(r['layers'])})", "contexts": r["contexts"],
-                  "epochs": r["epochs"], "steps": r["steps"], "snapshots": r["snapshots"], "params": r["params"]}
+                  "epochs": r["epochs"], "steps": r["steps"], "snapshots": r["snapshots"], "recorded": r["recorded"],
+                  "state": r["state"] or "", "params": r["params"]}
                  for r in classify],
                 hide_index=True, key="home_runs",
                 column_config={
@@ -80,12 +83,17 @@ def home() -> None:
                     "mixed": pct("CN+ mixed acc", "Context layers mix every context by posterior (CN+), no "
                                  "predictor"),
                     "best": pct("best test acc", "Best honest test accuracy over the epochs"),
+                    "recorded": st.column_config.NumberColumn(
+                        "recorded steps", help="Steps with recorded summaries (cbnorm.watch): what every page can "
+                                               "show without running the model"),
+                    "state": st.column_config.TextColumn("recording", help="running: still being written (the "
+                                                         "pages can follow it); finished; stopped: never closed"),
                     "params": st.column_config.NumberColumn("params", format="%d")})
             st.caption(
                 "**Test accuracy** is the honest number: context layers get the context their own predictor infers "
                 "from the image (or CN+ mixing), never the label. **Oracle accuracy** feeds the true superclass, "
                 "which is derived from the label, so it is an upper bound, not a result.")
-        other = [r for r in ok if r["task"] not in ("classify", "gan")]
+        other = [r for r in ok if r["task"] not in ("classify", "gan", "record")]
         if other:
             st.caption("Other runs: " + ", ".join(f"`{r['name']}` ({r['task']}, {r['norm']})" for r in other)
                        + " — see the day ↔ night page.")
@@ -144,6 +152,17 @@ def _keep(name: str) -> None:
     st.session_state[name] = st.session_state[f"w_{name}"]
 
 
+def _set_root() -> None:
+    """Widget callback: switch the runs directory (the selected run and layer start over)."""
+    path = Path(st.session_state["w_runs_dir"].strip()).expanduser()
+    if not path.is_dir():
+        st.session_state["runs_dir_error"] = f"`{path}` is not a directory; the runs directory is unchanged."
+        return
+    st.session_state.pop("runs_dir_error", None)
+    st.session_state["runs_dir"] = str(path)
+    st.session_state["run"] = st.session_state["layer"] = None
+
+
 def sidebar() -> None:
     """Run, layer and seed. The selection lives in session keys "run", "layer", "seed" (read by every page);
     the widgets ("w_run", ...) are re-seeded from them on each run, so the choice survives page switches."""
@@ -152,6 +171,12 @@ def sidebar() -> None:
         st.button("Reload runs", icon=":material/refresh:", on_click=S.clear_caches,
                   help="Forget every cached run, activation and projection and read the runs directory again")
         ss.setdefault("seed", 0)
+        ss["w_runs_dir"] = str(S.runs_root())
+        st.text_input("Runs directory", key="w_runs_dir", on_change=_set_root,
+                      help="A folder of runs (searched in nested folders, as tensorboard --logdir) or one run. "
+                           "cbnorm-view LOGDIR starts the app on one.")
+        if ss.get("runs_dir_error"):
+            st.error(ss["runs_dir_error"])
         with S.guard("Runs"):
             runs = S.probe_runs()
             names = [r["name"] for r in runs]

@@ -4,6 +4,7 @@ import streamlit as st
 from cbnorm.app import evolution as E
 from cbnorm.app import figures as F
 from cbnorm.app import shared as S
+from cbnorm.app import source as SRC
 
 S.page_setup()  # inside app.py's frame, also when the page is opened directly
 
@@ -17,14 +18,18 @@ with S.guard("Cluster evolution"):
     all_steps = E.evolution_steps(run)
     ss = st.session_state
 
+    live = SRC.live(run)
+    if not live:
+        st.info(SRC.live_reason(run) + " Recorded steps keep each input's channel means: the projection uses them.")
     with st.form("evo_form"):
         c1, c2, c3 = st.columns(3)
-        size = c1.slider("Test images", 100, 5000, 1000, step=100, key="evo_size",
+        size = c1.slider("Test images", 100, 5000, 1000, step=100, key="evo_size", disabled=not live,
                          help="Size of the fixed random sample (drawn with the sidebar's seed), the same at every snapshot")
         which = c2.radio("Activations", ["output", "input"], horizontal=True, key="evo_which",
                          help="The layer's output (after normalization and affine) or its input")
-        pool = c3.checkbox("Average over positions", value=False, key="evo_pool",
+        pool = c3.checkbox("Average over positions", value=not live, key="evo_pool", disabled=not live,
                            help="Use each channel's spatial mean (C features) instead of every activation (C × H × W)")
+        pool = pool or not live
         method = st.radio("Projection", ["pca", "tsne", "umap"], horizontal=True, key="evo_method",
                           format_func=lambda m: {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[m],
                           help="PCA: linear, fitted on the last snapshot and applied to all (axes show % variance "

@@ -145,6 +145,10 @@ with S.guard("Compare normalizers"):
                      help=S.VIEW_HELP + " All channels pooled.")
     with st.spinner(f"Running {len(chosen)} models on the same {size} test images…"):
         outs = C.live_outputs(tuple(str(S.runs_root() / n) for n in chosen), S.device(), size, sel["seed"], which)
+    own = [o["name"] for o in outs if o["note"].startswith("the recorded")]
+    if own:
+        st.info("Recorded from a model the app cannot rebuild, so shown on its own recorded probe batch (last "
+                "step), not on the minibatch the others share: " + ", ".join(own))
     if any(o["subsampled"] for o in outs):
         st.info(f"Pooled values were subsampled to {S.MAX_VALUES:,} per run for the histograms.")
     fig_live = F.distributions_figure([o["values"] for o in outs], [o["name"] for o in outs],

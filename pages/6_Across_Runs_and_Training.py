@@ -173,9 +173,9 @@ def distributions_view() -> None:
     comps = st.checkbox("Draw each step's mixture components on the ridge", value=kept("tr_d_comps", True),
                         key="tr_d_comps")
     bar, say = progress_bar()
-    dist = T.distributions(run.path.name, layer, which, chans, k, size, sel["seed"], shown, progress=say)
+    dist = T.distributions(sel["run"], layer, which, chans, k, size, sel["seed"], shown, progress=say)
     bar.empty()
-    figs = T.distribution_figures(run.path.name, layer, which, chans, k, size, sel["seed"], tuple(shown), tail, bins,
+    figs = T.distribution_figures(sel["run"], layer, which, chans, k, size, sel["seed"], tuple(shown), tail, bins,
                                   log_y, comps)
     b = figs["bins"]
     p0 = dist["panels"][0]

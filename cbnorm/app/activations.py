@@ -1,7 +1,6 @@
-"""The test images the pages run models on, and what one layer sees of them: the shared test sets, seeded
-minibatches, forward hooks on a layer (``capture``, serialised per cached model by ``shared.model_lock``)
-and the byte-budgeted cache of a layer's input and output on a minibatch (``layer_activations``), used by
-the histogram page, the cluster-evolution page (snapshot features) and the compare page's live panel.
+"""The test images the pages run models on: the shared test sets, seeded minibatches, true contexts and
+forward hooks on a layer (``capture``, serialised per cached model by ``shared.model_lock``). The activation
+source (``source.activations``) runs a rebuildable run's model through these.
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from cbnorm import analysis, probe
+from cbnorm import probe
 from cbnorm.runs import Run
 
 from . import shared as S
@@ -77,43 +76,3 @@ def capture(run: Run, model: torch.nn.Module, x: torch.Tensor, layer: str, conte
         raise ValueError(f"layer {layer!r} did not run on this input (is it used by the model's forward?)")
     logits = caps["head"].output if "head" in caps else None
     return caps[layer], logits
-
-
-def layer_activations(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str = "predicted"
-                      ) -> dict:
-    """Input, x_hat and output of ``layer`` on a minibatch (cached within ``BUDGET_MB["layer_activations"]``; see
-    :func:`_layer_activations`)."""
-    args = (run_path, dev, layer, int(size), int(seed), context_mode)
-    out = _layer_activations(*args)
-    S.BUDGETS["layer_activations"].note(_layer_activations, args, out)
-    return out
-
-
-@st.cache_data(max_entries=32, ttl=S.TTL, show_spinner=False)
-def _layer_activations(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str = "predicted"
-                       ) -> dict:
-    """Input, x_hat and output of ``layer`` on a minibatch of ``size`` test images drawn with ``seed``.
-
-    ``context_mode``: "predicted" (honest: the model infers the context — its context predictor, or CN+
-    mixing) or "true" (the label-derived superclass, an oracle). Returns numpy arrays: input, x_hat (the
-    normalized values before the affine, ``probe``), output (N, C, *S), indices, labels, predictions, contexts (true superclass or None), components (per-sample
-    mixture component / context under the layer, or None) and ``layer`` (layer_info)."""
-    run = S.get_run(run_path, dev)
-    info = S.layer_info(run, layer)
-    x, idx, labels = test_batch(run, size, seed)
-    ctx_true = true_contexts(run, labels)
-    context = None
-    if context_mode == "true":
-        if not run.uses_context:
-            raise ValueError("this run has no context layer; 'true context' does not apply")
-        if ctx_true is None:
-            raise ValueError("this run's contexts are not derived from the labels; no true context to give")
-        context = torch.as_tensor(ctx_true, dtype=torch.long, device=run.device)
-    elif context_mode != "predicted":
-        raise ValueError(f"context_mode must be 'predicted' or 'true', got {context_mode!r}")
-    cap, logits = capture(run, run.model, x, layer, context)
-    comps = analysis.sample_components(cap.module, cap.input.to(run.device))
-    return {"input": cap.input.numpy(), "x_hat": cap.x_hat.numpy(), "output": cap.output.numpy(), "indices": idx,
-            "labels": labels,
-            "predictions": None if logits is None else logits.argmax(1).numpy(), "contexts": ctx_true,
-            "components": comps, "layer": info}

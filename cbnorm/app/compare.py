@@ -21,6 +21,7 @@ from cbnorm.runs import Run
 
 from . import activations as A
 from . import shared as S
+from . import source as SRC
 
 
 def metric_curves(run: Run) -> dict:
@@ -164,7 +165,8 @@ def compare_table(names: Sequence[str], reference: Optional[str], bench_dir: Opt
             "best acc": m.get("best_test_acc"),
             "steps to BN best": reach,
             "step cost vs BN (bench)": (benchmark_cost(run.config, speed) or {}).get("ratio"),
-            "params": m.get("params") if m.get("params") is not None else sum(p.numel() for p in run.model.parameters()),
+            "params": m.get("params") if m.get("params") is not None or run.model is None
+            else sum(p.numel() for p in run.model.parameters()),
             "steps": m.get("steps_done")})
     return pd.DataFrame(rows), target
 
@@ -192,18 +194,17 @@ def live_outputs(run_paths: tuple[str, ...], dev: str, size: int, seed: int, whi
     if which not in analysis.VIEWS:
         raise ValueError(f"which must be one of {analysis.VIEWS}, got {which!r}")
     runs = [S.get_run(p, dev) for p in run_paths]
-    datasets = {A.dataset_name(r) for r in runs}
+    datasets = {A.dataset_name(r) for r in runs if SRC.live(r)}  # recorded-only runs: their own probe batch
     if len(datasets) > 1:
         raise ValueError(f"the chosen runs use different datasets ({sorted(datasets)}); choose runs of one dataset "
                          f"to run them on the same minibatch")
     out = []
     for path, run in zip(run_paths, runs):
         layer = S.studied_layer(run)
-        acts = A.layer_activations(path, dev, layer, size, seed, "predicted")
+        acts = SRC.activations(path, dev, SRC.FINAL, layer, size, seed)
         info = acts["layer"]
-        a = acts[which]
         chans = list(range(info["num_features"]))
-        per = analysis.channel_values(torch.from_numpy(np.ascontiguousarray(a)), chans, channel_last=info["channel_last"])
+        per = SRC.values(acts, which, chans)
         pooled = per.reshape(-1)
         shape_of = (analysis.standardize_rows(per) if which == "input" else per).reshape(-1)
         sub = pooled.size > S.MAX_VALUES
@@ -213,7 +214,7 @@ def live_outputs(run_paths: tuple[str, ...], dev: str, size: int, seed: int, whi
         st_pool = analysis.view_stats(shape_of[None, :], "x_hat" if which == "input" else which)
         st_pool.update(mean=pooled[None].mean(axis=1), std=pooled[None].std(axis=1))
         st_ch = analysis.view_stats(per, which)
-        out.append({"name": run.path.name, "norm": run.norm, "layer": layer, "values": pooled.astype(np.float32),
+        out.append({"name": S.run_label(run), "norm": run.norm, "layer": layer, "note": acts["note"], "values": pooled.astype(np.float32),
                     "subsampled": sub, "pooled": {k: float(v[0]) for k, v in st_pool.items()},
                     "channel_median": {k: float(np.median(np.abs(v))) for k, v in st_ch.items()}})
     return out

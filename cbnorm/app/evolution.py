@@ -23,6 +23,7 @@ from cbnorm.runs import Run
 
 from . import activations as A
 from . import shared as S
+from . import source as SRC
 
 #: projections (EvolutionParams key, steps) computed in this process: their reruns skip the feature passes
 _PROJECTED: OrderedDict[tuple, None] = OrderedDict()
@@ -59,10 +60,12 @@ class EvolutionParams:
 
 
 def evolution_steps(run: Run, max_snapshots: int = 0) -> list[int]:
-    """The snapshot steps to show: all, or ``max_snapshots`` evenly spread (first and last kept)."""
-    steps = [s for s, _ in run.snapshots]
+    """The steps to show (recorded summaries, else snapshots: ``source.steps``): all, or ``max_snapshots``
+    evenly spread (first and last kept)."""
+    steps = SRC.steps(run)
     if not steps:
-        raise ValueError(f"run {run.path.name} has no snapshots (train with --snapshot-every to get them)")
+        raise ValueError(f"run {run.path.name} has no recorded steps and no snapshots (record it with "
+                         f"cbnorm.watch, or train with --snapshot-every)")
     if max_snapshots and 2 <= max_snapshots < len(steps):
         pick = np.unique(np.round(np.linspace(0, len(steps) - 1, max_snapshots)).astype(int))
         steps = [steps[i] for i in pick]
@@ -73,6 +76,11 @@ def evolution_steps(run: Run, max_snapshots: int = 0) -> list[int]:
 def evolution_sample(run_path: str, dev: str, size: int, seed: int) -> dict:
     """The fixed sample of the cluster-evolution page: indices, labels, true contexts."""
     run = S.get_run(run_path, dev)
+    if run.summaries:  # the recorded probe batch: the same inputs at every recorded step
+        rec = SRC.activations(run_path, dev, SRC.steps(run)[-1], S.studied_layer(run), size, seed)
+        n = rec["n"]
+        labels = rec["labels"] if rec["labels"] is not None else np.zeros(n, np.int64)
+        return {"indices": np.arange(n), "labels": labels, "contexts": rec["contexts"], "total": n}
     if run.config.get("task") == "gan":  # a generator: seeded latent vectors (cbnorm.app.generation)
         from .generation import latent_sample
 
@@ -114,15 +122,9 @@ def _snapshot_features(run_path: str, dev: str, step: int, layer: str, size: int
     """Features (N, F) of ``layer`` at snapshot ``step`` on the fixed sample, the predictions and the
     per-sample mixture components at that step. Loads the snapshot as a NEW model (the cached run's model
     is untouched); arrays are read-only (shared)."""
-    run = S.get_run(run_path, dev)
-    x, _, _ = A.test_batch(run, size, seed)
-    model = run.load_snapshot(step)
-    cap, logits = A.capture(run, model, x, layer, None, shared=False)
-    acts = cap.output if which == "output" else cap.input
-    feats = analysis.flatten_features(acts, pool=pool, channel_last=bool(getattr(cap.module, "channel_last", False)))
-    comps = analysis.sample_components(cap.module, cap.input.to(run.device))
-    out = {"features": feats, "predictions": None if logits is None else logits.argmax(1).numpy(),
-           "components": comps}
+    rec = SRC.activations(run_path, dev, step, layer, size, seed)
+    feats = SRC.features(rec, which, pool)
+    out = {"features": feats, "predictions": rec["predictions"], "components": rec["components"]}
     for v in out.values():
         if isinstance(v, np.ndarray):
             v.flags.writeable = False

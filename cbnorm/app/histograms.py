@@ -7,12 +7,11 @@ from typing import Sequence
 
 import numpy as np
 import streamlit as st
-import torch
 
 from cbnorm import analysis
 
-from . import activations as A
 from . import shared as S
+from . import source as SRC
 
 
 def pick_channels(num_channels: int, count: int, seed: int) -> list[int]:
@@ -22,8 +21,8 @@ def pick_channels(num_channels: int, count: int, seed: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(num_channels, size=count, replace=False))
 
 
-def _channel_values(acts: np.ndarray, channels: Sequence[int], channel_last: bool, seed: int) -> tuple[np.ndarray, bool]:
-    v = analysis.channel_values(torch.from_numpy(np.ascontiguousarray(acts)), channels, channel_last=channel_last)
+def _channel_values(rec: dict, view: str, channels: Sequence[int], seed: int) -> tuple[np.ndarray, bool]:
+    v = SRC.values(rec, view, channels)
     if v.shape[1] > S.MAX_VALUES:
         keep = np.sort(np.random.default_rng(seed).choice(v.shape[1], S.MAX_VALUES, replace=False))
         return v[:, keep], True
@@ -35,9 +34,10 @@ OUT_VIEWS = ("x_hat", "output")
 
 
 def histogram_panel(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str,
-                    channels: tuple[int, ...], k: int, view: str = "x_hat") -> dict:
+                    channels: tuple[int, ...], k: int, view: str = "x_hat", step: int = SRC.FINAL) -> dict:
     """The histogram page's panel (cached within ``BUDGET_MB["histogram_panel"]``; see :func:`_histogram_panel`)."""
-    args = (run_path, dev, layer, int(size), int(seed), context_mode, tuple(int(c) for c in channels), int(k), view)
+    args = (run_path, dev, layer, int(size), int(seed), context_mode, tuple(int(c) for c in channels), int(k), view,
+            int(step))
     out = _histogram_panel(*args)
     S.BUDGETS["histogram_panel"].note(_histogram_panel, args, out)
     return out
@@ -45,22 +45,23 @@ def histogram_panel(run_path: str, dev: str, layer: str, size: int, seed: int, c
 
 @st.cache_data(max_entries=64, ttl=S.TTL, show_spinner=False)
 def _histogram_panel(run_path: str, dev: str, layer: str, size: int, seed: int, context_mode: str,
-                     channels: tuple[int, ...], k: int, view: str = "x_hat") -> dict:
+                     channels: tuple[int, ...], k: int, view: str = "x_hat", step: int = SRC.FINAL) -> dict:
     """Everything the histogram page draws for the chosen channels: input values and the ``view`` of what
     leaves the layer (``"x_hat"``: normalized, before the affine; ``"output"``: after it), each (G, M); the
     input mixture (the layer's own parameters when it has a mixture, else a K-component fit with
     cbnorm.gmm), a K-component fit of the view, and the statistics of each (``analysis.view_stats``: the
-    input's on its standardized values, x_hat's against N(0, 1), the output's shape only)."""
+    input's on its standardized values, x_hat's against N(0, 1), the output's shape only). ``step``: a
+    recorded step, a snapshot, or FINAL (``source.activations``)."""
     if view not in OUT_VIEWS:
         raise ValueError(f"view must be one of {OUT_VIEWS}, got {view!r}")
     run = S.get_run(run_path, dev)
-    acts = A.layer_activations(run_path, dev, layer, size, seed, context_mode)
+    acts = SRC.activations(run_path, dev, step, layer, size, seed, context_mode)
     info = acts["layer"]
-    vin, sub_in = _channel_values(acts["input"], channels, info["channel_last"], seed)
-    vout, sub_out = _channel_values(acts[view], channels, info["channel_last"], seed)
-    if info["has_mixture"]:
-        module = dict(run.model.named_modules())[layer]
-        w, m, v = analysis.layer_channel_mixtures(module, channels)
+    vin, sub_in = _channel_values(acts, "input", channels, seed)
+    vout, sub_out = _channel_values(acts, view, channels, seed)
+    own = SRC.mixture(acts, channels)
+    if own is not None:
+        w, m, v = own
         source = f"the layer's own {info['class']} parameters"
         names = S.component_names(run, info, w.shape[1])
         if info["kind"] == "mn":
@@ -79,7 +80,8 @@ def _histogram_panel(run_path: str, dev: str, layer: str, size: int, seed: int, 
             "names_in": names, "source_in": source, "mix_out": (wo, mo, vo),
             "names_out": [f"component {i + 1}" for i in range(kk)],
             "stats_in": analysis.view_stats(vin, "input"), "stats_out": analysis.view_stats(vout, view),
-            "subsampled": sub_in or sub_out, "points_per_channel": int(vin.shape[1]), "layer": info}
+            "subsampled": sub_in or sub_out, "points_per_channel": int(vin.shape[1]), "layer": info,
+            "recorded": acts["recorded"], "step": acts["step"], "note": acts["note"], "nonfinite": acts["nonfinite"]}
 
 
 def stats_table(panel: dict):

@@ -40,7 +40,7 @@ import streamlit as st
 import torch
 
 from cbnorm import probe
-from cbnorm.runs import Run, load_run
+from cbnorm.runs import Run, find_runs, load_run, run_status
 
 log = logging.getLogger("cbnorm.app")
 
@@ -59,7 +59,7 @@ VIEW_HELP = ("x̂: the normalized values before the affine, what a normalizer ai
              "away from N(0, 1) on purpose, so it is shown with its shape statistics only. Input: what enters the "
              "layer.")
 #: byte budgets of the caches whose entries can be large (see the module docstring)
-BUDGET_MB = {"snapshot_features": 64, "layer_activations": 48, "histogram_panel": 24}
+BUDGET_MB = {"snapshot_features": 64, "histogram_panel": 24}
 #: threads of one t-SNE projection (openTSNE's n_jobs; the coordinates do not depend on it, tested; umap runs
 #: one thread whenever its random_state is fixed): the cores there are, at most 4. On the 2 cores here it
 #: halves a cold t-SNE evolution.
@@ -193,7 +193,14 @@ def set_app_dir(path: os.PathLike | str) -> None:
 
 
 def runs_root() -> Path:
-    """``$CBNORM_RUNS`` when set, else ``checkpoints/`` next to app.py."""
+    """The runs directory: the one chosen in the sidebar (``st.session_state["runs_dir"]``), else
+    ``$CBNORM_RUNS`` (``cbnorm-view LOGDIR`` sets it), else ``checkpoints/`` next to app.py."""
+    try:
+        chosen = st.session_state.get("runs_dir")
+    except Exception:  # noqa: BLE001 - outside a script run (benchmarks, tests): no session
+        chosen = None
+    if chosen:
+        return Path(chosen).expanduser()
     env = os.environ.get(RUNS_ENV)
     return Path(env).expanduser() if env else _APP_DIR[0] / "checkpoints"
 
@@ -258,9 +265,15 @@ def clear_caches() -> None:
 
 # ============================================================================ runs
 def _run_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").exists())
+    """Run directories under ``root``, nested folders included (``cbnorm.runs.find_runs``, as
+    ``tensorboard --logdir``)."""
+    return find_runs(root)
+
+
+def run_name(root: Path, path: Path) -> str:
+    """A run's name in the app: its path relative to the runs directory ("." for the directory itself)."""
+    rel = path.relative_to(root).as_posix() if path != root else path.name
+    return rel or path.name
 
 
 @st.cache_resource(max_entries=32, ttl=TTL, show_spinner="Loading run…")
@@ -281,14 +294,16 @@ def finite_mean(values: Sequence[Any]) -> Optional[float]:
     return sum(v) / len(v) if v else None
 
 
-def _summary(path: Path, run: Optional[Run], error: Optional[str]) -> dict:
-    out: dict[str, Any] = {"name": path.name, "path": str(path), "ok": run is not None, "error": error}
+def _summary(path: Path, run: Optional[Run], error: Optional[str], name: Optional[str] = None) -> dict:
+    out: dict[str, Any] = {"name": name or path.name, "path": str(path), "ok": run is not None, "error": error}
     if run is None:
         return out
     cfg, m = run.config, run.metrics
     epochs = [e for e in m.get("epochs", []) if isinstance(e, dict)]
     out.update(
-        task=cfg.get("task", "classify"), norm=run.norm, model=cfg["model"]["name"],
+        task=cfg.get("task", "classify"), norm=run.norm,
+        model=cfg["model"].get("name") or cfg["model"].get("class", "?"), recorded=len(run.summaries),
+        rebuildable=run.model is not None, state=run_status(path)["state"] if run.recorded_layers else None,
         dataset=(cfg.get("dataset") or {}).get("name", "?"), layers=studied_patterns(cfg),
         contexts=(cfg.get("contexts") or {}).get("spec", "none"), uses_context=run.uses_context,
         test_acc=m.get("test_acc"), test_acc_oracle=m.get("test_acc_oracle"), test_acc_mixed=m.get("test_acc_mixed"),
@@ -303,11 +318,13 @@ def inventory(root: str, dev: str) -> list[dict]:
     """One summary per run directory under ``root`` (those holding config.json): loaded runs with their
     norm, dataset and accuracies; damaged ones with ``ok`` False and the loader's message in ``error``."""
     out = []
-    for p in _run_dirs(Path(root)):
+    root_p = Path(root).expanduser()
+    for p in _run_dirs(root_p):
+        name = run_name(root_p, p)
         try:
-            out.append(_summary(p, get_run(str(p), dev), None))
+            out.append(_summary(p, get_run(str(p), dev), None, name))
         except Exception as err:  # noqa: BLE001 - a damaged run is listed with its message
-            out.append(_summary(p, None, str(err) or type(err).__name__))
+            out.append(_summary(p, None, str(err) or type(err).__name__, name))
     return out
 
 
@@ -318,27 +335,46 @@ def runs_overview() -> list[dict]:
 def classify_runs() -> list[dict]:
     """Runs the classification pages can show: loadable with task "classify", plus damaged ones (so that
     choosing one shows its error)."""
-    return [r for r in runs_overview() if not r["ok"] or r.get("task") == "classify"]
+    return [r for r in runs_overview() if not r["ok"] or r.get("task") in ("classify", "record")]
 
 
 def probe_runs() -> list[dict]:
     """Runs whose norm layers the histogram and cluster pages can probe (the sidebar's list): the
     classification runs of :func:`classify_runs` and the GAN runs (task "gan": their generator, fed seeded
     latent vectors, cbnorm.app.generation.latent_batch)."""
-    return [r for r in runs_overview() if not r["ok"] or r.get("task") in ("classify", "gan")]
+    return [r for r in runs_overview() if not r["ok"] or r.get("task") in ("classify", "gan", "record")]
+
+
+def run_label(run: Run) -> str:
+    """A run's name in the app: its path relative to the runs directory (nested runs: "folder/run")."""
+    root = runs_root()
+    try:
+        rel = run.path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return run.path.name
+    return rel if rel not in ("", ".") else run.path.name
 
 
 def run_by_name(name: str) -> Run:
-    """The cached run named ``name`` in the runs directory; ``ValueError`` with the loader's message."""
-    path = runs_root() / name
-    if not (path / "config.json").exists():
-        raise ValueError(f"run {name!r} not found in {runs_root()}")
+    """The cached run named ``name`` (its path relative to the runs directory); ``ValueError`` with the
+    loader's message."""
+    root = runs_root()
+    path = root if (root / "config.json").exists() and name == root.name else root / name
+    if ".." in Path(name).parts or not (path / "config.json").exists():
+        raise ValueError(f"run {name!r} not found in {root}")
     return get_run(str(path), device())
 
 
 # ============================================================================ layers
 def studied_patterns(config: dict) -> list[str]:
-    """The run config's "layers" entry as a list of patterns (a single string is one pattern)."""
+    """The run config's "layers" entry as a list of patterns (a single string is one pattern); for a
+    recorded run of a user's model, the layers of cbnorm's kinds it recorded (all when it has none)."""
+    if config.get("task") == "record":
+        rec = (config.get("recorder") or {}).get("layers") or []
+        ours = [li["path"] for li in rec if not li.get("class", "").endswith(("BatchNorm1d", "BatchNorm2d",
+                                                                             "BatchNorm3d", "GroupNorm",
+                                                                             "LayerNorm", "SyncBatchNorm"))]
+        return ours or [li["path"] for li in rec]
     layers = config.get("layers") or []
     return [layers] if isinstance(layers, str) else [str(p) for p in layers]
 
@@ -355,13 +391,23 @@ def is_studied(run: Run, name: str) -> bool:
     return any(matches_layer(name, p) for p in studied_patterns(run.config))
 
 
+def layer_names(run: Run) -> list[str]:
+    """The run's normalization layers: its cbnorm layers (``probe.layer_names``) when the model can be
+    rebuilt, and the layers recorded in its summaries (``cbnorm.watch``: torch's norms too)."""
+    rec = [li["path"] for li in run.recorded_layers]
+    if run.model is None:
+        return rec
+    names = probe.layer_names(run.model)
+    return names + [n for n in rec if n not in names]
+
+
 def layer_choices(run: Run) -> list[str]:
     """The run's normalization layers, the studied one(s) (config "layers") first."""
-    names = probe.layer_names(run.model)
+    names = layer_names(run)
     studied = [n for n in names if is_studied(run, n)]
-    if not studied:  # fall back on the layers of the run's norm type
+    if not studied and run.model is not None:  # fall back on the layers of the run's norm type
         modules = dict(run.model.named_modules())
-        studied = [n for n in names if run.norm in getattr(type(modules[n]), "names", ())]
+        studied = [n for n in names if n in modules and run.norm in getattr(type(modules[n]), "names", ())]
     return studied + [n for n in names if n not in studied]
 
 
@@ -392,9 +438,8 @@ def short_layer_names(names: Sequence[str]) -> dict[str, str]:
 
 def layer_label(run: Run, name: str) -> str:
     """Short label for the layer picker: "conv3 · acn (studied)", "layer3.0.bn2 · mn" (any module path)."""
-    m = dict(run.model.named_modules())[name]
-    kind = getattr(type(m), "names", ("?",))[0]
-    short = short_layer_names(probe.layer_names(run.model)).get(name, name)
+    kind = layer_info(run, name)["kind"]
+    short = short_layer_names(layer_names(run)).get(name, name)
     return f"{short} · {kind}" + (" (studied)" if is_studied(run, name) else "")
 
 
@@ -408,16 +453,23 @@ def studied_layer(run: Run) -> str:
 def layer_info(run: Run, name: str) -> dict:
     """What the pages need to know of layer ``name``: its kind and class, the class attributes
     ``has_mixture`` (the layer has its own mixture: ``mixture_parameters()``) and ``uses_context``, the
-    number of components (or contexts), ``channel_last`` and ``num_features``."""
-    m = dict(run.model.named_modules()).get(name)
-    if m is None:
-        raise ValueError(f"run {run.path.name} has no layer {name!r}; layers: {layer_choices(run)}")
-    cls = type(m)
-    kind = getattr(cls, "names", ("?",))[0]
-    k = getattr(m, "num_components", None) or getattr(m, "num_contexts", None)
-    return {"name": name, "kind": kind, "class": cls.__name__, "has_mixture": bool(getattr(m, "has_mixture", False)),
-            "uses_context": bool(getattr(m, "uses_context", False)), "num_components": k,
-            "channel_last": bool(getattr(m, "channel_last", False)), "num_features": int(m.num_features)}
+    number of components (or contexts), ``channel_last`` and ``num_features``: from the module when the run's
+    model can be rebuilt, else from the layer's recorded description (``cbnorm.record.describe_layer``)."""
+    m = dict(run.model.named_modules()).get(name) if run.model is not None else None
+    if m is not None:
+        cls = type(m)
+        kind = getattr(cls, "names", (cls.__name__.lower(),))[0]
+        k = getattr(m, "num_components", None) or getattr(m, "num_contexts", None)
+        return {"name": name, "kind": kind, "class": cls.__name__,
+                "has_mixture": bool(getattr(m, "has_mixture", False)),
+                "uses_context": bool(getattr(m, "uses_context", False)), "num_components": k,
+                "channel_last": bool(getattr(m, "channel_last", False)), "num_features": probe.num_features(m)}
+    for li in run.recorded_layers:
+        if li["path"] == name:
+            return {"name": name, "kind": li["kind"], "class": li["class"], "has_mixture": bool(li.get("has_mixture")),
+                    "uses_context": bool(li.get("uses_context")), "num_components": li.get("num_components"),
+                    "channel_last": bool(li.get("channel_last")), "num_features": int(li["width"])}
+    raise ValueError(f"run {run.path.name} has no layer {name!r}; layers: {layer_choices(run)}")
 
 
 # ============================================================================ selection
@@ -451,6 +503,59 @@ def component_names(run: Run, info: dict, k: int) -> list[str]:
     if info["uses_context"] and len(run.context_names) == k:
         return [f"context {n}" for n in run.context_names]
     return [f"component {i + 1}" for i in range(k)]
+
+
+# ============================================================================ recorded steps, following a run
+#: seconds between refreshes of a followed run (``follow_toggle``)
+FOLLOW_SECONDS = 3.0
+#: the step meaning "the run's end" (``source.FINAL``: final weights, or the last recorded summary)
+FINAL = -1
+
+
+def refresh(run: Run) -> Run:
+    """Re-read the steps and metrics a run still being written has added (``Run.refresh``)."""
+    return run.refresh()
+
+
+def run_state(run: Run) -> Optional[str]:
+    """"running", "finished", "stopped" (a recorder that stopped writing) or None (no recorder)."""
+    return run_status(run.path)["state"] if run.recorded_layers else None
+
+
+def follow_toggle(run: Run, key: str) -> Optional[float]:
+    """The 'Follow' toggle of a recorded run: on, the page's fragment reruns every ``FOLLOW_SECONDS`` and
+    shows the newest step. Returns the fragment's ``run_every`` (None when off or not applicable). A run
+    still being written is marked as running."""
+    if not run.recorded_layers:
+        return None
+    state = run_state(run)
+    c1, c2 = st.columns([2, 5])
+    on = c1.toggle("Follow", key=key, value=state == "running",
+                   help=f"Re-read the run every {FOLLOW_SECONDS:.0f} s and show its newest recorded step")
+    badge = {"running": ":green-badge[:material/radio_button_checked: running]",
+             "finished": ":gray-badge[finished]",
+             "stopped": ":orange-badge[stopped: nothing written for 10 min, never closed]"}.get(state or "", "")
+    c2.markdown(f"{badge} · {len(run.summaries)} recorded steps, last {run.summaries[-1][0] if run.summaries else '—'}")
+    return FOLLOW_SECONDS if on else None
+
+
+def step_picker(run: Run, key: str, follow: bool = False) -> tuple[int, bool]:
+    """(step, live): a recorded step of the run (the newest when following), or the run's final weights on a
+    sampled minibatch (``live`` True) for a run the app can rebuild. The choice lives in ``st.session_state``."""
+    rec_steps = [s for s, _ in run.summaries]
+    can_live = run.model is not None and run.config.get("task") in ("classify", "gan")
+    if not rec_steps:
+        return FINAL, True
+    options = rec_steps + ([FINAL] if can_live else [])
+    fmt = lambda s: "live minibatch (final weights)" if s == FINAL else f"step {s}"  # noqa: E731
+    ss = st.session_state
+    if follow or ss.get(key) not in options:
+        ss[key] = rec_steps[-1]
+    step = st.select_slider("Recorded step" + (" (or a live minibatch)" if can_live else ""), options=options,
+                            key=key, format_func=fmt,
+                            help="The recorded probe batch at a step of training (cbnorm.watch); for a run the "
+                                 "app can rebuild, also a fresh minibatch of test images through the final weights")
+    return int(step), int(step) == FINAL
 
 
 # ============================================================================ widgets shared by pages

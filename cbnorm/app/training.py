@@ -34,11 +34,12 @@ from cbnorm.runs import Run
 
 from . import activations as A
 from . import shared as S
+from . import source as SRC
 
-#: the step of a run's final weights (``run.model``), next to its snapshot steps
-FINAL = -1
-BUDGET, PANEL_BUDGET = "training_activations", "training_panels"
-for _name, _mb in ((BUDGET, 64), (PANEL_BUDGET, 24)):  # registered beside shared's budgets (cleared with them)
+#: the step of a run's end (its final weights, or its last recorded summary), next to its other steps
+FINAL = SRC.FINAL
+PANEL_BUDGET = "training_panels"
+for _name, _mb in ((PANEL_BUDGET, 24),):  # registered beside shared's budgets (cleared with them)
     S.BUDGET_MB.setdefault(_name, _mb)
     S.BUDGETS.setdefault(_name, S._ByteBudget(_name))
 
@@ -59,10 +60,10 @@ def _forget_rows() -> None:
 
 def clear_caches() -> None:
     """Forget this page's cached activations, panels, projections and numbers (benchmarks: a cold start)."""
-    for f in (_snapshot_activations, _step_panel, _pca_row, _row_reducer, _row_step, _cell_summary, quality_at,
+    for f in (SRC._activations, _step_panel, _pca_row, _row_reducer, _row_step, _cell_summary, quality_at,
               grid_figure, distribution_figures, across_figures):
         f.clear()
-    for name in (BUDGET, PANEL_BUDGET):
+    for name in (SRC.BUDGET, PANEL_BUDGET):
         S.BUDGETS[name].reset()
     _forget_rows()
 
@@ -98,10 +99,12 @@ def runs_of(names: Sequence[str]) -> list[Run]:
 
 
 def snapshot_steps(run: Run) -> list[int]:
-    """The run's snapshot steps; ``ValueError`` naming the run when it has none."""
-    steps = [s for s, _ in run.snapshots]
+    """The run's steps with activations (recorded summaries, else snapshots: ``source.steps``); ``ValueError``
+    naming the run when it has none."""
+    steps = SRC.steps(run)
     if not steps:
-        raise ValueError(f"run {run.path.name} has no snapshots (train with --snapshot-every to get them)")
+        raise ValueError(f"run {run.path.name} has no recorded steps and no snapshots (record it with "
+                         f"cbnorm.watch, or train with --snapshot-every)")
     return steps
 
 
@@ -128,16 +131,24 @@ def shared_layers(runs: Sequence[Run]) -> list[str]:
 
 def check_same_test_set(runs: Sequence[Run]) -> str:
     """The test set every run is evaluated on; ``ValueError`` when they differ (the images must be the same)."""
-    names = {r.path.name: A.dataset_name(r) for r in runs}
+    names = {r.path.name: _inputs_of(r) for r in runs}
     if len(set(names.values())) > 1:
         raise ValueError("the runs use different test sets (" + ", ".join(f"{k}: {v}" for k, v in names.items())
                          + "); the same images are needed in every run")
     return next(iter(names.values()))
 
 
+def _inputs_of(run: Run) -> str:
+    """What a run's views are computed on: its test set, or (a recorded run of a model the app cannot
+    rebuild) its recorded probe batch, which only that run has."""
+    if SRC.live(run):
+        return A.dataset_name(run)
+    return f"the probe batch recorded with {run.path.name}"
+
+
 def common_steps(runs: Sequence[Run]) -> list[int]:
-    """Snapshot steps every run has (possibly none)."""
-    sets = [set(s for s, _ in r.snapshots) for r in runs]
+    """Steps every run has activations at (possibly none)."""
+    sets = [set(SRC.steps(r)) for r in runs]
     return sorted(set.intersection(*sets)) if sets else []
 
 
@@ -191,46 +202,13 @@ def with_seeds(names: Sequence[str]) -> list[str]:
     return out
 
 
-# ============================================================================ activations per snapshot
+# ============================================================================ activations per step
 def snapshot_activations(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str) -> dict:
-    """``layer``'s input or output at snapshot ``step`` (FINAL: the run's final weights) on ``size`` test
-    images drawn with ``seed`` (cached within ``BUDGET_MB["training_activations"]``; see
-    :func:`_snapshot_activations`)."""
-    args = (run_path, dev, int(step), layer, int(size), int(seed), which)
-    out = _snapshot_activations(*args)
-    S.BUDGETS[BUDGET].note(_snapshot_activations, args, out)
-    return out
-
-
-@st.cache_resource(max_entries=96, ttl=S.TTL, show_spinner=False)
-def _snapshot_activations(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str) -> dict:
-    """acts (N, C, *S) (``which`` = "input", "x_hat" or "output" of the layer: ``analysis.VIEWS``), labels, test indices, true contexts,
-    predictions, each sample's mixture component under the layer (``analysis.mixture_assignments``) and the
-    layer's own per-channel mixture ``(weights, means, variances)`` (K, C) when it has one. The snapshot is
-    loaded as a NEW model; arrays are read-only (shared by every session)."""
+    """``layer`` at ``step`` (FINAL: the run's end) from the one activation source (``source.activations``:
+    the recorded summary, or the snapshot run on ``size`` test images drawn with ``seed``)."""
     if which not in analysis.VIEWS:
         raise ValueError(f"which must be one of {analysis.VIEWS}, got {which!r}")
-    run = S.get_run(run_path, dev)
-    x, idx, labels = A.test_batch(run, size, seed)
-    if int(step) == FINAL:
-        model, shared = run.model, True
-    else:
-        model, shared = run.load_snapshot(int(step)), False
-    cap, logits = A.capture(run, model, x, layer, None, shared=shared)
-    module = cap.module
-    info = S.layer_info(run, layer)
-    comps = analysis.mixture_assignments(module, cap.input.to(run.device))
-    mixture = None
-    if info["has_mixture"]:
-        mixture = tuple(t.detach().double().cpu().numpy() for t in module.channel_mixture_parameters())
-    acts = {"input": cap.input, "x_hat": cap.x_hat, "output": cap.output}[which].detach().float().cpu().numpy()
-    out = {"acts": acts, "labels": np.asarray(labels), "indices": np.asarray(idx),
-           "contexts": A.true_contexts(run, labels), "predictions": None if logits is None else logits.argmax(1).numpy(),
-           "components": comps, "mixture": mixture, "layer": info}
-    for v in list(out.values()) + list(mixture or ()):
-        if isinstance(v, np.ndarray):
-            v.flags.writeable = False
-    return out
+    return SRC.activations(run_path, dev, int(step), layer, int(size), int(seed))
 
 
 def mixture_names(run: Run, info: dict, k: int) -> list[str]:
@@ -265,8 +243,7 @@ def _step_panel(run_path: str, dev: str, step: int, layer: str, size: int, seed:
     info = acts["layer"]
     c = info["num_features"]
     chans = list(channels) if channels else list(range(c))
-    v = analysis.channel_values(_tensor(acts["acts"]), chans,
-                                channel_last=info["channel_last"])
+    v = SRC.values(acts, which, chans)
     pooled = v.reshape(-1)
     total = int(pooled.size)
     finite = np.isfinite(pooled)
@@ -284,7 +261,7 @@ def _step_panel(run_path: str, dev: str, step: int, layer: str, size: int, seed:
     if pooled.size < 2:
         raise ValueError(f"{run.path.name} {step_label(step)}: fewer than 2 finite values in the chosen channels")
     if which == "input" and acts["mixture"] is not None:
-        w, m, var = (a[:, chans].T for a in acts["mixture"])
+        w, m, var = SRC.mixture(acts, chans)
         names = mixture_names(run, info, w.shape[1])
         source = f"the layer's own {info['class']} components"
     else:
@@ -374,7 +351,7 @@ def across_runs(run_names_: Sequence[str], layer: str, which: str, channels: Seq
         raise ValueError(f"layer {layer!r} is not in every chosen run; shared: {shared_layers(runs)}")
     check_same_test_set(runs)
     if int(step) != FINAL:
-        missing = [r.path.name for r in runs if int(step) not in dict(r.snapshots)]
+        missing = [r.path.name for r in runs if int(step) not in SRC.steps(r)]
         if missing:
             raise ValueError(f"no snapshot at step {step} in {', '.join(missing)}; choose the final weights or a "
                              f"step every run has ({common_steps(runs) or 'none'})")
@@ -460,8 +437,7 @@ class GridParams:
 
 def _features(run_path: str, step: int, layer: str, size: int, seed: int, which: str, pool: bool) -> np.ndarray:
     a = snapshot_activations(run_path, S.device(), step, layer, size, seed, which)
-    return analysis.flatten_features(_tensor(a["acts"]), pool=pool,
-                                     channel_last=a["layer"]["channel_last"])
+    return SRC.features(a, which, pool)
 
 
 @st.cache_data(max_entries=64, ttl=S.TTL, show_spinner=False)
@@ -553,11 +529,11 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
                      "ylim": ylim, "info": info, "components": [c["components"] for c in cells],
                      "predictions": [c["predictions"] for c in cells], "layer": S.layer_info(r, p.layer)})
     say(1.0, "done")
-    first = _snapshot_activations(str(runs[0].path), S.device(), plan[0][1][0], p.layer, int(p.size), int(p.seed),
-                                  p.which)  # labels and indices: the same images in every cell
+    first = snapshot_activations(str(runs[0].path), S.device(), plan[0][1][0], p.layer, int(p.size), int(p.seed),
+                                 p.which)  # labels and indices: the same images in every cell
     out = {"rows": rows, "labels": first["labels"], "indices": first["indices"], "contexts": first["contexts"],
            "class_names": runs[0].class_names, "context_names": runs[0].context_names, "method": p.method,
-           "total": len(A.test_data(A.dataset_name(runs[0])))}
+           "total": len(A.test_data(A.dataset_name(runs[0]))) if SRC.live(runs[0]) else first["n"]}
     with _ROWS_LOCK:
         _GRIDS[p.key()] = out
         while len(_GRIDS) > 16:
@@ -645,8 +621,7 @@ def quality_at(run_path: str, dev: str, step: int, layer: str, size: int, seed: 
     """``analysis.cluster_quality`` of ``layer``'s features at snapshot ``step`` (classes; contexts when
     they are derived from the labels; the layer's mixture components when it has them)."""
     a = snapshot_activations(run_path, dev, step, layer, size, seed, which)
-    f = analysis.flatten_features(_tensor(a["acts"]), pool=pool,
-                                  channel_last=a["layer"]["channel_last"])
+    f = SRC.features(a, which, pool)
     return analysis.cluster_quality(f, a["labels"], components=a["components"], contexts=a["contexts"], seed=seed,
                                     k=k)
 
