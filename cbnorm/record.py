@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 import warnings
 from fnmatch import fnmatchcase
@@ -546,3 +547,69 @@ def watch(model: nn.Module, logdir: Any, probe: Any = None, *, every: int = 100,
     """
     return Recorder(model, logdir, probe, every=every, **kwargs)
 
+
+
+# ============================================================================ replaying a run's snapshots
+def replay(run_dir: Any, *, size: int = 256, seed: int = 0, values_per_channel: int = DEFAULT_VALUES_PER_CHANNEL,
+           layers: Any = None) -> list[int]:
+    """Compute the summaries of an existing classification run from its snapshots (``python -m
+    cbnorm.record RUN_DIR``): the probe is ``size`` test images drawn with ``seed``, contexts inferred by the
+    model (as at test time). Summaries written before are replaced. Returns the steps written."""
+    import shutil
+
+    from .data import load_dataset
+    from .runs import load_run
+
+    run = load_run(run_dir)
+    if run.config.get("task") != "classify":
+        raise ValueError(f"{run.path} is a {run.config.get('task')!r} run; replaying snapshots needs a "
+                         f"classification run (its test images are the probe)")
+    if not run.snapshots:
+        raise ValueError(f"{run.path} has no snapshots to replay (train with --snapshot-every)")
+    ds = load_dataset(run.config["dataset"]["name"], "test")
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(int(size), len(ds)), replace=False))
+    x = run.preprocess(np.asarray(ds.images[idx]))
+    y = torch.as_tensor(np.asarray(ds.labels[idx]), dtype=torch.long)
+    training = run.config.get("training") or {}
+    steps = [s for s, _ in run.snapshots]
+    every = int(training.get("snapshot_every") or 0) or max(1, steps[-1])
+    cfg = {k: v for k, v in run.config.items() if k != "recorder"}
+    shutil.rmtree(run.path / SUMMARY_DIR, ignore_errors=True)
+    rec = Recorder(run.model, run.path, (x, y), every=every, early=0, layers=layers,
+                   values_per_channel=values_per_channel, resume=True, run_config=cfg, probe_init=False, seed=seed)
+    rec.early_steps = set(steps) - {s for s in steps if s % every == 0}
+    for step in steps:
+        rec.probe(step, model=run.load_snapshot(step))
+        if not rec.active:
+            raise ValueError(f"replaying {run.path} stopped: {rec.error}")
+    rec.close()
+    return steps
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m cbnorm.record RUN_DIR [RUN_DIR ...]``: the summaries of existing runs from their snapshots."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m cbnorm.record", description=main.__doc__)
+    p.add_argument("runs", nargs="+", help="run directories written by python -m cbnorm.train")
+    p.add_argument("--size", type=int, default=256, help="test images in the probe batch (256)")
+    p.add_argument("--seed", type=int, default=0, help="draws the probe batch and the kept positions (0)")
+    p.add_argument("--values-per-channel", type=int, default=DEFAULT_VALUES_PER_CHANNEL,
+                   help=f"values kept per channel and view ({DEFAULT_VALUES_PER_CHANNEL})")
+    p.add_argument("--layers", nargs="*", help="fnmatch patterns of the layers to record (default: all)")
+    a = p.parse_args(argv)
+    status = 0
+    for d in a.runs:
+        t0 = time.perf_counter()
+        try:
+            steps = replay(d, size=a.size, seed=a.seed, values_per_channel=a.values_per_channel, layers=a.layers)
+        except ValueError as err:
+            print(f"{d}: {err}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{d}: {len(steps)} steps recorded in {time.perf_counter() - t0:.1f} s", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

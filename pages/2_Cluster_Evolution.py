@@ -86,7 +86,8 @@ with S.guard("Cluster evolution"):
     details = {"pca": "PCA fitted on the last snapshot", "tsne": f"t-SNE, perplexity {ev['info'].get('perplexity', '')}",
                "umap": f"UMAP, {ev['info'].get('n_neighbors', '')} neighbours"}[ev["method"]]
     st.caption(f"Run **{run.path.name}** · layer `{shown.layer}` ({info['class']}) · {shown.which} "
-               f"({ev['feature_dim']:,} features per image{', channel means' if shown.pool else ''}) · {details}")
+               f"({ev['feature_dim']:,} features per image{', channel means' if shown.pool else ''}) · {details} · "
+               f"{n:,} {'test images' if live else 'recorded probe inputs'} at each of {len(ev['steps'])} steps")
 
     colours = E.colourings(run, ev, info)
     if ss.get("evo_colour") not in colours:

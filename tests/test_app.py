@@ -26,7 +26,8 @@ TIMEOUT = 180
 _BUILT: dict[str, Path] = {}
 
 RUN_ARGS = ["--dataset", "fashion-mnist", "--width", "0.25", "--epochs", "2", "--limit-train", "256",
-            "--limit-test", "128", "--snapshot-every", "2", "--batch-size", "64", "--threads", "1", "--quiet"]
+            "--limit-test", "128", "--snapshot-every", "2", "--batch-size", "64", "--threads", "1", "--quiet",
+            "--record-size", "0"]  # the live path (recorded runs: test_app_recorded.py)
 
 
 def build_runs(base: Path) -> Path:
@@ -418,7 +419,9 @@ def test_missing_runs_directory_is_explained(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------- real runs
 def test_every_page_on_the_committed_checkpoints(monkeypatch):
     ckpt = ROOT / "checkpoints"
-    runs = [p for p in ckpt.iterdir() if (p / "config.json").exists()] if ckpt.is_dir() else []
+    from cbnorm.runs import find_runs
+
+    runs = find_runs(ckpt)  # nested runs too (gan-features/classifier)
     if not runs:
         pytest.skip("checkpoints/ holds no runs yet")
     monkeypatch.delenv("CBNORM_RUNS", raising=False)  # the default: checkpoints/ next to app.py

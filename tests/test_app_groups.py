@@ -28,7 +28,7 @@ COMPARE = "pages/4_Compare_Normalizers.py"
 TIMEOUT = 180
 TINY = ["--dataset", "digits", "--width", "0.125", "--epochs", "3", "--batch-size", "64", "--limit-train", "256",
         "--limit-test", "100", "--eval-every", "2", "--eval-subset", "60", "--snapshot-every", "0", "--lr", "0.02",
-        "--threads", "1", "--quiet"]
+        "--threads", "1", "--quiet", "--record-size", "0"]
 SEEDS = {"bn": [0, 1, 2], "mn": [0, 1, 2], "acn": [0]}
 LABELS = {"bn": "bn", "mn": "mn", "acn": "acn-s0"}  # the common part of the run names (one run: its name)
 

@@ -64,8 +64,8 @@ def evolution_steps(run: Run, max_snapshots: int = 0) -> list[int]:
     evenly spread (first and last kept)."""
     steps = SRC.steps(run)
     if not steps:
-        raise ValueError(f"run {run.path.name} has no recorded steps and no snapshots (record it with "
-                         f"cbnorm.watch, or train with --snapshot-every)")
+        raise ValueError(f"run {run.path.name} has no snapshots and no recorded steps (train with "
+                         f"--snapshot-every, or record it with cbnorm.watch)")
     if max_snapshots and 2 <= max_snapshots < len(steps):
         pick = np.unique(np.round(np.linspace(0, len(steps) - 1, max_snapshots)).astype(int))
         steps = [steps[i] for i in pick]

@@ -394,7 +394,7 @@ def is_studied(run: Run, name: str) -> bool:
 def layer_names(run: Run) -> list[str]:
     """The run's normalization layers: its cbnorm layers (``probe.layer_names``) when the model can be
     rebuilt, and the layers recorded in its summaries (``cbnorm.watch``: torch's norms too)."""
-    rec = [li["path"] for li in run.recorded_layers]
+    rec = [li["path"] for li in getattr(run, "recorded_layers", [])]
     if run.model is None:
         return rec
     names = probe.layer_names(run.model)
@@ -464,7 +464,7 @@ def layer_info(run: Run, name: str) -> dict:
                 "has_mixture": bool(getattr(m, "has_mixture", False)),
                 "uses_context": bool(getattr(m, "uses_context", False)), "num_components": k,
                 "channel_last": bool(getattr(m, "channel_last", False)), "num_features": probe.num_features(m)}
-    for li in run.recorded_layers:
+    for li in getattr(run, "recorded_layers", []):
         if li["path"] == name:
             return {"name": name, "kind": li["kind"], "class": li["class"], "has_mixture": bool(li.get("has_mixture")),
                     "uses_context": bool(li.get("uses_context")), "num_components": li.get("num_components"),

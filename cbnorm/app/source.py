@@ -174,7 +174,8 @@ def _live(run: Run, step: int, layer: str, size: int, seed: int, context_mode: s
             "components": analysis.mixture_assignments(module, cap.input.to(run.device)), "mixture": mixture,
             "layer": info, "recorded": False, "step": int(step), "n": int(x.shape[0]),
             "points": int(np.prod(acts["input"].shape) // max(1, info["num_features"])), "nonfinite": nonfinite,
-            "note": f"{x.shape[0]} test inputs drawn with seed {seed}, run through "
+            "note": f"{x.shape[0]} {'latent vectors' if run.config.get('task') == 'gan' else 'test images'} drawn "
+                    f"with seed {seed}, run through "
                     f"{'the final weights' if int(step) == FINAL else f'the snapshot of step {step}'}"}
 
 

@@ -103,8 +103,8 @@ def snapshot_steps(run: Run) -> list[int]:
     naming the run when it has none."""
     steps = SRC.steps(run)
     if not steps:
-        raise ValueError(f"run {run.path.name} has no recorded steps and no snapshots (record it with "
-                         f"cbnorm.watch, or train with --snapshot-every)")
+        raise ValueError(f"run {run.path.name} has no snapshots and no recorded steps (train with "
+                         f"--snapshot-every, or record it with cbnorm.watch)")
     return steps
 
 
@@ -503,8 +503,8 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
         path = str(r.path)
         if p.method == "pca":
             row_key = (path, p.layer, p.size, p.seed, p.which, p.pool, steps)
-            keys = [(path, S.device(), int(s), p.layer, int(p.size), int(p.seed), p.which) for s in steps]
-            with S.BUDGETS[BUDGET].pinned(keys):  # the PCA needs the whole row at once
+            keys = [(path, S.device(), int(s), p.layer, int(p.size), int(p.seed), "predicted") for s in steps]
+            with S.BUDGETS[SRC.BUDGET].pinned(keys):  # the PCA needs the whole row at once
                 for s in steps:
                     if row_key not in _ROWS_DONE:  # first time: each snapshot's activations, with progress
                         say(done / total, f"{r.path.name}: activations at step {s} ({done + 1}/{total})")

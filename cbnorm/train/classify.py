@@ -35,6 +35,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,10 +48,11 @@ from torch import nn
 
 from .. import __version__
 from ..guard import StepGuard
+from ..record import Recorder
 from ..norms import NonFiniteError, check_deferred
 from .schedules import SCHEDULES, check_schedule, lr_at, parse_milestones, snapshot_steps
-from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, build_model_from_config, count_parameters,
-                   load_resume_state, preprocess_images, read_json, save_config, save_metrics,
+from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, METRICS_LINES, STATUS_NAME, SUMMARY_DIR,
+                   build_model_from_config, count_parameters, load_resume_state, preprocess_images, read_json, save_config, save_metrics,
                    save_resume_state, save_snapshot, save_weights, snapshot_name, validate_config)
 
 __all__ = ["train", "main", "build_parser", "DEFAULTS"]
@@ -64,10 +66,11 @@ DEFAULTS: dict[str, Any] = {
     "lr_every": 1, "milestones": None, "warmup_steps": 0, "seed": 0, "snapshot_every": 200, "snapshot_early": 0,
     "eval_every": 0, "eval_subset": 1000, "amp": False, "limit_train": None,
     "limit_test": None, "eval_batch_size": 1000, "out": None, "resume": False, "device": "auto",
-    "threads": None, "quiet": False, "context_head": False, "max_skipped": 10,
+    "threads": None, "quiet": False, "context_head": False, "max_skipped": 10, "record_size": 256,
+    "record_values": 512,
 }
 #: options that describe the environment, not the experiment (not stored in config.json "training")
-_RUNTIME = ("out", "resume", "device", "threads", "quiet", "max_skipped")
+_RUNTIME = ("out", "resume", "device", "threads", "quiet", "max_skipped", "record_size", "record_values")
 #: options that may differ when resuming
 _RESUMABLE = ("epochs", "snapshot_every", "eval_batch_size")
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
@@ -127,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                       f"({d['snapshot_every']})")
     t.add_argument("--snapshot-early", type=int, help="also this many log-spaced snapshots before the first "
                                                       "regular one (dense where training moves fast) (0)")
+    t.add_argument("--record-size", type=int, help="test images of the probe batch that cbnorm.watch records every "
+                                                   "normalization layer on at each snapshot step (summaries for the "
+                                                   f"app); 0 = no recording ({d['record_size']})")
+    t.add_argument("--record-values", type=int, help=f"values kept per channel and view ({d['record_values']})")
     t.add_argument("--eval-every", type=int, help="evaluate every this many steps (and at step 0) on a fixed "
                                                   "stratified test subset of --eval-subset images; the full test "
                                                   "set is scored at every epoch end (0 = epoch ends only)")
@@ -534,6 +541,7 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
     show = not a["quiet"] and dist.main
     total_steps = a["epochs"] * steps_per_epoch
     snaps = snapshot_steps(total_steps, a["snapshot_every"], a["snapshot_early"])
+    rec = _recorder(a, out, model, config, test_ds, total_steps, fresh=start_epoch == 0) if dist.main else None
     sched = dict(schedule=a["schedule"], steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                  factor=a["lr_factor"], every=a["lr_every"], milestones=a["milestones"], warmup_steps=a["warmup_steps"])
     cuda = device.type == "cuda"
@@ -600,6 +608,8 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
                 metrics["loss"].append([step, loss_sum / dist.world])
             step_time += time.perf_counter() - t0
             metrics["lr"].append([step, lr])
+            if rec is not None:  # the loss is on the host already (the step's one read); probes at snapshot steps
+                rec.step(step, loss=loss_sum / dist.world, lr=lr)
             if step in snaps or (a["eval_every"] and step % a["eval_every"] == 0):
                 check_deferred(model)  # checks the layers deferred on the device (validate="auto" off the CPU)
             if dist.main and step in snaps:
@@ -635,6 +645,8 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
                       wall=wall0 + time.perf_counter() - session_start,
                       loadavg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         metrics["epochs"].append(record)
+        if rec is not None:
+            rec.log(step, **{k: v for k, v in record.items() if k not in ("step", "wall") and isinstance(v, (int, float))})
         _summary(metrics, params)
         if dist.main:
             save_weights(out / files["weights"], model)
@@ -652,7 +664,35 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
             print(f"epoch {epoch + 1}/{a['epochs']} step {step}: loss {last_loss:.4f} "
                   f"train_acc {record['train_acc']:.4f} test_acc {record['test_acc']:.4f}{extra} "
                   f"test_loss {record['test_loss']:.4f} ({record['time_per_step_s']:.3f} s/step)", flush=True)
+    if rec is not None:
+        rec.close()
     return out
+
+
+def _recorder(a: dict, out: Path, model: nn.Module, config: dict, test_ds, total_steps: int, fresh: bool):
+    """The run's recorder (cbnorm.watch; rank 0 only): every normalization layer on a fixed probe batch of
+    ``--record-size`` test images (drawn with seed 0), probed at the snapshot steps (every ``--snapshot-every``,
+    ``--snapshot-early`` log-spaced ones before, step 0 and the last); None with ``--record-size 0``. A fresh
+    run starts from an empty record; a resumed one continues its own (steps after the resume point replaced)."""
+    if not a["record_size"]:
+        return None
+    if fresh:
+        for name in (METRICS_LINES, STATUS_NAME):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / SUMMARY_DIR, ignore_errors=True)
+    n = min(int(a["record_size"]), len(test_ds))
+    idx = np.sort(np.random.default_rng(0).choice(len(test_ds), size=n, replace=False))
+    pre = config["preprocessing"]
+    x = preprocess_images(torch.from_numpy(test_ds.images[idx]), pre["mean"], pre["std"], pre["channels"],
+                          pre["image_size"], next(model.parameters()).device)
+    y = torch.from_numpy(np.asarray(test_ds.labels[idx])).long()
+    every = int(a["snapshot_every"]) or max(1, total_steps)
+    # resume=True: config.json (ours, just written) is already there; a resumed run's later steps are purged
+    rec = Recorder(model, out, (x, y), every=every, early=int(a["snapshot_early"] or 0),
+                   values_per_channel=int(a["record_values"]), resume=True, run_config=config, probe_init=False)
+    if fresh:
+        rec.probe(0)
+    return rec
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
