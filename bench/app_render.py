@@ -92,12 +92,41 @@ def across(at, timed, click) -> None:
     timed("embedding grid again (cached)", "across", at.run, goal=1.0)
 
 
+#: the run whose recorded summaries the "recorded" views read
+RECORDED_RUN = "fmnist-mn"
+
+
+def recorded(at, timed, click) -> None:
+    """The views read from recorded summaries (``cbnorm.watch``, or ``python -m cbnorm.record`` for the
+    committed runs), cold: distributions over every recorded step (goal 2 s over 17 steps) and the cluster
+    evolution by PCA on the recorded features (goal 3 s). Nothing is cached before each."""
+    import streamlit as st
+
+    at.session_state["run"] = RECORDED_RUN
+    at.session_state["layer"] = None
+    at.run()
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = timed("distributions over training from recorded summaries, cold", "recorded",
+               lambda: at.switch_page(ACROSS).run(), goal=2.0)
+    steps = at.select_slider(key="tr_d_range").options
+    timings_note = {"steps": len(steps)}
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at.switch_page(EVO).run()
+    at.radio(key="evo_method").set_value("pca")
+    at.checkbox(key="evo_pool").check()
+    timed(f"cluster evolution, PCA on recorded features ({timings_note['steps']} steps), cold", "recorded",
+          lambda: click(at, "Run projection"), goal=3.0, **timings_note)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", type=int, default=2000, help="test images of the t-SNE evolution (2000)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "app_render.json"))
-    ap.add_argument("--only", choices=["all", "across"], default="all",
-                    help="across: Home, then page 6's views only (write to another --out)")
+    ap.add_argument("--only", choices=["all", "across", "recorded"], default="all",
+                    help="across: Home, then page 6's views only; recorded: Home, then the cold views read from "
+                         "recorded summaries (write to another --out)")
     ap.add_argument("--no-browser", action="store_true",
                     help="skip the second part: each page's first render in Chromium (fresh server)")
     a = ap.parse_args(argv)
@@ -147,6 +176,9 @@ def main(argv=None) -> None:
 
     if a.only == "across":
         across(at, timed, click)
+        return finish(a, info, timings)
+    if a.only == "recorded":
+        recorded(at, timed, click)
         return finish(a, info, timings)
     timed("first render (defaults: 256 images, 8 channels)", "histograms", lambda: at.switch_page(HIST).run())
     at.slider(key="hist_k").set_value(2)

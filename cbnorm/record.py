@@ -21,7 +21,7 @@ recorded layer (``cbnorm.probe.capture`` with a ``reduce``) keep, on the trainin
 * ``values_per_channel`` values per channel of the layer's input, x_hat (the normalized values before the
   affine, ``cbnorm.probe.normalized``) and output, at the same fixed positions for every step (a seeded draw
   over the N * positions of the probe batch), float16 (float32 where float16 would overflow);
-* per-sample channel means of the input and output (N, C): the features of the embedding views;
+* per-sample channel means of the input, x_hat and output (N, C): the features of the embedding views;
 * the layer's own mixture marginalised per channel (``channel_mixture_parameters``: weights, means,
   variances (K, C)) where it has one, and each probe sample's component (``analysis.sample_components``);
 * counts of non-finite values in each view (they are kept in the values and counted, never a crash);
@@ -39,27 +39,35 @@ TensorBoard's ``purge_step``). The format is described in :mod:`cbnorm.runs`.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import math
 import os
+import shutil
 import socket
 import sys
 import time
 import warnings
 from fnmatch import fnmatchcase
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from . import probe as P
+from .analysis import sample_components
 from .convert import route_contexts
+from .data import load_dataset
 from .runs import (CONFIG_NAME, FORMAT_VERSION, METRICS_LINES, STATUS_NAME, SUMMARY_DIR, atomic_write_bytes,
-                   read_json, save_snapshot, summary_name, write_json_atomic)
+                   list_summaries, load_run, read_json, read_metric_lines, save_snapshot, summary_name,
+                   write_json_atomic)
 
 __all__ = ["watch", "Recorder", "RecordingStopped", "probe_schedule", "describe_layer", "recorded_layers",
            "DEFAULT_VALUES_PER_CHANNEL", "DEFAULT_EARLY"]
@@ -143,8 +151,6 @@ def recorded_layers(model: nn.Module, layers: Any = None) -> list[str]:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -307,6 +313,8 @@ class Recorder:
         step = self._check_step(step)
         if self._purge_from == -1:
             self._purge(step)
+            if not self.active:
+                return
         if scalars:
             self._add_line(step, scalars)
         self.last_step = step if self.last_step is None else max(self.last_step, step)
@@ -322,6 +330,8 @@ class Recorder:
         step = self._check_step(step)
         if self._purge_from == -1:
             self._purge(step)
+            if not self.active:
+                return
         if scalars:
             self._add_line(step, scalars)
             if not self._has_tensors():
@@ -336,14 +346,16 @@ class Recorder:
         try:
             tensors, meta = self._summaries(step, self.model if model is None else model)
             self.flush()
-            from safetensors.torch import save
-
             atomic_write_bytes(self.logdir / SUMMARY_DIR / summary_name(step), save(tensors, metadata=meta))
             if self.snapshots and model is None:
                 save_snapshot(self.logdir, _eager(self.model), step)
             self.last_probe = step
         except OSError as err:
             self._fail(f"writing the summaries of step {step} to {self.logdir} failed ({err})")
+        except Exception as err:  # noqa: BLE001 - after the first probe, a failure stops the recording, not training
+            if self.last_probe is None:
+                raise  # the first probe: a probe or model the recorder cannot work with, said at once
+            self._fail(f"computing the summaries of step {step} failed ({type(err).__name__}: {err})")
 
     def flush(self) -> None:
         """Write the buffered scalar lines (one host sync for those given as tensors)."""
@@ -420,16 +432,15 @@ class Recorder:
     def _purge(self, first_new: int) -> None:
         """Resuming: drop summaries and metric lines at steps >= ``first_new`` (TensorBoard's purge_step)."""
         self._purge_from = first_new
-        sdir = self.logdir / SUMMARY_DIR
-        from .runs import list_summaries, read_metric_lines
-
-        for s, p in list_summaries(self.logdir):
-            if s >= first_new:
-                p.unlink(missing_ok=True)
-        lines = [ln for ln in read_metric_lines(self.logdir) if ln.get("step", 0) < first_new]
-        text = "".join(json.dumps(ln) + "\n" for ln in lines)
-        atomic_write_bytes(self.logdir / METRICS_LINES, text.encode("utf-8"))
-        del sdir
+        try:
+            for s, p in list_summaries(self.logdir):
+                if s >= first_new:
+                    p.unlink(missing_ok=True)
+            lines = [ln for ln in read_metric_lines(self.logdir) if ln.get("step", 0) < first_new]
+            text = "".join(json.dumps(ln) + "\n" for ln in lines)
+            atomic_write_bytes(self.logdir / METRICS_LINES, text.encode("utf-8"))
+        except (OSError, ValueError) as err:
+            self._fail(f"resuming {self.logdir} at step {first_new} failed ({err})")
 
     def _positions(self, name: str, total: int, device: torch.device) -> Tensor:
         idx = self._index.get(name)
@@ -442,8 +453,6 @@ class Recorder:
 
     @torch.no_grad()
     def _summaries(self, step: int, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-        from .analysis import sample_components
-
         base = _eager(model)
         out: dict[str, Tensor] = {}
         counts: dict[str, list[Tensor]] = {}
@@ -466,8 +475,8 @@ class Recorder:
                 vals = a.transpose(0, 1).reshape(c, n * p).index_select(1, idx)  # (C, M), sample-major positions
                 out[f"{name}::{v}"] = vals
                 counts[name].append((~torch.isfinite(a)).sum())
-            out[f"{name}::pooled_input"] = flat["input"].mean(2)
-            out[f"{name}::pooled_output"] = flat["output"].mean(2)
+            for v in ("input", "x_hat", "output"):
+                out[f"{name}::pooled_{v}"] = flat[v].mean(2)
             if infos[name]["has_mixture"]:
                 try:
                     w, mu, var = module.channel_mixture_parameters()
@@ -512,7 +521,7 @@ class Recorder:
         for k, v in out.items():
             v = v.detach().cpu()
             if v.is_floating_point() and k.rsplit("::", 1)[-1] in ("input", "x_hat", "output", "pooled_input",
-                                                                   "pooled_output"):
+                                                                   "pooled_x_hat", "pooled_output"):
                 fin = v[torch.isfinite(v)]
                 v = v.half() if fin.numel() == 0 or float(fin.abs().max()) <= _F16_MAX else v
             cpu[k] = v.contiguous()
@@ -528,8 +537,6 @@ class Recorder:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("cbnorm")
     except PackageNotFoundError:
@@ -555,11 +562,6 @@ def replay(run_dir: Any, *, size: int = 256, seed: int = 0, values_per_channel: 
     """Compute the summaries of an existing classification run from its snapshots (``python -m
     cbnorm.record RUN_DIR``): the probe is ``size`` test images drawn with ``seed``, contexts inferred by the
     model (as at test time). Summaries written before are replaced. Returns the steps written."""
-    import shutil
-
-    from .data import load_dataset
-    from .runs import load_run
-
     run = load_run(run_dir)
     if run.config.get("task") != "classify":
         raise ValueError(f"{run.path} is a {run.config.get('task')!r} run; replaying snapshots needs a "
@@ -588,8 +590,6 @@ def replay(run_dir: Any, *, size: int = 256, seed: int = 0, values_per_channel: 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m cbnorm.record RUN_DIR [RUN_DIR ...]``: the summaries of existing runs from their snapshots."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m cbnorm.record", description=main.__doc__)
     p.add_argument("runs", nargs="+", help="run directories written by python -m cbnorm.train")
     p.add_argument("--size", type=int, default=256, help="test images in the probe batch (256)")

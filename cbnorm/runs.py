@@ -1,6 +1,31 @@
-"""The run-directory format: what ``python -m cbnorm.train`` writes and ``cbnorm.load_run`` reads.
+"""The run-directory format: what ``cbnorm.watch`` and ``python -m cbnorm.train`` write and ``cbnorm.load_run``
+reads.
 
-A run directory (format version 1)::
+Format version 2 (this one) adds what ``cbnorm.watch`` records from any training loop (``cbnorm.record``);
+version 1 runs (no recording) load unchanged::
+
+    config.json              format_version 2; "recorder": {"by": "cbnorm.watch", "cbnorm_version", "every",
+                             "early_steps", "mode", "values_per_channel", "seed", "probe": {"n", "shape", "dtype",
+                             "labels", "context"}, "layers": [{"path", "class", "kind", "width", "has_mixture",
+                             "uses_context", "num_components", "channel_last"}, ...]}. A user's model that cbnorm
+                             cannot rebuild: task "record", "model": {"class", "module"}, "hyperparameters",
+                             "class_names" (or null), "contexts" (or null). Our trainer: its own config (below) with
+                             the recorder section added.
+    metrics.jsonl            append-only scalar lines {"step": int, "wall": unix time, name: value, ...}; a torn
+                             last line (a killed process) is skipped on reading
+    summaries/step_XXXXXXXX.safetensors
+                             one file per probe step, written whole (temporary file + rename): per recorded layer
+                             "<path>::input" / "::x_hat" / "::output" (C, M) values at fixed positions
+                             ("::positions" (M,)), "::pooled_input" / "::pooled_x_hat" / "::pooled_output" (N, C)
+                             per-sample channel means, "::mixture_weights" / "::mixture_means" / "::mixture_vars"
+                             (K, C) where the layer has its own mixture, "::components" (N,), "::nonfinite" (3,)
+                             counts; "predictions", "labels", "context" (N,) of the probe batch. Float16 (float32
+                             where float16 would overflow); metadata {"format": "cbnorm-summary", "step", "wall",
+                             "layers", "mode"}.
+    status.json              {"state": "running" | "finished", "pid", "host", "time", "last_step"}; a run left
+                             "running" with nothing written for STALE_SECONDS reads as "stopped"
+
+Format version 1 (our trainers' files, still written beside the above)::
 
     config.json              how to rebuild the model and its inputs (see below); no git information
     metrics.json             per-step loss, per-epoch records, summary (test_acc, test_acc_oracle, ...)

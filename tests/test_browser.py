@@ -315,3 +315,49 @@ if __name__ == "__main__":  # by hand: python tests/test_browser.py checkpoints/
     finally:
         stop_server(proc)
         print((out / "streamlit.log").read_text()[-2000:])
+
+
+@pytest.mark.slow
+def test_recorded_runs_and_following_in_chromium(tmp_path_factory):
+    """Runs recorded by cbnorm.watch from a user's model (nested folders, one still being written): every page
+    that applies is drawn without an error box, and the histogram page follows the running run: a step
+    written after the page opened appears without a reload."""
+    pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from test_app_recorded import record
+
+    root = tmp_path_factory.mktemp("recorded-browser")
+    record(root, "mine/net-mn", norm="mn")
+    _, rec, _, _ = record(root, "a-live/net-bn", steps=20, close=False)  # first in the sidebar: followed
+    shots = Path(os.environ.get("CBNORM_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
+    proc = start_server(root, port, log_path)
+    try:
+        pages = {"Activation_Histograms": ("recorded_histograms", 2), "Cluster_Evolution": ("recorded_evolution", 2),
+                 "Across_Runs_and_Training": ("recorded_across", 4), "Compare_Normalizers": ("recorded_compare", 3)}
+        report = visit(f"http://127.0.0.1:{port}", shots, pages=pages)
+        for name, r in report.items():
+            assert not r["errors"], f"{name}: error box shown: {r['errors']}"
+            assert r["figures"] >= r["expected_figures"], f"{name}: {r['figures']} figures"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(f"http://127.0.0.1:{port}/Activation_Histograms", wait_until="domcontentloaded")
+                wait_idle(page, 120_000)
+                page.wait_for_selector("text=the recorded probe batch at step 20", timeout=60_000)
+                for step in range(21, 31):
+                    rec.step(step, loss=1.0)  # step 30 is a probe step: a new summary
+                page.wait_for_selector("text=the recorded probe batch at step 30", timeout=30_000)
+                page.screenshot(path=str(shots / "recorded_followed.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        rec.close()
+        stop_server(proc)
+    log = log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]

@@ -73,10 +73,11 @@ def evolution_steps(run: Run, max_snapshots: int = 0) -> list[int]:
 
 
 @st.cache_data(max_entries=16, ttl=S.TTL, show_spinner=False)
-def evolution_sample(run_path: str, dev: str, size: int, seed: int) -> dict:
-    """The fixed sample of the cluster-evolution page: indices, labels, true contexts."""
+def evolution_sample(run_path: str, dev: str, size: int, seed: int, recorded: bool = False) -> dict:
+    """The fixed sample of the cluster-evolution page: indices, labels, true contexts; with ``recorded``, the
+    run's recorded probe batch (the features then come from its summaries)."""
     run = S.get_run(run_path, dev)
-    if run.summaries:  # the recorded probe batch: the same inputs at every recorded step
+    if recorded and run.summaries:  # the recorded probe batch: the same inputs at every recorded step
         rec = SRC.activations(run_path, dev, SRC.steps(run)[-1], S.studied_layer(run), size, seed)
         n = rec["n"]
         labels = rec["labels"] if rec["labels"] is not None else np.zeros(n, np.int64)
@@ -122,7 +123,7 @@ def _snapshot_features(run_path: str, dev: str, step: int, layer: str, size: int
     """Features (N, F) of ``layer`` at snapshot ``step`` on the fixed sample, the predictions and the
     per-sample mixture components at that step. Loads the snapshot as a NEW model (the cached run's model
     is untouched); arrays are read-only (shared)."""
-    rec = SRC.activations(run_path, dev, step, layer, size, seed)
+    rec = SRC.activations(run_path, dev, step, layer, size, seed, every_position=not pool)
     feats = SRC.features(rec, which, pool)
     out = {"features": feats, "predictions": rec["predictions"], "components": rec["components"]}
     for v in out.values():
@@ -223,7 +224,7 @@ def evolution(p: EvolutionParams, progress: Optional[Callable[[float, str], None
     ``progress(fraction, text)`` reports each stage."""
     run = S.get_run(p.run, S.device())
     steps = tuple(evolution_steps(run, p.max_snapshots))
-    sample = evolution_sample(p.run, S.device(), p.size, p.seed)
+    sample = evolution_sample(p.run, S.device(), p.size, p.seed, p.pool and bool(run.summaries))
     say = progress or (lambda f, t: None)
     n = len(steps)
     fa = _feature_args(p)

@@ -88,10 +88,11 @@ def _summary_of(run: Run, step: int) -> Summary:
 
 
 def activations(run_path: str, dev: str, step: int, layer: str, size: int, seed: int,
-                context_mode: str = "predicted") -> dict:
+                context_mode: str = "predicted", every_position: bool = False) -> dict:
     """What ``layer`` saw and gave at ``step`` (cached within ``BUDGET_MB["source_activations"]``; see
-    :func:`_activations`)."""
-    args = (run_path, dev, int(step), layer, int(size), int(seed), context_mode)
+    :func:`_activations`). ``every_position``: the caller needs every value of every position (unpooled
+    features), which only a rebuilt model gives."""
+    args = (run_path, dev, int(step), layer, int(size), int(seed), context_mode, bool(every_position))
     out = _activations(*args)
     S.BUDGETS[BUDGET].note(_activations, args, out)
     return out
@@ -99,14 +100,17 @@ def activations(run_path: str, dev: str, step: int, layer: str, size: int, seed:
 
 @st.cache_resource(max_entries=128, ttl=S.TTL, show_spinner=False)
 def _activations(run_path: str, dev: str, step: int, layer: str, size: int, seed: int,
-                 context_mode: str = "predicted") -> dict:
+                 context_mode: str = "predicted", every_position: bool = False) -> dict:
     """A dict read through :func:`values`, :func:`features`, :func:`mixture`, with "labels", "indices",
     "contexts" (true superclass), "predictions", "components" (per sample, or None), "layer" (layer_info),
     "recorded" (bool), "step", "n" (samples), "points" (values per channel), "nonfinite" {view: count} and
     "note" (where the values come from). Arrays are read-only (shared by every session)."""
     run = S.get_run(run_path, dev)
     info = S.layer_info(run, layer)
-    if recorded(run, step) and context_mode == "predicted":
+    if every_position and not live(run):
+        raise ValueError("every value of every position needs the model, and " + live_reason(run)[0].lower()
+                         + live_reason(run)[1:] + " Recorded steps keep each input's channel means: use those.")
+    if recorded(run, step) and context_mode == "predicted" and not every_position:
         s = _summary_of(run, step)
         if layer not in s.layers():
             raise ValueError(f"layer {layer!r} was not recorded at step {s.step} of {run.path.name} (recorded: "

@@ -203,12 +203,14 @@ def with_seeds(names: Sequence[str]) -> list[str]:
 
 
 # ============================================================================ activations per step
-def snapshot_activations(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str) -> dict:
+def snapshot_activations(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str,
+                         every_position: bool = False) -> dict:
     """``layer`` at ``step`` (FINAL: the run's end) from the one activation source (``source.activations``:
-    the recorded summary, or the snapshot run on ``size`` test images drawn with ``seed``)."""
+    the recorded summary, or the snapshot run on ``size`` test images drawn with ``seed``; ``every_position``
+    for unpooled features)."""
     if which not in analysis.VIEWS:
         raise ValueError(f"which must be one of {analysis.VIEWS}, got {which!r}")
-    return SRC.activations(run_path, dev, int(step), layer, int(size), int(seed))
+    return SRC.activations(run_path, dev, int(step), layer, int(size), int(seed), every_position=every_position)
 
 
 def mixture_names(run: Run, info: dict, k: int) -> list[str]:
@@ -436,7 +438,7 @@ class GridParams:
 
 
 def _features(run_path: str, step: int, layer: str, size: int, seed: int, which: str, pool: bool) -> np.ndarray:
-    a = snapshot_activations(run_path, S.device(), step, layer, size, seed, which)
+    a = snapshot_activations(run_path, S.device(), step, layer, size, seed, which, every_position=not pool)
     return SRC.features(a, which, pool)
 
 
@@ -467,9 +469,10 @@ def _row_step(run_path: str, layer: str, size: int, seed: int, which: str, pool:
 
 
 @st.cache_data(max_entries=512, ttl=S.TTL, show_spinner=False)
-def _cell_summary(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str) -> dict:
-    a = snapshot_activations(run_path, dev, step, layer, size, seed, which)
-    return {"components": a["components"], "predictions": a["predictions"]}
+def _cell_summary(run_path: str, dev: str, step: int, layer: str, size: int, seed: int, which: str,
+                  pool: bool = False) -> dict:
+    a = snapshot_activations(run_path, dev, step, layer, size, seed, which, every_position=not pool)
+    return {"components": a["components"], "predictions": a["predictions"], "labels": a["labels"]}
 
 
 def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
@@ -499,16 +502,19 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
         umap_warmup().join()
     name = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[p.method]
     rows, done = [], 0
+    first_labels = None
     for r, steps in plan:
         path = str(r.path)
         if p.method == "pca":
             row_key = (path, p.layer, p.size, p.seed, p.which, p.pool, steps)
-            keys = [(path, S.device(), int(s), p.layer, int(p.size), int(p.seed), "predicted") for s in steps]
+            keys = [(path, S.device(), int(s), p.layer, int(p.size), int(p.seed), "predicted", not p.pool)
+                    for s in steps]
             with S.BUDGETS[SRC.BUDGET].pinned(keys):  # the PCA needs the whole row at once
                 for s in steps:
                     if row_key not in _ROWS_DONE:  # first time: each snapshot's activations, with progress
                         say(done / total, f"{r.path.name}: activations at step {s} ({done + 1}/{total})")
-                        snapshot_activations(path, S.device(), s, p.layer, p.size, p.seed, p.which)
+                        snapshot_activations(path, S.device(), s, p.layer, p.size, p.seed, p.which,
+                                             every_position=not p.pool)
                     done += 1
                 coords, info = _pca_row(*row_key)
             with _ROWS_LOCK:
@@ -523,14 +529,20 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
                                     float(p.perplexity), int(p.n_neighbors), float(p.min_dist), int(p.refine_iters))
                 coords.append(c)
                 done += 1
-        cells = [_cell_summary(path, S.device(), s, p.layer, p.size, p.seed, p.which) for s in steps]
+        cells = [_cell_summary(path, S.device(), s, p.layer, p.size, p.seed, p.which, p.pool) for s in steps]
+        if rows and not np.array_equal(cells[0]["labels"], first_labels):
+            raise ValueError(f"{r.path.name} was shown on other inputs than {rows[0]['run']} (recorded probe "
+                             f"batches differ): the grid needs the same images in every cell; choose runs recorded "
+                             f"on the same probe, or runs the app can rebuild")
+        if not rows:
+            first_labels = cells[0]["labels"]
         xlim, ylim = analysis.embedding_limits(coords)
         rows.append({"run": r.path.name, "norm": r.norm, "steps": list(steps), "coords": coords, "xlim": xlim,
                      "ylim": ylim, "info": info, "components": [c["components"] for c in cells],
                      "predictions": [c["predictions"] for c in cells], "layer": S.layer_info(r, p.layer)})
     say(1.0, "done")
     first = snapshot_activations(str(runs[0].path), S.device(), plan[0][1][0], p.layer, int(p.size), int(p.seed),
-                                 p.which)  # labels and indices: the same images in every cell
+                                 p.which, every_position=not p.pool)  # labels, indices: the same images in every cell
     out = {"rows": rows, "labels": first["labels"], "indices": first["indices"], "contexts": first["contexts"],
            "class_names": runs[0].class_names, "context_names": runs[0].context_names, "method": p.method,
            "total": len(A.test_data(A.dataset_name(runs[0]))) if SRC.live(runs[0]) else first["n"]}
@@ -620,7 +632,7 @@ def quality_at(run_path: str, dev: str, step: int, layer: str, size: int, seed: 
                k: int) -> dict:
     """``analysis.cluster_quality`` of ``layer``'s features at snapshot ``step`` (classes; contexts when
     they are derived from the labels; the layer's mixture components when it has them)."""
-    a = snapshot_activations(run_path, dev, step, layer, size, seed, which)
+    a = snapshot_activations(run_path, dev, step, layer, size, seed, which, every_position=not pool)
     f = SRC.features(a, which, pool)
     return analysis.cluster_quality(f, a["labels"], components=a["components"], contexts=a["contexts"], seed=seed,
                                     k=k)
