@@ -22,8 +22,9 @@ CHECK = textwrap.dedent("""
     import cbnorm
     for name in ("streamlit", "plotly", "pandas", "sklearn", "umap", "openTSNE"):
         assert importlib.util.find_spec(name) is None, name + " is installed without the extras"
+    # cbnorm.app needs the app extra, cbnorm.integrations.* their frameworks (the lightning extra)
     mods = [m.name for m in pkgutil.walk_packages(cbnorm.__path__, "cbnorm.")
-            if not m.name.startswith("cbnorm.app") and not m.name.endswith("__main__")]
+            if not m.name.startswith(("cbnorm.app", "cbnorm.integrations.")) and not m.name.endswith("__main__")]
     for m in mods:
         importlib.import_module(m)
     assert not any(k.split(".")[0] in ("streamlit", "plotly") for k in sys.modules)

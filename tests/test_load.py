@@ -172,13 +172,15 @@ def test_evolution_reruns_need_no_features_even_with_no_budget(monkeypatch):
     monkeypatch.setenv("CBNORM_RUNS", str(runs))
     monkeypatch.setitem(S.BUDGET_MB, "snapshot_features", 0)
     S.clear_caches()
+    from cbnorm.app import activations as A
+
     calls = []
-    real = E.analysis.flatten_features
-    monkeypatch.setattr(E.analysis, "flatten_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = A.capture
+    monkeypatch.setattr(A, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
     run = S.run_by_name("fmnist-bn")
     p = E.EvolutionParams(run=str(run.path), layer=S.studied_layer(run), size=100, seed=5, max_snapshots=3)
     first = E.evolution(p)
-    assert len(first["steps"]) == 3 and len(calls) == 3  # one feature pass per snapshot, none repeated
+    assert len(first["steps"]) == 3 and len(calls) == 3  # one model run per snapshot, none repeated
     assert S.cache_bytes()["snapshot_features"] == 0  # all dropped once the projection no longer pins them
     calls.clear()
     again = E.evolution(p)

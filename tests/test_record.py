@@ -363,3 +363,96 @@ def test_two_gloo_ranks_record_once(tmp_path):
     assert [s for s, _ in run.summaries] == [0, 2, 4]
     assert [ln["step"] for ln in read_metric_lines(tmp_path / "ddp")] == [1, 2, 3, 4]  # one rank's lines
     assert [li["class"] for li in run.recorded_layers] == ["BatchNorm2d", "GroupNorm"]
+
+
+# ============================================================================ CLIs and the example
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_example_records_its_own_model(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "own_loop.py"), "--out",
+                           str(tmp_path / "own"), "--steps", "30", "--every", "10"],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = load_run(tmp_path / "own")
+    assert run.config["model"]["class"] == "SmallNet" and run.model is None
+    kinds = {li["path"]: li["kind"] for li in run.recorded_layers}
+    assert kinds == {"bn1": "batchnorm2d", "bn2": "batchnorm2d", "bn3": "mn"}
+    assert [s for s, _ in run.summaries][-3:] == [10, 20, 30] and "test_acc" in run.metrics
+    assert f"cbnorm-view {tmp_path / 'own'}" in proc.stdout
+
+
+def test_replay_computes_the_summaries_of_a_trainer_run(tmp_path):
+    from cbnorm import train as train_mod
+
+    out = tmp_path / "t"
+    assert train_mod.main(["--dataset", "digits", "--width", "0.25", "--epochs", "1", "--batch-size", "64",
+                           "--snapshot-every", "4", "--limit-train", "256", "--limit-test", "100", "--norm", "mn",
+                           "--threads", "1", "--quiet", "--record-size", "0", "--out", str(out)]) == 0
+    assert list_summaries(out) == []
+    assert R.main([str(out), "--size", "50", "--values-per-channel", "64", "--layers", "blocks.conv3.norm"]) == 0
+    run = load_run(out)
+    assert [s for s, _ in run.summaries] == [s for s, _ in run.snapshots]
+    s = run.read_summary(run.summaries[-1][0])
+    assert s.layers() == ["blocks.conv3.norm"] and s.values("blocks.conv3.norm", "x_hat").shape[1] == 64
+    assert len(s.array("labels")) == 50
+    assert R.main([str(tmp_path / "nothing-here")]) == 1  # a clear message, exit status 1
+
+
+def test_the_trainer_records_through_watch(tmp_path):
+    from cbnorm import train as train_mod
+
+    out = tmp_path / "t"
+    assert train_mod.main(["--dataset", "digits", "--width", "0.25", "--epochs", "2", "--batch-size", "64",
+                           "--snapshot-every", "3", "--snapshot-early", "1", "--limit-train", "192",
+                           "--limit-test", "80", "--norm", "acn", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    run = load_run(out)
+    assert [s for s, _ in run.summaries] == [s for s, _ in run.snapshots]  # the same schedule
+    lines = read_metric_lines(out)
+    assert [ln["step"] for ln in lines if "loss" in ln] == list(range(1, 7))
+    assert [ln["epoch"] for ln in lines if "epoch" in ln] == [1, 2]  # the epoch records, logged
+    assert run.read_summary(6).array("labels").shape == (80,)
+    assert run_status(out)["state"] == "finished"
+
+
+def test_cbnorm_view_refuses_a_missing_directory(tmp_path, capsys):
+    from cbnorm import view
+
+    with pytest.raises(SystemExit) as e:
+        view.main([str(tmp_path / "missing")])
+    assert e.value.code == 2 and "is not a directory" in capsys.readouterr().err
+
+
+def test_cbnorm_view_starts_the_app_on_a_logdir(tmp_path):
+    import urllib.request
+
+    x, _ = _data()
+    cbnorm.watch(Net(), tmp_path / "logs" / "a" / "run", probe=x).close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cbnorm.view", str(tmp_path / "logs"), "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stacks = native_stacks([proc.pid]) if proc.poll() is None else ""
+                pytest.fail(f"cbnorm-view did not serve the app: {stacks}")
+            time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+    assert "1 run(s) under" in out
