@@ -94,6 +94,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .data import DATASETS, KMeansContexts
+
 __all__ = ["FORMAT_VERSION", "Run", "load_run", "Summary", "read_summary", "list_summaries", "read_metric_lines",
            "metrics_from_lines", "run_status", "summary_name", "atomic_write_bytes", "find_runs", "METRICS_LINES",
            "STATUS_NAME", "SUMMARY_DIR", "save_run", "save_config", "save_metrics", "save_weights",
@@ -387,6 +389,8 @@ def validate_config(config: Any) -> dict:
         raise ValueError("config.json 'contexts' must be a JSON object or null")
     if ctx.get("label_derived") and not isinstance(ctx.get("label_to_context"), list):
         raise ValueError("config.json contexts.label_derived is true but contexts.label_to_context is not a list")
+    if not daynight and not gan:
+        _validate_classify_data(config, ctx)
     if daynight:
         _validate_daynight(config)
     if gan:
@@ -394,6 +398,28 @@ def validate_config(config: Any) -> dict:
 
         check_gan_config(config)
     return config
+
+
+def _validate_classify_data(config: dict, ctx: dict) -> None:
+    """A classification config names a dataset the library knows, and its label-derived contexts give every
+    class a context id in range (a hand-written config claiming a built-in model is checked like ours)."""
+    ds = config.get("dataset")
+    if ds is not None:
+        if not isinstance(ds, dict) or not isinstance(ds.get("name"), str):
+            raise ValueError("config.json 'dataset' must be {\"name\": ..., ...}")
+        if ds["name"] not in DATASETS:
+            raise ValueError(f"config.json dataset {ds['name']!r} is not one cbnorm can load; choose one of "
+                             f"{list(DATASETS)} (a run of your own data: record it with cbnorm.watch)")
+    names = config["class_names"]
+    table = ctx.get("label_to_context")
+    if ctx.get("label_derived"):
+        k = ctx.get("num_contexts")
+        if len(table) != len(names):
+            raise ValueError(f"config.json contexts.label_to_context has {len(table)} entries for {len(names)} "
+                             f"classes")
+        if type(k) is not int or k < 1 or not all(type(c) is int and 0 <= c < k for c in table):
+            raise ValueError(f"config.json contexts.label_to_context must hold context ids in [0, {k}) "
+                             f"(contexts.num_contexts = {k!r})")
 
 
 def _validate_recorder(rec: Any) -> None:
@@ -724,7 +750,8 @@ def load_resume_state(path: PathLike, model: nn.Module, optimizer: Optional[torc
 def preprocess_images(images: Any, mean: Sequence[float], std: Sequence[float], channels: int,
                       image_size: Sequence[int], device: str | torch.device = "cpu") -> Tensor:
     """uint8 images (N, H, W) or (N, H, W, C) (or one image (H, W)) -> float32 (N, C, H, W):
-    scaled to [0, 1], then ``(x - mean) / std`` per channel."""
+    scaled to [0, 1], then ``(x - mean) / std`` per channel. Grey images for a 3-channel run are repeated in
+    each channel (a grey dataset such as Fashion-MNIST fed to an RGB model)."""
     if isinstance(images, Tensor):
         arr = images
     else:
@@ -735,10 +762,11 @@ def preprocess_images(images: Any, mean: Sequence[float], std: Sequence[float], 
         arr = arr.unsqueeze(0)
     h, w = (int(s) for s in image_size)
     if arr.dim() == 3:
-        if channels != 1:
+        if channels not in (1, 3):
             raise ValueError(f"images of shape {tuple(arr.shape)} are grey (N, H, W) but this run expects "
                              f"{channels} channels: pass (N, H, W, {channels})")
-        arr = arr.unsqueeze(1)
+        # grey images for a 3-channel run (a grey dataset fed to an RGB model): the grey value in each channel
+        arr = arr.unsqueeze(1).expand(-1, channels, -1, -1)
     elif arr.dim() == 4:
         if arr.shape[-1] != channels:
             raise ValueError(f"images have {arr.shape[-1]} channels (last axis of {tuple(arr.shape)}) but this "
@@ -873,8 +901,6 @@ class Run:
         state = self.contexts.get("kmeans")
         if not state:
             return None
-        from .data import KMeansContexts
-
         return KMeansContexts.from_state(state)
 
     def context_of_images(self, images: Any) -> Tensor:

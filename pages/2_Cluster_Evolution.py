@@ -15,7 +15,7 @@ st.caption("How the representation at one layer organizes itself during training
 sel = S.selection()
 with S.guard("Cluster evolution"):
     run, layer, info = S.selected_layer(sel)
-    all_steps = E.evolution_steps(run)
+    all_steps = E.evolution_steps(run, layer=layer)
     ss = st.session_state
 
     live = SRC.live(run)

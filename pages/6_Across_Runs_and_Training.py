@@ -146,7 +146,7 @@ def chart(fig, key: str, file_name: str) -> None:
 # ============================================================================ 1
 def distributions_view() -> None:
     run, layer, info = S.selected_layer(sel)
-    steps = T.snapshot_steps(run)
+    steps = T.snapshot_steps(run, layer)
     st.caption(f"Run **{run.path.name}** ({run.norm}) and layer `{layer}` ({info['class']}) from the sidebar; the "
                f"same test images (seed {sel['seed']}) at each of its {len(steps)} snapshots.")
     c1, c2, c3 = st.columns([2, 3, 3])
@@ -275,8 +275,10 @@ def grid_view() -> None:
                          help="A fixed random sample (sidebar seed), the same in every cell")
         which = c2.radio("Activations", WHICH, key="tr_g_which", help=WHICH_HELP, format_func=S.VIEW_LABELS.get,
                          index=index_of("tr_g_which", WHICH, "output"))
-        pool = c3.checkbox("Average over positions", value=kept("tr_g_pool", False), key="tr_g_pool",
-                           help="Each channel's spatial mean (C features) instead of every activation")
+        every_pos = T.all_rebuildable(names)  # recorded runs keep channel means only
+        pool = c3.checkbox("Average over positions", value=kept("tr_g_pool", False) or not every_pos,
+                           key="tr_g_pool", disabled=not every_pos,
+                           help="Each channel's spatial mean (C features) instead of every activation") or not every_pos
         c4, c5 = st.columns(2)
         method = c4.radio("Projection", ["pca", "tsne", "umap"], horizontal=True, key="tr_g_method",
                           index=index_of("tr_g_method", ["pca", "tsne", "umap"], "pca"),
@@ -336,8 +338,10 @@ def quality_view() -> None:
     which = c3.radio("Activations", WHICH, key="tr_q_which", help=WHICH_HELP, format_func=S.VIEW_LABELS.get,
                      index=index_of("tr_q_which", WHICH, "output"))
     k = c4.select_slider("k (neighbours)", options=[1, 3, 5, 10, 20], value=kept("tr_q_k", 5), key="tr_q_k")
-    pool = st.checkbox("Average over positions", value=kept("tr_q_pool", False), key="tr_q_pool",
-                       help="Each channel's spatial mean (C features) instead of every activation")
+    every_pos = T.all_rebuildable(names)  # recorded runs keep channel means only
+    pool = st.checkbox("Average over positions", value=kept("tr_q_pool", False) or not every_pos, key="tr_q_pool",
+                       disabled=not every_pos,
+                       help="Each channel's spatial mean (C features) instead of every activation") or not every_pos
     shown = T.with_seeds(names) if seeds else names
     bar, say = progress_bar()
     q = T.quality_over_training(shown, layer, size, sel["seed"], which, pool, k, progress=say)

@@ -129,3 +129,35 @@ def test_a_run_being_written_is_followed(tmp_path, monkeypatch):
     at.run()
     assert at.select_slider(key="hist_step").value == 30  # not following: the page stays where it was
     rec.close()
+
+
+@pytest.fixture(scope="module")
+def partly_recorded(tmp_path_factory) -> Path:
+    """A run the app can rebuild whose summaries hold one layer only (as the committed runs: conv3)."""
+    from cbnorm import record as R
+    from cbnorm import train as train_mod
+
+    root = tmp_path_factory.mktemp("partly")
+    train_mod.main(["--dataset", "digits", "--width", "0.25", "--epochs", "1", "--batch-size", "64",
+                    "--snapshot-every", "3", "--limit-train", "192", "--limit-test", "80", "--norm", "mn",
+                    "--threads", "1", "--quiet", "--record-size", "0", "--out", str(root / "mn")])
+    assert R.main([str(root / "mn"), "--size", "40", "--values-per-channel", "64",
+                   "--layers", "blocks.conv3.norm"]) == 0
+    return root
+
+
+def test_a_layer_that_was_not_recorded_is_computed_by_the_rebuilt_model(partly_recorded, monkeypatch):
+    at = app_on(partly_recorded, monkeypatch, run="mn")
+    at.session_state["layer"] = "blocks.conv1.norm"  # not in the summaries
+    at.switch_page(HIST).run()
+    no_problem(at)
+    assert "hist_step" not in [w.key for w in at.select_slider]  # no recorded step to offer for this layer
+    assert "test images drawn with seed" in texts(at)
+    for page in (EVO, ACROSS):
+        at.switch_page(page).run()
+        no_problem(at)
+    at.session_state["layer"] = "blocks.conv3.norm"  # recorded: its steps are offered, live stays possible
+    at.switch_page(HIST).run()
+    no_problem(at)
+    assert at.select_slider(key="hist_step").options[-1] == "live minibatch (final weights)"
+    assert "the recorded probe batch at step" in texts(at)

@@ -342,3 +342,26 @@ def test_run_saved_before_acn_data_initialized_existed_loads_as_initialised():
     before = new[0].mean.detach().clone()
     new(torch.randn(8, 3, 2, 2) + 40)
     torch.testing.assert_close(new[0].mean.detach(), before)
+
+
+def test_a_hand_written_config_is_checked_for_its_dataset_and_contexts(run_dir):
+    cfg = json.loads((run_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match="dataset 'my-own-images' is not one cbnorm can load.*cbnorm.watch"):
+        runs.validate_config({**cfg, "dataset": {"name": "my-own-images"}})
+    bad = json.loads(json.dumps(cfg))
+    bad["contexts"]["label_to_context"] = LABEL_TO_CONTEXT[:5]
+    with pytest.raises(ValueError, match="has 5 entries for 10 classes"):
+        runs.validate_config(bad)
+    bad["contexts"]["label_to_context"] = [0] * 9 + [7]
+    with pytest.raises(ValueError, match=r"context ids in \[0, 4\)"):
+        runs.validate_config(bad)
+
+
+def test_grey_images_feed_a_three_channel_run_in_every_channel():
+    grey = np.arange(2 * 12 * 12, dtype=np.uint8).reshape(2, 12, 12)
+    x = runs.preprocess_images(grey, [0.5, 0.4, 0.3], [0.2, 0.2, 0.2], 3, [12, 12])
+    assert x.shape == (2, 3, 12, 12)
+    for c, m in enumerate((0.5, 0.4, 0.3)):
+        np.testing.assert_allclose(x[:, c].numpy(), (grey / 255.0 - m) / 0.2, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="are grey"):
+        runs.preprocess_images(grey, [0.5, 0.5], [0.2, 0.2], 2, [12, 12])

@@ -4,14 +4,16 @@ this package, so ``pip install cbnorm`` without the app's extra still imports ev
 
 Layout (app.py and pages/*.py, at the repository root, hold only widgets and plots and call these):
 
-* ``shared``: what every page uses: runs directory (``$CBNORM_RUNS``), benchmark results (``bench_dir``,
-  ``$CBNORM_BENCH``) and loaded runs (``get_run``, ``inventory``,
+* ``shared``: what every page uses: runs directory (the sidebar's choice, ``$CBNORM_RUNS``; runs in nested
+  folders), benchmark results (``bench_dir``, ``$CBNORM_BENCH``) and loaded runs (``get_run``, ``inventory``,
   ``run_by_name``), the sidebar selection and layer choices (``selection``, ``layer_choices``,
-  ``layer_label``, ``layer_info``), the device, the error guard (``guard``) and page frame
-  (``page_setup``), the caches' byte budgets (``BUDGET_MB``, ``BUDGETS``), the heap janitor,
+  ``layer_label``, ``layer_info``: from the module, or from the recorded description), following a run
+  being written (``follow_toggle``, ``step_picker``, ``refresh``), the device, the error guard (``guard``)
+  and page frame (``page_setup``), the caches' byte budgets (``BUDGET_MB``, ``BUDGETS``), the heap janitor,
   ``clear_caches`` and the CSV download buttons.
-* ``activations``: the shared test sets, seeded minibatches, forward hooks on a layer and the cached input
-  and output of a layer on a minibatch (pages 1, 2 and 4).
+* ``source``: the one activation source of every page: a layer's input, x_hat and output at a step, read
+  from the run's recorded summary, or computed by the rebuilt model on test images (``activations``).
+* ``activations``: the shared test sets, seeded minibatches and forward hooks on a layer, for ``source``.
 * ``histograms`` (page 1), ``evolution`` (page 2), ``daynight`` (page 3), ``compare`` (page 4, with the
   seed groups, the MN-paper reproduction and the benchmark results' plot data), ``generation`` (page 5, the
   GAN runs), ``training`` (page 6, across runs and training): one service module per page.

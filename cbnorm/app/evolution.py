@@ -59,10 +59,10 @@ class EvolutionParams:
         return tuple(asdict(self).values())
 
 
-def evolution_steps(run: Run, max_snapshots: int = 0) -> list[int]:
+def evolution_steps(run: Run, max_snapshots: int = 0, layer: Optional[str] = None) -> list[int]:
     """The steps to show (recorded summaries, else snapshots: ``source.steps``): all, or ``max_snapshots``
     evenly spread (first and last kept)."""
-    steps = SRC.steps(run)
+    steps = SRC.steps(run, layer)
     if not steps:
         raise ValueError(f"run {run.path.name} has no snapshots and no recorded steps (train with "
                          f"--snapshot-every, or record it with cbnorm.watch)")
@@ -78,7 +78,8 @@ def evolution_sample(run_path: str, dev: str, size: int, seed: int, recorded: bo
     run's recorded probe batch (the features then come from its summaries)."""
     run = S.get_run(run_path, dev)
     if recorded and run.summaries:  # the recorded probe batch: the same inputs at every recorded step
-        rec = SRC.activations(run_path, dev, SRC.steps(run)[-1], S.studied_layer(run), size, seed)
+        first_layer = run.recorded_layers[0]["path"]
+        rec = SRC.activations(run_path, dev, SRC.steps(run, first_layer)[-1], first_layer, size, seed)
         n = rec["n"]
         labels = rec["labels"] if rec["labels"] is not None else np.zeros(n, np.int64)
         return {"indices": np.arange(n), "labels": labels, "contexts": rec["contexts"], "total": n}
@@ -223,8 +224,8 @@ def evolution(p: EvolutionParams, progress: Optional[Callable[[float, str], None
     next snapshots are computed in the background while the current one is projected.
     ``progress(fraction, text)`` reports each stage."""
     run = S.get_run(p.run, S.device())
-    steps = tuple(evolution_steps(run, p.max_snapshots))
-    sample = evolution_sample(p.run, S.device(), p.size, p.seed, p.pool and bool(run.summaries))
+    steps = tuple(evolution_steps(run, p.max_snapshots, p.layer))
+    sample = evolution_sample(p.run, S.device(), p.size, p.seed, p.pool and SRC.is_recorded(run, p.layer))
     say = progress or (lambda f, t: None)
     n = len(steps)
     fa = _feature_args(p)

@@ -539,10 +539,12 @@ def follow_toggle(run: Run, key: str) -> Optional[float]:
     return FOLLOW_SECONDS if on else None
 
 
-def step_picker(run: Run, key: str, follow: bool = False) -> tuple[int, bool]:
+def step_picker(run: Run, key: str, follow: bool = False, layer: Optional[str] = None) -> tuple[int, bool]:
     """(step, live): a recorded step of the run (the newest when following), or the run's final weights on a
-    sampled minibatch (``live`` True) for a run the app can rebuild. The choice lives in ``st.session_state``."""
-    rec_steps = [s for s, _ in run.summaries]
+    sampled minibatch (``live`` True) for a run the app can rebuild. Steps are offered only where ``layer`` was
+    recorded. The choice lives in ``st.session_state``."""
+    recorded_here = layer is None or any(li["path"] == layer for li in run.recorded_layers)
+    rec_steps = [s for s, _ in run.summaries] if recorded_here else []
     can_live = run.model is not None and run.config.get("task") in ("classify", "gan")
     if not rec_steps:
         return FINAL, True

@@ -53,15 +53,25 @@ def recorded_probe_size(run: Run) -> int:
     return int(((run.config.get("recorder") or {}).get("probe") or {}).get("n", 0))
 
 
-def steps(run: Run) -> list[int]:
-    """The steps whose activations can be shown: recorded summaries, else (rebuildable runs) snapshots."""
-    if run.summaries:
+def is_recorded(run: Run, layer: Optional[str] = None) -> bool:
+    """Whether the run has recorded summaries (of ``layer``, when given)."""
+    return bool(run.summaries) and (layer is None or any(li["path"] == layer for li in run.recorded_layers))
+
+
+def steps(run: Run, layer: Optional[str] = None) -> list[int]:
+    """The steps whose activations (of ``layer``) can be shown: recorded summaries, else (rebuildable runs)
+    snapshots."""
+    if is_recorded(run, layer):
         return [s for s, _ in run.summaries]
     return [s for s, _ in run.snapshots] if live(run) else []
 
 
-def recorded(run: Run, step: int) -> bool:
-    return int(step) in dict(run.summaries) or (int(step) == FINAL and not live(run) and bool(run.summaries))
+def recorded(run: Run, step: int, layer: Optional[str] = None) -> bool:
+    """Whether ``step`` of ``layer`` is read from a recorded summary (FINAL: the last one, for a run the app
+    cannot rebuild)."""
+    if not is_recorded(run, layer):
+        return False
+    return int(step) in dict(run.summaries) or (int(step) == FINAL and not live(run))
 
 
 # ============================================================================ reading
@@ -110,7 +120,7 @@ def _activations(run_path: str, dev: str, step: int, layer: str, size: int, seed
     if every_position and not live(run):
         raise ValueError("every value of every position needs the model, and " + live_reason(run)[0].lower()
                          + live_reason(run)[1:] + " Recorded steps keep each input's channel means: use those.")
-    if recorded(run, step) and context_mode == "predicted" and not every_position:
+    if recorded(run, step, layer) and context_mode == "predicted" and not every_position:
         s = _summary_of(run, step)
         if layer not in s.layers():
             raise ValueError(f"layer {layer!r} was not recorded at step {s.step} of {run.path.name} (recorded: "

@@ -98,10 +98,10 @@ def runs_of(names: Sequence[str]) -> list[Run]:
     return [S.run_by_name(n) for n in names]
 
 
-def snapshot_steps(run: Run) -> list[int]:
-    """The run's steps with activations (recorded summaries, else snapshots: ``source.steps``); ``ValueError``
-    naming the run when it has none."""
-    steps = SRC.steps(run)
+def snapshot_steps(run: Run, layer: Optional[str] = None) -> list[int]:
+    """The run's steps with activations (of ``layer``: recorded summaries, else snapshots: ``source.steps``);
+    ``ValueError`` naming the run when it has none."""
+    steps = SRC.steps(run, layer)
     if not steps:
         raise ValueError(f"run {run.path.name} has no snapshots and no recorded steps (train with "
                          f"--snapshot-every, or record it with cbnorm.watch)")
@@ -136,6 +136,12 @@ def check_same_test_set(runs: Sequence[Run]) -> str:
         raise ValueError("the runs use different test sets (" + ", ".join(f"{k}: {v}" for k, v in names.items())
                          + "); the same images are needed in every run")
     return next(iter(names.values()))
+
+
+def all_rebuildable(names: Sequence[str]) -> bool:
+    """Whether every named run's model can be rebuilt: only then are per-position features (not just the
+    recorded channel means) available for all of them."""
+    return all(SRC.live(S.run_by_name(n)) for n in names)
 
 
 def _inputs_of(run: Run) -> str:
@@ -301,7 +307,7 @@ def distributions(run_name: str, layer: str, which: str, channels: Sequence[int]
                   steps: Sequence[int], progress: Progress = None) -> dict:
     """Each chosen snapshot's :func:`step_panel` (same images, same channels)."""
     run = S.run_by_name(run_name)
-    all_steps = snapshot_steps(run)
+    all_steps = snapshot_steps(run, layer)
     steps = [int(s) for s in steps if int(s) in all_steps]
     if not steps:
         raise ValueError(f"no snapshot of {run_name} in the chosen step range (its steps: {all_steps})")
@@ -493,7 +499,7 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
         raise ValueError(f"layer {p.layer!r} is not in every chosen run; shared: {layers}")
     check_same_test_set(runs)
     say = _say(progress)
-    plan = [(r, tuple(steps_by_fraction(snapshot_steps(r), p.columns))) for r in runs]
+    plan = [(r, tuple(steps_by_fraction(snapshot_steps(r, p.layer), p.columns))) for r in runs]
     total = sum(len(s) for _, s in plan)
     if p.method == "umap":
         from .evolution import umap_warmup
@@ -648,7 +654,7 @@ def quality_over_training(run_names_: Sequence[str], layer: str, size: int, seed
     if layer not in layers:
         raise ValueError(f"layer {layer!r} is not in every chosen run; shared: {layers}")
     check_same_test_set(runs)
-    plan = [(r, snapshot_steps(r)) for r in runs]
+    plan = [(r, snapshot_steps(r, layer)) for r in runs]
     total = sum(len(s) for _, s in plan)
     say = _say(progress)
     out, done = [], 0
