@@ -195,6 +195,7 @@ def main(argv=None) -> None:
     n_snap = len(at.select_slider(key="evo_step").options)
     at.radio(key="evo_method").set_value("tsne")
     at.slider(key="evo_size").set_value(a.points)
+    at.checkbox(key="evo_pool").uncheck()  # every position of 2,000 test images: the model runs (as before)
     timed(f"t-SNE on {a.points:,} images x {n_snap} snapshots, cold", "evolution", lambda: click(at, "Run projection"),
           goal=20.0, points=a.points, snapshots=n_snap)
     at.radio(key="evo_colour").set_value(at.radio(key="evo_colour").options[0])

@@ -276,7 +276,8 @@ def grid_view() -> None:
         which = c2.radio("Activations", WHICH, key="tr_g_which", help=WHICH_HELP, format_func=S.VIEW_LABELS.get,
                          index=index_of("tr_g_which", WHICH, "output"))
         every_pos = T.all_rebuildable(names)  # recorded runs keep channel means only
-        pool = c3.checkbox("Average over positions", value=kept("tr_g_pool", False) or not every_pos,
+        pool = c3.checkbox("Average over positions", value=kept("tr_g_pool", T.all_recorded(names, layer))
+                           or not every_pos,
                            key="tr_g_pool", disabled=not every_pos,
                            help="Each channel's spatial mean (C features) instead of every activation") or not every_pos
         c4, c5 = st.columns(2)
@@ -339,7 +340,8 @@ def quality_view() -> None:
                      index=index_of("tr_q_which", WHICH, "output"))
     k = c4.select_slider("k (neighbours)", options=[1, 3, 5, 10, 20], value=kept("tr_q_k", 5), key="tr_q_k")
     every_pos = T.all_rebuildable(names)  # recorded runs keep channel means only
-    pool = st.checkbox("Average over positions", value=kept("tr_q_pool", False) or not every_pos, key="tr_q_pool",
+    pool = st.checkbox("Average over positions", value=kept("tr_q_pool", T.all_recorded(names, layer)) or not every_pos,
+                       key="tr_q_pool",
                        disabled=not every_pos,
                        help="Each channel's spatial mean (C features) instead of every activation") or not every_pos
     shown = T.with_seeds(names) if seeds else names

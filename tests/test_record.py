@@ -394,7 +394,9 @@ def test_replay_computes_the_summaries_of_a_trainer_run(tmp_path):
     run = load_run(out)
     assert [s for s, _ in run.summaries] == [s for s, _ in run.snapshots]
     s = run.read_summary(run.summaries[-1][0])
-    assert s.layers() == ["blocks.conv3.norm"] and s.values("blocks.conv3.norm", "x_hat").shape[1] == 64
+    m = s.values("blocks.conv3.norm", "x_hat").shape[1]  # 64, or every position when the probe has fewer
+    assert s.layers() == ["blocks.conv3.norm"] and 0 < m <= 64
+    assert s.tensors["blocks.conv3.norm::positions"].numel() == m
     assert len(s.array("labels")) == 50
     assert R.main([str(tmp_path / "nothing-here")]) == 1  # a clear message, exit status 1
 
@@ -456,3 +458,17 @@ def test_cbnorm_view_starts_the_app_on_a_logdir(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
     assert "1 run(s) under" in out
+
+
+def test_snapshots_option_keeps_the_weights_at_probe_steps(tmp_path):
+    from cbnorm.runs import read_safetensors
+
+    model = Net()
+    x, y = _data()
+    rec = cbnorm.watch(model, tmp_path / "w", probe=(x, y), every=3, early=0, snapshots=True)
+    _train(model, rec, 3, x, y)
+    rec.close()
+    names = sorted(p.name for p in (tmp_path / "w" / "snapshots").iterdir())
+    assert names == ["step_000000.safetensors", "step_000003.safetensors"]
+    tensors, _ = read_safetensors(tmp_path / "w" / "snapshots" / names[-1])
+    np.testing.assert_allclose(tensors["bn1.weight"].float().numpy(), model.bn1.weight.detach().numpy(), atol=1e-3)

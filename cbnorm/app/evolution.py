@@ -64,7 +64,7 @@ def evolution_steps(run: Run, max_snapshots: int = 0, layer: Optional[str] = Non
     evenly spread (first and last kept)."""
     steps = SRC.steps(run, layer)
     if not steps:
-        raise ValueError(f"run {run.path.name} has no snapshots and no recorded steps (train with "
+        raise S.NothingToShow(f"run {run.path.name} has no snapshots and no recorded steps (train with "
                          f"--snapshot-every, or record it with cbnorm.watch)")
     if max_snapshots and 2 <= max_snapshots < len(steps):
         pick = np.unique(np.round(np.linspace(0, len(steps) - 1, max_snapshots)).astype(int))

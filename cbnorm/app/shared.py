@@ -239,6 +239,11 @@ def page_setup() -> None:
 
 
 # ============================================================================ errors
+class NothingToShow(ValueError):
+    """A run holds nothing a view can show (no snapshots and no recorded steps): said as information, not as
+    an error of the app."""
+
+
 @contextmanager
 def guard(what: str = ""):
     """Show any exception raised inside as ``st.error`` with its message (never a traceback); Streamlit's
@@ -247,6 +252,8 @@ def guard(what: str = ""):
     page_setup()
     try:
         yield
+    except NothingToShow as err:
+        st.info(f"{what}: {err}" if what else str(err), icon=":material/info:")
     except Exception as err:  # noqa: BLE001 - the app must stay up and say what went wrong
         log.warning("%s failed", what or "page", exc_info=True)
         prefix = f"{what}: " if what else ""

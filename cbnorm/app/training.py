@@ -103,7 +103,7 @@ def snapshot_steps(run: Run, layer: Optional[str] = None) -> list[int]:
     ``ValueError`` naming the run when it has none."""
     steps = SRC.steps(run, layer)
     if not steps:
-        raise ValueError(f"run {run.path.name} has no snapshots and no recorded steps (train with "
+        raise S.NothingToShow(f"run {run.path.name} has no snapshots and no recorded steps (train with "
                          f"--snapshot-every, or record it with cbnorm.watch)")
     return steps
 
@@ -136,6 +136,11 @@ def check_same_test_set(runs: Sequence[Run]) -> str:
         raise ValueError("the runs use different test sets (" + ", ".join(f"{k}: {v}" for k, v in names.items())
                          + "); the same images are needed in every run")
     return next(iter(names.values()))
+
+
+def all_recorded(names: Sequence[str], layer: str) -> bool:
+    """Whether every named run recorded ``layer``: its views then read the recorded channel means by default."""
+    return all(SRC.is_recorded(S.run_by_name(n), layer) for n in names)
 
 
 def all_rebuildable(names: Sequence[str]) -> bool:
