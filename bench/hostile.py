@@ -471,7 +471,7 @@ TEMPLATE_CONFIG: dict = {
     "model": {"name": "shallow_cnn", "kwargs": {"in_channels": 1, "num_classes": 4, "width": 0.0625}},
     "norm": "cn", "norm_kwargs": {"num_contexts": 2, "priors": [0.6, 0.4]},
     "layers": ["conv3"], "input_norm": None,
-    "dataset": {"name": "synthetic", "limit_train": None, "limit_test": None, "subset_seed": 0},
+    "dataset": {"name": "fashion-mnist", "limit_train": None, "limit_test": None, "subset_seed": 0},
     "contexts": {"spec": "superclass", "num_contexts": 2, "names": ["a", "b"], "label_derived": True,
                  "label_to_context": [0, 1, 0, 1], "kmeans": None},
     "class_names": ["w", "x", "y", "z"],
