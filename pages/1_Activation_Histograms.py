@@ -25,6 +25,7 @@ def body() -> None:
         run, layer, info = S.selected_layer(sel)
         if every:
             S.refresh(run)
+        S.run_badge(run)
         step, live = S.step_picker(run, key="hist_step", follow=bool(every), layer=layer)
         c1, c2, c3, c4 = st.columns([3, 2, 3, 3])
         size, context_mode = 256, "predicted"

@@ -353,6 +353,7 @@ def test_recorded_runs_and_following_in_chromium(tmp_path_factory):
                 for step in range(21, 31):
                     rec.step(step, loss=1.0)  # step 30 is a probe step: a new summary
                 page.wait_for_selector("text=the recorded probe batch at step 30", timeout=30_000)
+                page.wait_for_selector("text=6 recorded steps, last 30", timeout=10_000)  # the badge follows too
                 page.screenshot(path=str(shots / "recorded_followed.png"), full_page=True)
             finally:
                 browser.close()

@@ -530,20 +530,26 @@ def run_state(run: Run) -> Optional[str]:
 
 
 def follow_toggle(run: Run, key: str) -> Optional[float]:
-    """The 'Follow' toggle of a recorded run: on, the page's fragment reruns every ``FOLLOW_SECONDS`` and
-    shows the newest step. Returns the fragment's ``run_every`` (None when off or not applicable). A run
-    still being written is marked as running."""
+    """The 'Follow' toggle of a recorded run (on by default while it is being written): on, the page's
+    fragment reruns every ``FOLLOW_SECONDS`` and shows the newest step. Returns the fragment's ``run_every``
+    (None when off or not applicable). The run's state is shown inside the fragment (:func:`run_badge`)."""
     if not run.recorded_layers:
         return None
-    state = run_state(run)
-    c1, c2 = st.columns([2, 5])
-    on = c1.toggle("Follow", key=key, value=state == "running",
+    on = st.toggle("Follow", key=key, value=run_state(run) == "running",
                    help=f"Re-read the run every {FOLLOW_SECONDS:.0f} s and show its newest recorded step")
+    return FOLLOW_SECONDS if on else None
+
+
+def run_badge(run: Run) -> None:
+    """Running / finished / stopped, and the recorded steps so far (inside the followed fragment)."""
+    if not run.recorded_layers:
+        return
+    state = run_state(run)
     badge = {"running": ":green-badge[:material/radio_button_checked: running]",
              "finished": ":gray-badge[finished]",
              "stopped": ":orange-badge[stopped: nothing written for 10 min, never closed]"}.get(state or "", "")
-    c2.markdown(f"{badge} · {len(run.summaries)} recorded steps, last {run.summaries[-1][0] if run.summaries else '—'}")
-    return FOLLOW_SECONDS if on else None
+    st.markdown(f"{badge} · {len(run.summaries)} recorded steps, last "
+                f"{run.summaries[-1][0] if run.summaries else '—'}")
 
 
 def step_picker(run: Run, key: str, follow: bool = False, layer: Optional[str] = None) -> tuple[int, bool]:
