@@ -147,14 +147,18 @@ def chart(fig, key: str, file_name: str) -> None:
 def distributions_view() -> None:
     run, layer, info = S.selected_layer(sel)
     steps = T.snapshot_steps(run, layer)
-    st.caption(f"Run **{run.path.name}** ({run.norm}) and layer `{layer}` ({info['class']}) from the sidebar; the "
-               f"same test images (seed {sel['seed']}) at each of its {len(steps)} snapshots.")
+    recorded = T.all_recorded([sel["run"]], layer)
+    where = (f"the recorded probe batch at each of its {len(steps)} recorded steps" if recorded else
+             f"the same test images (seed {sel['seed']}) at each of its {len(steps)} snapshots")
+    st.caption(f"Run **{run.path.name}** ({run.norm}) and layer `{layer}` ({info['class']}) from the sidebar; "
+               f"{where}.")
     c1, c2, c3 = st.columns([2, 3, 3])
     which = c1.radio("Activations", WHICH, key="tr_d_which", help=WHICH_HELP, format_func=S.VIEW_LABELS.get,
                      index=index_of("tr_d_which", WHICH, "input"))
     size = c2.select_slider("Test images", options=[64, 128, 256, 512, 1024], value=kept("tr_d_size", 256),
-                            key="tr_d_size",
-                            help="Drawn with the sidebar's seed; the same images at every snapshot")
+                            key="tr_d_size", disabled=recorded,
+                            help="Drawn with the sidebar's seed; the same images at every snapshot (a recorded "
+                                 "layer is shown on its recorded probe batch)")
     k = c3.slider("K: fitted components", 1, 6, kept("tr_d_k", 3), key="tr_d_k",
                   help="Components of the GMM fitted where the layer has no mixture of its own (BN, LN, GN inputs, "
                        "every output)")
