@@ -14,7 +14,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import streamlit as st
-import torch
 
 from cbnorm import analysis
 from cbnorm.runs import Run

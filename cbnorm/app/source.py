@@ -14,6 +14,7 @@ why where it is not (:func:`live_reason`).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -31,6 +32,13 @@ FINAL = -1
 BUDGET = "source_activations"
 S.BUDGET_MB.setdefault(BUDGET, 64)
 S.BUDGETS.setdefault(BUDGET, S._ByteBudget(BUDGET))
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor view of a shared read-only array (never written: the functions here only read it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(np.ascontiguousarray(a))
 
 
 # ============================================================================ what a run offers
@@ -205,7 +213,7 @@ def values(rec: dict, view: str, channels: Optional[Sequence[int]] = None) -> np
         raise ValueError(f"channels {bad} out of range [0, {c - 1}]")
     if rec["acts"] is None:
         return rec["values"][view][chans].astype(np.float64)
-    return analysis.channel_values(torch.from_numpy(np.ascontiguousarray(rec["acts"][view])), chans,
+    return analysis.channel_values(_tensor(rec["acts"][view]), chans,
                                    channel_last=rec["layer"]["channel_last"])
 
 
@@ -220,7 +228,7 @@ def features(rec: dict, view: str, pool: bool = True) -> np.ndarray:
     if rec["acts"] is None:
         raise ValueError("recorded steps keep each sample's channel means, not every position: choose the "
                          "channel means (pool)")
-    return analysis.flatten_features(torch.from_numpy(rec["acts"][view]), pool=False,
+    return analysis.flatten_features(_tensor(rec["acts"][view]), pool=False,
                                      channel_last=rec["layer"]["channel_last"])
 
 

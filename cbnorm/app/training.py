@@ -27,7 +27,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import streamlit as st
-import torch
 
 from cbnorm import analysis
 from cbnorm.runs import Run
@@ -66,13 +65,6 @@ def clear_caches() -> None:
     for name in (SRC.BUDGET, PANEL_BUDGET):
         S.BUDGETS[name].reset()
     _forget_rows()
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """A tensor view of a shared read-only array (never written: the functions here only read it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
-        return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _say(progress: Progress) -> Callable[[float, str], None]:
