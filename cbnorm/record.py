@@ -308,13 +308,9 @@ class Recorder:
     # ------------------------------------------------------------------ user API
     def step(self, step: int, **scalars: Any) -> None:
         """End of optimizer step ``step`` (from 1): log ``scalars`` and probe when the schedule says so."""
-        if not self.active:
+        step = self._accept(step)
+        if step is None:
             return
-        step = self._check_step(step)
-        if self._purge_from == -1:
-            self._purge(step)
-            if not self.active:
-                return
         if scalars:
             self._add_line(step, scalars)
         self.last_step = step if self.last_step is None else max(self.last_step, step)
@@ -325,13 +321,9 @@ class Recorder:
 
     def log(self, step: int, **scalars: Any) -> None:
         """Log any scalars at ``step`` (test accuracy, an epoch's mean, ...); no probe."""
-        if not self.active:
+        step = self._accept(step)
+        if step is None:
             return
-        step = self._check_step(step)
-        if self._purge_from == -1:
-            self._purge(step)
-            if not self.active:
-                return
         if scalars:
             self._add_line(step, scalars)
             if not self._has_tensors():
@@ -396,6 +388,16 @@ class Recorder:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _accept(self, step: Any) -> Optional[int]:
+        """The checked step, after a resumed run's purge (at its first step); None when the recorder is not
+        (or no longer) active."""
+        if not self.active:
+            return None
+        step = self._check_step(step)
+        if self._purge_from == -1:
+            self._purge(step)
+        return step if self.active else None
+
     def _check_step(self, step: Any) -> int:
         if isinstance(step, Tensor) and step.numel() == 1:
             step = int(step)

@@ -938,13 +938,20 @@ class Run:
 
 def _list_snapshots(run_dir: Path, files: Mapping[str, str]) -> list[tuple[int, Path]]:
     sdir = _inside(run_dir, files.get("snapshots", DEFAULT_FILES["snapshots"]), "files.snapshots")
-    if not sdir.is_dir():
+    out = _step_files(sdir, _SNAPSHOT_RE)
+    for _, p in out:
+        _inside(run_dir, str(p.relative_to(run_dir)), f"snapshot {p.name}")
+    return out
+
+
+def _step_files(folder: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    """(step, path) of the files in ``folder`` whose names match ``pattern`` (the step its group 1), sorted."""
+    if not folder.is_dir():
         return []
     out = []
-    for p in sdir.iterdir():
-        m = _SNAPSHOT_RE.match(p.name)
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
         if m and p.is_file():
-            _inside(run_dir, str(p.relative_to(run_dir)), f"snapshot {p.name}")
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -1005,15 +1012,7 @@ def summary_name(step: int) -> str:
 def list_summaries(run_dir: PathLike) -> list[tuple[int, Path]]:
     """(step, path) of the complete summary files of a run, in step order (temporary files of a step being
     written are never listed: they are renamed into place whole)."""
-    sdir = Path(run_dir) / SUMMARY_DIR
-    if not sdir.is_dir():
-        return []
-    out = []
-    for p in sdir.iterdir():
-        m = _SUMMARY_RE.match(p.name)
-        if m and p.is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+    return _step_files(Path(run_dir) / SUMMARY_DIR, _SUMMARY_RE)
 
 
 def read_metric_lines(run_dir: PathLike) -> list[dict]:
