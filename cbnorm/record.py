@@ -503,7 +503,8 @@ class Recorder:
                     result: dict = {}
                     P.capture(base, self.x, self.layers, allow_train=True, reduce=reduce, result=result)
                 if not counts:
-                    raise ValueError(f"none of the recorded layers ran when {type(base).__name__} was called on the probe")
+                    raise ValueError(f"none of the recorded layers ran when {type(base).__name__} was called on "
+                                     f"the probe")
             except (RuntimeError, ValueError, TypeError, IndexError) as err:
                 if self.last_probe is None and step == 0:
                     raise ValueError(f"the probe batch of shape {tuple(self.x.shape)} does not run through "

@@ -31,8 +31,9 @@ def body() -> None:
         size, context_mode = 256, "predicted"
         if live:
             size = c1.select_slider("Minibatch size", options=[16, 32, 64, 128, 256, 512, 1024], value=256,
-                                    key="hist_size", help="Number of test images drawn (with the sidebar's seed) and run "
-                                                          "through the model")
+                                    key="hist_size",
+                                    help="Number of test images drawn (with the sidebar's seed) and run through the "
+                                         "model")
             c2.button("Resample", on_click=S.next_seed, icon=":material/casino:",
                       help="Draw another minibatch (adds 1 to the seed in the sidebar)")
             if run.uses_context and run.contexts.get("label_derived"):
@@ -56,8 +57,8 @@ def body() -> None:
                               help="A random subset of the layer's channels, drawn with the seed")
             channels = H.pick_channels(n_channels, count, sel["seed"])
         else:
-            channels = c6.multiselect("Channels to show", list(range(n_channels)), default=list(range(min(4, n_channels))),
-                                      max_selections=16, key="hist_channels")
+            channels = c6.multiselect("Channels to show", list(range(n_channels)),
+                                      default=list(range(min(4, n_channels))), max_selections=16, key="hist_channels")
             if not channels:
                 st.info("Choose at least one channel.")
                 st.stop()
@@ -95,19 +96,22 @@ def body() -> None:
         if view == "x_hat":
             st.caption(f"x̂, the normalized values before the affine γ·x̂ + β. Overlaid: N(0, 1) dotted (what a "
                        f"normalizer aims x̂ at) and a {len(panel['names_out'])}-component GMM fit of x̂ (components "
-                       "dashed, mixture solid). Panel titles: skewness, excess kurtosis and Kolmogorov-Smirnov distance "
-                       "to N(0, 1); the deltas compare with the input standardized per channel (like with like). For MN "
+                       "dashed, mixture solid). Panel titles: skewness, excess kurtosis and Kolmogorov-Smirnov "
+                       "distance to N(0, 1); the deltas compare with the input standardized per channel (like with "
+                       "like). For MN "
                        "and CN with prior scaling x̂ sums per-component standardized values scaled by 1/√π_k: with "
                        "well-separated components its variance is near K, not 1, by design (README).")
         else:
-            st.caption(f"The layer's output γ·x̂ + β, after the affine: γ and β move it away from N(0, 1) on purpose, "
+            st.caption(f"The layer's output γ·x̂ + β, after the affine: γ and β move it away from N(0, 1) on "
+                       f"purpose, "
                        f"so no N(0, 1) is drawn and no distance to it is given. Overlaid: a "
                        f"{len(panel['names_out'])}-component GMM fit (components dashed, mixture solid). Panel titles: "
                        "skewness, excess kurtosis (scale-free, so comparable with the input's) and standard deviation.")
         fig_out = F.histogram_grid(panel["output"], panel["channels"], mixture=panel["mix_out"],
                                    component_names=panel["names_out"], mixture_name="fitted mixture",
                                    reference_normal=view == "x_hat", subtitles=H.subtitle_stats(panel),
-                                   x_title="x̂ (before the affine)" if view == "x_hat" else "output value (after the affine)")
+                                   x_title="x̂ (before the affine)" if view == "x_hat"
+                                   else "output value (after the affine)")
         st.plotly_chart(fig_out, key="hist_out_chart", config={"displaylogo": False})
         S.download_figure(fig_out, f"{run.path.name}_{layer}_{view}_histograms.csv", key="hist_out_dl")
 

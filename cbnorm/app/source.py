@@ -22,7 +22,7 @@ import streamlit as st
 import torch
 
 from cbnorm import analysis
-from cbnorm.runs import Run, Summary
+from cbnorm.runs import Run, Summary, read_summary
 
 from . import activations as A
 from . import shared as S
@@ -87,8 +87,6 @@ def recorded(run: Run, step: int, layer: Optional[str] = None) -> bool:
 def summary(path: str, mtime_ns: int) -> Summary:
     """A recorded summary file (shared, read-only; keyed by its modification time: a resumed run that
     rewrote a step is read again)."""
-    from cbnorm.runs import read_summary
-
     return read_summary(path)
 
 
@@ -159,8 +157,10 @@ def _activations(run_path: str, dev: str, step: int, layer: str, size: int, seed
                              f"run {run.path.name} holds no recorded summaries and its model cannot be rebuilt: "
                              f"nothing to show (record it with cbnorm.watch)")
         out = _live(run, step, layer, size, seed, context_mode, info)
-    for v in [*out["values"].values(), *(out["acts"] or {}).values(), *out["features"].values(),
-              *(out["mixture"] or ())] + [out[k] for k in ("labels", "indices", "contexts", "predictions", "components")]:
+    arrays = [*out["values"].values(), *(out["acts"] or {}).values(), *out["features"].values(),
+              *(out["mixture"] or ())]
+    arrays += [out[k] for k in ("labels", "indices", "contexts", "predictions", "components")]
+    for v in arrays:
         if isinstance(v, np.ndarray):
             v.flags.writeable = False
     return out

@@ -52,7 +52,8 @@ from ..record import Recorder
 from ..norms import NonFiniteError, check_deferred
 from .schedules import SCHEDULES, check_schedule, lr_at, parse_milestones, snapshot_steps
 from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, METRICS_LINES, STATUS_NAME, SUMMARY_DIR,
-                   build_model_from_config, count_parameters, load_resume_state, preprocess_images, read_json, save_config, save_metrics,
+                   build_model_from_config, count_parameters, load_resume_state, preprocess_images, read_json,
+                   save_config, save_metrics,
                    save_resume_state, save_snapshot, save_weights, snapshot_name, validate_config)
 
 __all__ = ["train", "main", "build_parser", "DEFAULTS"]
@@ -646,7 +647,8 @@ def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, Distri
                       loadavg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         metrics["epochs"].append(record)
         if rec is not None:
-            rec.log(step, **{k: v for k, v in record.items() if k not in ("step", "wall") and isinstance(v, (int, float))})
+            rec.log(step, **{k: v for k, v in record.items()
+                             if k not in ("step", "wall") and isinstance(v, (int, float))})
         _summary(metrics, params)
         if dist.main:
             save_weights(out / files["weights"], model)
