@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 COMMON="--dataset fashion-mnist --model shallow_cnn --width 0.25 --layers conv3 --epochs 5 --batch-size 128
   --limit-train 30000 --lr 2e-3 --weight-decay 1e-4 --optimizer adamw --eval-every 50 --eval-subset 2000
-  --threads ${THREADS:-1} --quiet"
+  --threads ${THREADS:-1} --quiet --record-size 0"   # recorded after training, at the committed size (below)
 SNAP="--snapshot-every 117 --snapshot-early 6"   # seed-0 runs: 17 snapshots, dense early
 CURVE="--snapshot-every 0"                       # extra seeds (curves only): first and last snapshot
 declare -A EXTRA=(
@@ -37,6 +37,8 @@ one() {  # one run: NAME[-sSEED]
     python -m cbnorm.train $COMMON $snaps ${EXTRA[$norm]} --seed "$seed" --out "$out"
   fi
   python -m cbnorm.evaluate "$out" --check
+  # the committed summaries: conv3 only, small (13.5 MB for the 15 runs; see checkpoints/README.md)
+  python -m cbnorm.record "$out" --size 128 --values-per-channel 256 --layers blocks.conv3.norm
   rm -f "$out/resume.safetensors"  # optimizer state: not needed by the app
   echo "== $out: trained"
 }
