@@ -278,9 +278,13 @@ def _run_dirs(root: Path) -> list[Path]:
 
 
 def run_name(root: Path, path: Path) -> str:
-    """A run's name in the app: its path relative to the runs directory ("." for the directory itself)."""
-    rel = path.relative_to(root).as_posix() if path != root else path.name
-    return rel or path.name
+    """A run's name in the app: its path relative to the runs directory ``root`` (nested runs: "folder/run");
+    the folder's own name for the directory itself or a run outside it."""
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.name
+    return rel if rel not in ("", ".") else path.name
 
 
 @st.cache_resource(max_entries=32, ttl=TTL, show_spinner="Loading run…")
@@ -353,13 +357,8 @@ def probe_runs() -> list[dict]:
 
 
 def run_label(run: Run) -> str:
-    """A run's name in the app: its path relative to the runs directory (nested runs: "folder/run")."""
-    root = runs_root()
-    try:
-        rel = run.path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return run.path.name
-    return rel if rel not in ("", ".") else run.path.name
+    """A loaded run's name in the app (:func:`run_name` in the current runs directory)."""
+    return run_name(runs_root(), run.path)
 
 
 def run_by_name(name: str) -> Run:

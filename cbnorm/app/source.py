@@ -28,7 +28,7 @@ from . import activations as A
 from . import shared as S
 
 #: the step of a run's end: its final weights on a sampled minibatch, or its last recorded summary
-FINAL = -1
+FINAL = S.FINAL
 BUDGET = "source_activations"
 S.BUDGET_MB.setdefault(BUDGET, 64)
 S.BUDGETS.setdefault(BUDGET, S._ByteBudget(BUDGET))
