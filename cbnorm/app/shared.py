@@ -518,6 +518,16 @@ FOLLOW_SECONDS = 3.0
 FINAL = -1
 
 
+def live(run: Run) -> bool:
+    """Whether the app can run this run's model on test images (another minibatch, resampling, snapshots)."""
+    return run.model is not None and run.config.get("task") in ("classify", "gan")
+
+
+def is_recorded(run: Run, layer: Optional[str] = None) -> bool:
+    """Whether the run has recorded summaries (of ``layer``, when given)."""
+    return bool(run.summaries) and (layer is None or any(li["path"] == layer for li in run.recorded_layers))
+
+
 def refresh(run: Run) -> Run:
     """Re-read the steps and metrics a run still being written has added (``Run.refresh``)."""
     return run.refresh()
@@ -555,9 +565,8 @@ def step_picker(run: Run, key: str, follow: bool = False, layer: Optional[str] =
     """(step, live): a recorded step of the run (the newest when following), or the run's final weights on a
     sampled minibatch (``live`` True) for a run the app can rebuild. Steps are offered only where ``layer`` was
     recorded. The choice lives in ``st.session_state``."""
-    recorded_here = layer is None or any(li["path"] == layer for li in run.recorded_layers)
-    rec_steps = [s for s, _ in run.summaries] if recorded_here else []
-    can_live = run.model is not None and run.config.get("task") in ("classify", "gan")
+    rec_steps = [s for s, _ in run.summaries] if is_recorded(run, layer) else []
+    can_live = live(run)
     if not rec_steps:
         return FINAL, True
     options = rec_steps + ([FINAL] if can_live else [])

@@ -42,9 +42,9 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 
 # ============================================================================ what a run offers
-def live(run: Run) -> bool:
-    """Whether the app can run this run's model on test images (another minibatch, resampling, snapshots)."""
-    return run.model is not None and run.config.get("task") in ("classify", "gan")
+#: whether the app can run a run's model on test images, and whether a run recorded a layer (``shared``: the
+#: sidebar's step picker needs them too)
+live, is_recorded = S.live, S.is_recorded
 
 
 def live_reason(run: Run) -> str:
@@ -59,11 +59,6 @@ def live_reason(run: Run) -> str:
 
 def recorded_probe_size(run: Run) -> int:
     return int(((run.config.get("recorder") or {}).get("probe") or {}).get("n", 0))
-
-
-def is_recorded(run: Run, layer: Optional[str] = None) -> bool:
-    """Whether the run has recorded summaries (of ``layer``, when given)."""
-    return bool(run.summaries) and (layer is None or any(li["path"] == layer for li in run.recorded_layers))
 
 
 def steps(run: Run, layer: Optional[str] = None) -> list[int]:
