@@ -69,8 +69,10 @@ def visit(base_url: str, shots: Path, timeout_ms: int = 120_000, width: int = 12
                 page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
                 wait_idle(page, timeout_ms)
                 if n_figs:
+                    # count figures drawn (a plot with its svg), not svg layers: one plot has several
                     page.wait_for_function(
-                        f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n_figs}",
+                        "n => [...document.querySelectorAll('.js-plotly-plot')]"
+                        ".filter(e => e.querySelector('.main-svg')).length >= n", arg=n_figs,
                         timeout=timeout_ms)
                 seconds = time.perf_counter() - t0
                 errors = [e.inner_text()[:500] for e in page.query_selector_all(ERROR_SELECTOR)]
