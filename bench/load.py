@@ -704,6 +704,10 @@ async def drive(base_url: str, server: subprocess.Popen, a: argparse.Namespace, 
         marks[name] = {"t_s": report.now(), "rss_mb": None if rss is None else round(rss / 2 ** 20, 1)}
         if rss is not None:
             report.memory.append({"t_s": report.now(), "phase": name, "rss_mb": marks[name]["rss_mb"]})
+        try:  # the server's own count of what its caches hold (its heap janitor writes it every 15 s)
+            marks[name]["caches"] = json.loads(Path(a.cache_report).read_text())
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
         print(f"[{report.now():7.1f}s] {name}: server RSS {marks[name]['rss_mb']} MB", flush=True)
 
     async def watch_server() -> None:
@@ -815,6 +819,8 @@ def main(argv=None) -> int:
     import tempfile
 
     log_path = Path(tempfile.mkstemp(prefix="cbnorm-load-", suffix=".log")[1])
+    a.cache_report = str(log_path.with_suffix(".caches.json"))
+    server_env.setdefault("CBNORM_CACHE_REPORT", a.cache_report)
     server = None
     port = None
     try:
@@ -835,6 +841,7 @@ def main(argv=None) -> int:
                 pass
     log = log_path.read_text(errors="replace") if log_path.exists() else ""
     log_path.unlink(missing_ok=True)
+    Path(a.cache_report).unlink(missing_ok=True)
 
     marks = result.get("marks", {})
     start = (marks.get("start (every session warmed up)") or {}).get("rss_mb")
@@ -877,9 +884,11 @@ def main(argv=None) -> int:
         "expected_messages": sorted(report.expected_messages.values(), key=lambda e: e["file"]),
         "notes": report.notes[:200], "sessions": sessions, "memory": report.memory,
         "server_log_tail": log[-4000:],
+        "caches": {name: m.get("caches") for name, m in marks.items() if m.get("caches")},
         "note": "Each action's time runs from the interaction until the app is idle again (script not running, no "
                 "status widget, 250 ms stable). The browser runs on the same CPU as the server. Memory: RSS of the "
-                "server process tree; start = after every session's warm-up.",
+                "server process tree; start = after every session's warm-up. caches: the server's count of what each "
+                "Streamlit cache holds at each mark (cbnorm.app.shared.cache_report, written every 15 s).",
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")

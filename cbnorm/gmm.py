@@ -430,7 +430,9 @@ def _sufficient_stats(feats: Tensor, resp: Tensor, w: Tensor | None, d: int):
     """sum_m r_km w_m [x_m^2, x_m, 1] for resp (G, K, M) and feats = [x^2; x; 1] (G, 2D+1, M)
     -> (sxx (G,K,D), sx (G,K,D), nk (G,K)), in one batched matmul."""
     r = resp if w is None else resp * w.unsqueeze(-2)
-    stats = torch.matmul(r, feats.transpose(-1, -2))  # (G, K, 2D+1)
+    # einsum, not matmul(r, feats.transpose(-1, -2)): on CPU the matmul of that transposed view is ~100x
+    # slower for one group (G=1, M=20,000: 16 ms against 0.1 ms) and no faster for many
+    stats = torch.einsum("gkm,gdm->gkd", r, feats)  # (G, K, 2D+1)
     return stats[..., :d], stats[..., d:2 * d], stats[..., 2 * d]
 
 

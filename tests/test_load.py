@@ -188,3 +188,40 @@ def test_evolution_reruns_need_no_features_even_with_no_budget(monkeypatch):
     assert all((a == b).all() for a, b in zip(first["coords"], again["coords"]))
     assert again["feature_dim"] == first["feature_dim"] and len(again["predictions"]) == 3
     S.clear_caches()
+
+
+def test_cache_report_counts_what_each_cache_holds_and_the_janitor_writes_it(tmp_path, monkeypatch):
+    """shared.cache_report: a data cache counted as its pickled bytes, a resource cache by its arrays,
+    tensors and models (each once); the janitor's file is the same report, written whole."""
+    import json
+
+    import numpy as np
+    import streamlit as st
+    import torch
+
+    from cbnorm.app import shared as S
+
+    @st.cache_data(max_entries=4)
+    def four_mb_data(n):
+        return np.zeros(n * 2 ** 18, np.float32)
+
+    @st.cache_resource(max_entries=4)
+    def eight_mb_resource(n):
+        a = np.zeros(n * 2 ** 18, np.float32)
+        return {"a": a, "again": a, "t": torch.zeros(n * 2 ** 18), "m": torch.nn.Linear(1024, 1024, bias=False)}
+
+    four_mb_data(4)
+    eight_mb_resource(4)
+    rows = {r["cache"].rsplit(".", 1)[-1]: r for r in S.cache_report()}
+    assert rows["four_mb_data"]["kind"] == "data" and rows["four_mb_data"]["entries"] == 1
+    assert 4.0 <= rows["four_mb_data"]["mb"] < 4.1  # the pickle: the array and a few header bytes
+    assert rows["eight_mb_resource"]["entries"] == 1
+    assert rows["eight_mb_resource"]["mb"] == 12.0  # 4 (a, once) + 4 (t) + 4 (the Linear's weight)
+    out = tmp_path / "caches.json"
+    monkeypatch.setenv(S.REPORT_ENV, str(out))
+    S._write_cache_report()
+    rep = json.loads(out.read_text())
+    assert {r["cache"] for r in rep["caches"]} >= {rows["four_mb_data"]["cache"], rows["eight_mb_resource"]["cache"]}
+    assert set(rep["budgets_mb"]) >= set(S.BUDGET_MB) and not (tmp_path / "caches.json.tmp").exists()
+    four_mb_data.clear()
+    eight_mb_resource.clear()

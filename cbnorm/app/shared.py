@@ -46,6 +46,8 @@ log = logging.getLogger("cbnorm.app")
 
 RUNS_ENV = "CBNORM_RUNS"
 BENCH_ENV = "CBNORM_BENCH"
+#: where the heap janitor writes :func:`cache_report` (JSON) every time it runs; unset: nowhere
+REPORT_ENV = "CBNORM_CACHE_REPORT"
 _APP_DIR = [Path(__file__).resolve().parents[2]]
 TTL = 3600  # seconds
 #: cap on the values of one channel kept for histograms / stats (a notice says when it applies)
@@ -66,13 +68,28 @@ BUDGET_MB = {"snapshot_features": 64, "histogram_panel": 24}
 PROJECTION_JOBS = max(1, min(4, os.cpu_count() or 1))
 
 
-def _nbytes(obj: Any) -> int:
+def _nbytes(obj: Any, _seen: Optional[set] = None, _depth: int = 0) -> int:
+    """Bytes of the arrays and tensors held by ``obj`` (dicts, lists, tuples, plain objects' attributes and
+    modules' parameters and buffers followed; each object counted once; Python overhead not counted)."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen or _depth > 6:
+        return 0
+    seen.add(id(obj))
     if isinstance(obj, np.ndarray):
-        return int(obj.nbytes)
+        return int(obj.nbytes) if obj.base is None or id(obj.base) not in seen else 0
+    if isinstance(obj, torch.Tensor):
+        return int(obj.untyped_storage().nbytes()) if obj.device.type == "cpu" else 0
+    if isinstance(obj, (bytes, bytearray, str)):
+        return len(obj)
+    if isinstance(obj, torch.nn.Module):
+        return sum(_nbytes(t, seen, _depth + 1) for t in list(obj.parameters()) + list(obj.buffers()))
     if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
+        return sum(_nbytes(v, seen, _depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(_nbytes(v, seen, _depth + 1) for v in obj)
+    attrs = getattr(obj, "__dict__", None)
+    if isinstance(attrs, dict) and not isinstance(obj, type):
+        return sum(_nbytes(v, seen, _depth + 1) for v in attrs.values())
     return 0
 
 
@@ -99,6 +116,7 @@ def heap_janitor(every_s: float = 15.0) -> threading.Thread:
         while True:
             time.sleep(every_s)
             _trim_heap()
+            _write_cache_report()
 
     t = threading.Thread(target=work, name="cbnorm-heap-janitor", daemon=True)
     t.start()
@@ -183,6 +201,56 @@ def on_clear(hook: Callable[[], None]) -> Callable[[], None]:
 def cache_bytes() -> dict[str, int]:
     """Bytes held (as counted) by each budgeted cache."""
     return {name: b.total() for name, b in BUDGETS.items()}
+
+
+def cache_report() -> list[dict]:
+    """Every Streamlit cache of this process: {"cache" (the function), "kind" ("data" | "resource"),
+    "entries", "mb"}, largest first. Data caches hold pickled bytes (counted as stored); resource caches hold
+    objects, counted by :func:`_nbytes` (arrays, tensors, models; Python overhead not counted). A diagnostic
+    of memory under load (``bench/load.py`` asks for it through ``$CBNORM_CACHE_REPORT``); it reads
+    Streamlit's private cache tables and returns what it could read."""
+    from streamlit.runtime.caching import cache_data_api, cache_resource_api
+
+    out = []
+    for kind, caches in (("data", cache_data_api._data_caches), ("resource", cache_resource_api._resource_caches)):
+        try:
+            with caches._caches_lock:
+                funcs = [c for per in caches._function_caches.values() for c in per.values()]
+        except AttributeError:
+            continue
+        for c in funcs:
+            try:
+                if kind == "data":
+                    store = getattr(c.storage, "_mem_cache", None) or getattr(
+                        getattr(c.storage, "persist_storage", None), "_mem_cache", {})
+                    values = list(store.values())
+                    size = sum(len(v) if isinstance(v, (bytes, bytearray)) else _nbytes(v) for v in values)
+                else:
+                    with c._mem_cache_lock:
+                        values = [getattr(v, "value", v) for v in c._mem_cache.values()]
+                    size = _nbytes(values)
+            except Exception:  # noqa: BLE001 - a diagnostic: a cache it cannot read is left out
+                continue
+            out.append({"cache": c.display_name, "kind": kind, "entries": len(values),
+                        "mb": round(size / 2 ** 20, 2)})
+    return sorted(out, key=lambda r: -r["mb"])
+
+
+def _write_cache_report() -> None:
+    path = os.environ.get(REPORT_ENV)
+    if not path:
+        return
+    import json
+
+    rep = {"t": time.time(), "caches": cache_report(), "budgets_mb": {
+        k: round(v / 2 ** 20, 2) for k, v in cache_bytes().items()}}
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(rep, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 # ============================================================================ where, on what
