@@ -4,6 +4,8 @@
   chosen channels, ``fit_channel_mixtures`` fits K 1-D Gaussians per channel with ``cbnorm.gmm`` (all
   channels in one batched call), ``layer_channel_mixtures`` reads a layer's own mixture and marginalises its
   diagonal Gaussians to each channel, ``mixture_curves`` evaluates the weighted component densities.
+* ``multimodality``: per channel, the number of 1-D Gaussian components with the lowest BIC and the BIC
+  gain over one Gaussian (the scan of where a mixture could help; all channels in one batched fit per K).
 * ``normality_stats``: skewness, excess kurtosis and distances to N(0, 1) (Kolmogorov-Smirnov statistic,
   1-Wasserstein) per channel — the papers' "closer to normal, less skewed" claim, in numbers.
 * ``embed_snapshots``: PCA / t-SNE (openTSNE) / UMAP of the activations at every training snapshot,
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from . import gmm
 
-__all__ = ["channel_values", "fit_channel_mixtures", "layer_channel_mixtures", "mixture_curves",
+__all__ = ["channel_values", "fit_channel_mixtures", "multimodality", "layer_channel_mixtures", "mixture_curves",
            "normality_stats", "shape_stats", "standardize_rows", "view_stats", "VIEWS", "flatten_features",
            "embed_snapshots", "Embedding", "EMBED_METHODS"]
 
@@ -60,6 +62,73 @@ def fit_channel_mixtures(values: np.ndarray, k: int, *, iters: int = 30, seed: i
         v = v[:, torch.randperm(v.shape[1], generator=g)[:max_points]]
     fitted = gmm.fit(v.unsqueeze(-1), k, iters=iters, kmeans_iters=5, generator=g)
     return fitted.weights.numpy(), fitted.means[..., 0].numpy(), fitted.vars[..., 0].numpy()
+
+
+def multimodality(values, max_components: int = 4, seed: int = 0, *, iters: int = 100, tol: float = 1e-3,
+                  kmeans_iters: int = 10, reg_covar: float = 1e-6) -> dict[str, np.ndarray]:
+    """The evidence for more than one mode in each row of ``values`` (G, M) — G channels, M values each, a
+    tensor or array — by the Bayesian information criterion of 1-D Gaussian mixtures with K = 1 ..
+    ``max_components`` components (the MN paper's premise, its Sec. 1 and Fig. 1: a normalization layer's
+    input is "better approximated by a mixture model rather than a single Gaussian").
+
+    Every channel is fitted at once for each K (``cbnorm.gmm.fit``: k-means++ seeding with ``seed``,
+    ``kmeans_iters`` Lloyd iterations, EM until no channel's mean log-likelihood moves by ``tol``, at most
+    ``iters`` iterations — sklearn's ``GaussianMixture`` defaults); K = 1 is the closed form. The fits run on
+    each channel standardized (so that ``reg_covar`` is relative to its spread, as 1e-6 of a unit variance);
+    the log-likelihoods are then taken back to the values as given (minus M log std, the Jacobian), so
+    ``bic`` is sklearn's ``GaussianMixture(K).bic`` of the same row: -2 M mean log p(x) + (3K - 1) log M
+    (K means, K variances, K - 1 free weights).
+
+    Returns a dict of arrays:
+
+    * ``best_k`` (G,) int: the K with the lowest BIC;
+    * ``bic_gain`` (G,): BIC of K = 1 minus the lowest BIC (>= 0; 0 where one Gaussian wins). In nats, times
+      2: a gain of 10 is strong evidence on Kass and Raftery's scale;
+    * ``min_weight`` (G,): the smallest component's weight in the best fit (1 where K = 1);
+    * ``skewness`` (G,): the sample skewness (biased, scipy's default; 0 for a constant row);
+    * ``bic`` (G, max_components): the BIC of every K;
+    * ``constant`` (G,) bool: rows with no spread (best_k 1, gain 0; nothing to fit).
+
+    Raises ``ValueError`` for values that are not (G, M) with M >= max(2, max_components), hold NaN or inf
+    (naming the channels), or a max_components < 1.
+    """
+    v = torch.as_tensor(np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values),
+                        dtype=torch.float64)
+    if isinstance(max_components, bool) or not isinstance(max_components, int) or max_components < 1:
+        raise ValueError(f"max_components must be an int >= 1, got {max_components!r}")
+    if v.dim() != 2 or v.shape[0] < 1 or v.shape[1] < max(2, max_components):
+        raise ValueError(f"values must be (G, M): G channels of M >= {max(2, max_components)} values each, got "
+                         f"shape {tuple(v.shape)}")
+    bad = ~torch.isfinite(v)
+    if bad.any():
+        rows = torch.nonzero(bad.any(1)).flatten().tolist()
+        raise ValueError(f"values hold {int(bad.sum())} NaN or inf entries, in channel(s) {rows[:10]}"
+                         + (" …" if len(rows) > 10 else "") + ": drop them (or the channels) first")
+    g, m = v.shape
+    mean = v.mean(1, keepdim=True)
+    std = v.std(1, unbiased=False, keepdim=True)
+    constant = (std <= 1e-12 * (1.0 + mean.abs()))[:, 0]
+    z = (v - mean) / torch.where(constant[:, None], torch.ones_like(std), std)
+    log_m = math.log(m)
+    # K = 1 in closed form: mean 0, variance 1 (+ reg_covar) on the standardized rows
+    var1 = z.var(1, unbiased=False) + reg_covar
+    ll = [-0.5 * (math.log(2 * math.pi) + torch.log(var1) + z.square().mean(1) / var1)]
+    weights = [torch.ones(g, 1, dtype=torch.float64)]
+    gen = torch.Generator().manual_seed(int(seed))
+    for k in range(2, max_components + 1):
+        fitted = gmm.fit(z.unsqueeze(-1), k, iters=iters, kmeans_iters=kmeans_iters, generator=gen,
+                         reg_covar=reg_covar, tol=tol, check_finite=False)
+        ll.append(gmm.mean_log_likelihood(fitted, z.unsqueeze(-1)))
+        weights.append(fitted.weights)
+    jac = torch.log(torch.where(constant, torch.ones_like(std[:, 0]), std[:, 0]))
+    bic = torch.stack([-2.0 * m * (l - jac) + (3 * (i + 1) - 1) * log_m for i, l in enumerate(ll)], 1)
+    bic[constant] = bic[constant, :1]  # nothing to fit: every K ties with one Gaussian, which wins
+    best = bic.argmin(1)
+    min_weight = torch.stack([weights[int(b)][i].min() for i, b in enumerate(best)])
+    skew = torch.where(constant, torch.zeros_like(var1), z.pow(3).mean(1))
+    return {"best_k": (best + 1).numpy(), "bic_gain": (bic[:, 0] - bic.min(1).values).numpy(),
+            "min_weight": min_weight.numpy(), "skewness": skew.numpy(), "bic": bic.numpy(),
+            "constant": constant.numpy()}
 
 
 def layer_channel_mixtures(layer, channels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

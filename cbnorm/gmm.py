@@ -476,6 +476,27 @@ def _e_step(feats: Tensor, weights: Tensor, means: Tensor, vars: Tensor) -> Tens
     return torch.softmax(wlp, dim=1)
 
 
+def _e_step_ll(feats: Tensor, weights: Tensor, means: Tensor, vars: Tensor, w: Tensor | None
+               ) -> tuple[Tensor, Tensor]:
+    """:func:`_e_step` and the mean log-likelihood (G,) of the points under the parameters it was given
+    (weighted by ``w`` when given): log p(x) = logsumexp over K, which also normalises the posteriors."""
+    d = means.shape[-1]
+    prec = torch.reciprocal(vars)
+    if d == 1:
+        maha = (means - feats[:, 1:2]).square_().mul_(prec)
+    else:
+        mp = means * prec
+        coef = torch.cat([prec, -2.0 * mp, (means * mp).sum(-1, keepdim=True)], dim=-1)
+        maha = torch.matmul(coef, feats).clamp_min_(0.0)
+    const = _log_normaliser(vars).transpose(-1, -2) + torch.log(weights).unsqueeze(-1)
+    wlp = maha.mul_(-0.5).add_(const)  # (G, K, M)
+    lse = torch.logsumexp(wlp, dim=1, keepdim=True)  # (G, 1, M)
+    resp = wlp.sub_(lse).exp_()
+    lse = lse[:, 0]
+    ll = lse.mean(-1) if w is None else (lse * w).sum(-1) / w.sum(-1).clamp_min(torch.finfo(lse.dtype).tiny)
+    return resp, ll
+
+
 def _check_finite_inputs(x: Tensor, w: Tensor | None) -> None:
     """The single host synchronisation of :func:`fit`."""
     bad_x = ~torch.isfinite(x).all()
@@ -494,7 +515,7 @@ def _check_finite_inputs(x: Tensor, w: Tensor | None) -> None:
 @torch.no_grad()
 def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: torch.Generator | None = None,
         reg_covar: float = 1e-6, weights: Tensor | None = None, check_finite: bool = True,
-        init: GMM | None = None) -> GMM:
+        init: GMM | None = None, tol: float | None = None) -> GMM:
     """Fit ``G`` independent diagonal GMMs (eq. 26-27) by EM, batched: ``x (G, M, D) -> GMM``.
 
     1. k-means++ seeding (:func:`kmeans_plus_plus`), then ``kmeans_iters`` Lloyd iterations;
@@ -510,7 +531,9 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
     (it lost its points) is first moved to a random point with the mixture's variance, so that none stays
     dead.
 
-    There is no convergence test (it would need a host sync): exactly ``iters`` iterations run.
+    Without ``tol`` there is no convergence test (it would need a host sync): exactly ``iters`` iterations
+    run. With ``tol`` (sklearn's ``tol``), EM stops before ``iters`` once every group's mean log-likelihood
+    changed by less than ``tol`` from one iteration to the next (one host sync per iteration).
     An empty component (N_k ~ 0) keeps its previous mean and variance and gets a floored weight (1e-12,
     then renormalised); constant data give vars = ``reg_covar``; no NaN either way.
 
@@ -527,6 +550,7 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
         check_finite: check that x (and weights) are finite (and nonnegative). This is the only host
             synchronisation; pass False in hot loops where inputs are known to be valid.
         init: optional starting GMM (warm start), shapes (G, K), (G, K, D) on x's device.
+        tol: optional convergence threshold (> 0) on the change of the mean log-likelihood (see above).
 
     Returns:
         :class:`GMM` with weights ``(G, K)``, means ``(G, K, D)``, vars ``(G, K, D)`` on x's device.
@@ -536,7 +560,7 @@ def fit(x: Tensor, k: int, *, iters: int = 2, kmeans_iters: int = 0, generator: 
         ValueError: x not 3-D, k < 1, M < k, iters/kmeans_iters < 0, reg_covar < 0, weights or init of the
             wrong shape, "x contains NaN or inf".
     """
-    return _fit(x, k, iters, kmeans_iters, generator, reg_covar, weights, check_finite, init, 0).gmm
+    return _fit(x, k, iters, kmeans_iters, generator, reg_covar, weights, check_finite, init, 0, tol).gmm
 
 
 class FitStatistics(NamedTuple):
@@ -595,9 +619,12 @@ def _check_init(init, g: int, k: int, d: int, x: Tensor) -> None:
 
 
 def _fit(x: Tensor, k: int, iters: int, kmeans_iters: int, generator, reg_covar, weights, check_finite: bool,
-         init: GMM | None, extra: int) -> FitStatistics:
+         init: GMM | None, extra: int, tol: float | None = None) -> FitStatistics:
     """The fit; ``extra`` 1: with the posteriors under it, 2: and their weighted sums (else None)."""
     _check_points(x)
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0
+                            or not math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite float > 0 or None, got {tol!r}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     k = _check_int(k, "k", 1)
@@ -659,8 +686,15 @@ def _fit(x: Tensor, k: int, iters: int, kmeans_iters: int, generator, reg_covar,
         mix, means, vars = _warm_start(init, feats, xt, w, shift, k, d, reg_covar, generator)
 
     # 3. EM.
+    prev = None
     for _ in range(iters):
-        resp = _e_step(feats, mix, means, vars)
+        if tol is None:
+            resp = _e_step(feats, mix, means, vars)
+        else:
+            resp, ll = _e_step_ll(feats, mix, means, vars, w)
+            if prev is not None and bool(((ll - prev).abs() < tol).all()):
+                break  # the parameters of the last M-step changed no group's likelihood by tol
+            prev = ll
         mix, means, vars = _m_step(feats, resp, w, means, vars, reg_covar)
 
     resp = _e_step(feats, mix, means, vars) if extra else None

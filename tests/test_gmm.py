@@ -422,3 +422,31 @@ def test_cuda_fit_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(lp).all()
+
+
+def test_tol_stops_em_once_no_group_improves_by_tol():
+    """With tol, EM stops early once every group's mean log-likelihood moves by < tol (as sklearn), and the
+    fit is then the fixed-iteration fit stopped at that iteration; without tol, exactly ``iters`` run."""
+    x = torch.tensor(np.stack([blobs(s, 2, k=3, sep=2.0) for s in (1, 2)]))  # overlapping: EM has work
+    calls = []
+    real = G._m_step
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    import unittest.mock as um
+
+    with um.patch.object(G, "_m_step", counting):
+        early = G.fit(x, 3, iters=200, kmeans_iters=3, generator=gen(0), tol=1e-3)
+    n = len(calls)
+    assert 3 <= n < 200  # stopped before the cap, after some work
+    same = G.fit(x, 3, iters=n, kmeans_iters=3, generator=gen(0))
+    assert torch.allclose(early.means, same.means) and torch.allclose(early.weights, same.weights)
+    more = G.fit(x, 3, iters=n + 1, kmeans_iters=3, generator=gen(0))
+    gain = G.mean_log_likelihood(more, x) - G.mean_log_likelihood(early, x)
+    assert (gain.abs() < 1e-3).all()  # one more iteration gains less than tol in every group
+    with pytest.raises(ValueError, match="tol"):
+        G.fit(x, 3, tol=0.0)
+    with pytest.raises(ValueError, match="tol"):
+        G.fit(x, 3, tol=float("nan"))
