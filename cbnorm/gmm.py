@@ -460,9 +460,9 @@ def _m_step_from_stats(sxx: Tensor, sx: Tensor, nk: Tensor, m: int, prev_means: 
     return weights, means, vars
 
 
-def _e_step(feats: Tensor, weights: Tensor, means: Tensor, vars: Tensor) -> Tensor:
-    """Posteriors (eq. 31) in the internal (G, K, M) layout: softmax over K of log lambda_k + log p_k(x)
-    (max-subtracted, so never exponentiated before normalising). feats = [x^2; x; 1] (G, 2D+1, M)."""
+def _weighted_log_prob_t(feats: Tensor, weights: Tensor, means: Tensor, vars: Tensor) -> Tensor:
+    """log lambda_k + log p_k(x) (eq. 26's summands) in the internal (G, K, M) layout, from
+    feats = [x^2; x; 1] (G, 2D+1, M)."""
     d = means.shape[-1]
     prec = torch.reciprocal(vars)
     if d == 1:
@@ -472,26 +472,30 @@ def _e_step(feats: Tensor, weights: Tensor, means: Tensor, vars: Tensor) -> Tens
         coef = torch.cat([prec, -2.0 * mp, (means * mp).sum(-1, keepdim=True)], dim=-1)  # (G, K, 2D+1)
         maha = torch.matmul(coef, feats).clamp_min_(0.0)  # (G, K, M)
     const = _log_normaliser(vars).transpose(-1, -2) + torch.log(weights).unsqueeze(-1)  # (G, K, 1)
-    wlp = maha.mul_(-0.5).add_(const)
-    return torch.softmax(wlp, dim=1)
+    return maha.mul_(-0.5).add_(const)
+
+
+def _normalise_k(wlp: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over K (dim 1) of ``wlp`` (G, K, M), in place, max-subtracted (never exponentiated before
+    normalising), and the log of the normaliser, log p(x) (G, 1, M). Written out, not ``torch.softmax`` /
+    ``torch.logsumexp``: over the middle dim those are 1.4-3x (float64) and 3.4x (float32) slower on CPU."""
+    mx = wlp.amax(dim=1, keepdim=True)
+    e = wlp.sub_(mx).exp_()
+    total = e.sum(1, keepdim=True)
+    return e.div_(total), total.log_().add_(mx)
+
+
+def _e_step(feats: Tensor, weights: Tensor, means: Tensor, vars: Tensor) -> Tensor:
+    """Posteriors (eq. 31) in the internal (G, K, M) layout: softmax over K of log lambda_k + log p_k(x)
+    (max-subtracted, so never exponentiated before normalising). feats = [x^2; x; 1] (G, 2D+1, M)."""
+    return _normalise_k(_weighted_log_prob_t(feats, weights, means, vars))[0]
 
 
 def _e_step_ll(feats: Tensor, weights: Tensor, means: Tensor, vars: Tensor, w: Tensor | None
                ) -> tuple[Tensor, Tensor]:
     """:func:`_e_step` and the mean log-likelihood (G,) of the points under the parameters it was given
-    (weighted by ``w`` when given): log p(x) = logsumexp over K, which also normalises the posteriors."""
-    d = means.shape[-1]
-    prec = torch.reciprocal(vars)
-    if d == 1:
-        maha = (means - feats[:, 1:2]).square_().mul_(prec)
-    else:
-        mp = means * prec
-        coef = torch.cat([prec, -2.0 * mp, (means * mp).sum(-1, keepdim=True)], dim=-1)
-        maha = torch.matmul(coef, feats).clamp_min_(0.0)
-    const = _log_normaliser(vars).transpose(-1, -2) + torch.log(weights).unsqueeze(-1)
-    wlp = maha.mul_(-0.5).add_(const)  # (G, K, M)
-    lse = torch.logsumexp(wlp, dim=1, keepdim=True)  # (G, 1, M)
-    resp = wlp.sub_(lse).exp_()
+    (weighted by ``w`` when given)."""
+    resp, lse = _normalise_k(_weighted_log_prob_t(feats, weights, means, vars))
     lse = lse[:, 0]
     ll = lse.mean(-1) if w is None else (lse * w).sum(-1) / w.sum(-1).clamp_min(torch.finfo(lse.dtype).tiny)
     return resp, ll

@@ -25,6 +25,10 @@ recorded layer (``cbnorm.probe.capture`` with a ``reduce``) keep, on the trainin
 * the layer's own mixture marginalised per channel (``channel_mixture_parameters``: weights, means,
   variances (K, C)) where it has one, and each probe sample's component (``analysis.sample_components``);
 * counts of non-finite values in each view (they are kept in the values and counted, never a crash);
+* with ``scan=True``, the multimodality scan of the input and x_hat of every channel (``cbnorm.scan``: the
+  number of 1-D Gaussian components with the lowest BIC, the BIC gain, ...), computed on the host on
+  ``scan_values`` values per channel (default: the values kept), of which the first ``values_per_channel``
+  are kept; it costs a batched GMM fit per layer and K at each probe step (``bench/record.py``);
 
 and the model's predictions (argmax of a (N, classes) output). These go to CPU once per probe step and into
 ``summaries/step_XXXXXXXX.safetensors``, written whole (temporary file + rename). No host synchronisation
@@ -65,9 +69,11 @@ from . import probe as P
 from .analysis import sample_components
 from .convert import route_contexts
 from .data import load_dataset
-from .runs import (CONFIG_NAME, FORMAT_VERSION, METRICS_LINES, STATUS_NAME, SUMMARY_DIR, atomic_write_bytes,
-                   list_summaries, load_run, read_json, read_metric_lines, save_snapshot, summary_name,
-                   write_json_atomic)
+from .runs import (CONFIG_NAME, FORMAT_VERSION, METRICS_LINES, STATUS_NAME, SUMMARY_DIR, SUMMARY_VIEWS,
+                   atomic_write_bytes, list_summaries, load_run, read_json, read_metric_lines, save_snapshot,
+                   summary_name, write_json_atomic)
+from .scan import MAX_COMPONENTS as SCAN_COMPONENTS
+from .scan import SCAN_VIEWS, scan_tensors
 
 __all__ = ["watch", "Recorder", "RecordingStopped", "probe_schedule", "describe_layer", "recorded_layers",
            "DEFAULT_VALUES_PER_CHANNEL", "DEFAULT_EARLY"]
@@ -192,7 +198,7 @@ class Recorder:
                  class_names: Optional[Sequence[str]] = None, context_names: Optional[Sequence[str]] = None,
                  mode: str = "eval", values_per_channel: int = DEFAULT_VALUES_PER_CHANNEL, snapshots: bool = False,
                  resume: bool = False, seed: int = 0, run_config: Optional[Mapping] = None,
-                 probe_init: bool = True) -> None:
+                 probe_init: bool = True, scan: bool = False, scan_values: Optional[int] = None) -> None:
         self.every, self.early_steps = probe_schedule(every, early)
         self.error: Optional[str] = None
         self.rank = _rank()
@@ -209,6 +215,13 @@ class Recorder:
         if not isinstance(values_per_channel, int) or values_per_channel < 16:
             raise ValueError(f"values_per_channel must be an int >= 16, got {values_per_channel!r}")
         self.mode, self.values_per_channel, self.snapshots, self.seed = mode, values_per_channel, snapshots, int(seed)
+        if scan_values is not None and (not isinstance(scan_values, int) or isinstance(scan_values, bool)
+                                        or scan_values < 16):
+            raise ValueError(f"scan_values must be an int >= 16 or None, got {scan_values!r}")
+        self.scan = bool(scan)
+        #: values per channel the scan is computed on (the first values_per_channel of them are kept)
+        self.scan_values = max(values_per_channel, scan_values or values_per_channel) if self.scan \
+            else values_per_channel
         self.layers = recorded_layers(model, layers)
         modules = dict(_eager(model).named_modules())
         self.info = [describe_layer(n, modules[n]) for n in self.layers]
@@ -276,6 +289,8 @@ class Recorder:
         recorder = {"by": "cbnorm.watch", "cbnorm_version": _version(), "every": self.every,
                     "early_steps": sorted(self.early_steps), "mode": self.mode,
                     "values_per_channel": self.values_per_channel, "seed": self.seed,
+                    "scan": {"values": self.scan_values, "max_components": SCAN_COMPONENTS,
+                             "views": list(SCAN_VIEWS)} if self.scan else None,
                     "probe": {"n": int(self.x.shape[0]), "shape": list(self.x.shape[1:]), "dtype": str(self.x.dtype),
                               "labels": self.y is not None, "context": self.context is not None},
                     "layers": self.info, "torch_version": torch.__version__}
@@ -445,11 +460,15 @@ class Recorder:
             self._fail(f"resuming {self.logdir} at step {first_new} failed ({err})")
 
     def _positions(self, name: str, total: int, device: torch.device) -> Tensor:
+        """The fixed positions of ``name``'s values: a seeded draw of ``scan_values`` of the ``total``
+        positions whose first ``values_per_channel`` (sorted) are the ones kept; the rest (sorted) only feed
+        the scan."""
         idx = self._index.get(name)
         if idx is None or int(idx.numel()) > total:
             g = torch.Generator().manual_seed(self.seed + len(self._index))
-            m = min(total, self.values_per_channel)
-            idx = torch.randperm(total, generator=g)[:m].sort().values
+            perm = torch.randperm(total, generator=g)[:min(total, self.scan_values)]
+            keep = min(total, self.values_per_channel)
+            idx = torch.cat([perm[:keep].sort().values, perm[keep:].sort().values])
             self._index[name] = idx
         return idx.to(device)
 
@@ -521,8 +540,15 @@ class Recorder:
         for name, cs in counts.items():
             out[f"{name}::nonfinite"] = torch.stack(cs)
         cpu: dict[str, Tensor] = {}
+        keep = self.values_per_channel
+        scan_in: dict[str, dict[str, Tensor]] = {}
         for k, v in out.items():
             v = v.detach().cpu()
+            name, _, part = k.rpartition("::")
+            if part in SUMMARY_VIEWS:
+                if self.scan and part in SCAN_VIEWS:
+                    scan_in.setdefault(name, {})[part] = v
+                v = v[:, :keep]
             if v.is_floating_point() and k.rsplit("::", 1)[-1] in ("input", "x_hat", "output", "pooled_input",
                                                                    "pooled_x_hat", "pooled_output"):
                 fin = v[torch.isfinite(v)]
@@ -533,9 +559,13 @@ class Recorder:
         if self.context is not None:
             cpu["context"] = self.context.cpu()
         for name in counts:
-            cpu[f"{name}::positions"] = self._index[name].to(torch.int64)
+            cpu[f"{name}::positions"] = self._index[name][:keep].to(torch.int64)
         meta = {"format": "cbnorm-summary", "step": str(step), "wall": f"{time.time():.3f}",
                 "layers": json.dumps(self.layers), "mode": self.mode}
+        if self.scan:
+            cpu.update(scan_tensors(scan_in, SCAN_COMPONENTS, self.seed))
+            m = min((int(t.shape[1]) for vs in scan_in.values() for t in vs.values()), default=0)
+            meta["scan"] = json.dumps({"values": m, "max_components": SCAN_COMPONENTS, "seed": self.seed})
         return cpu, meta
 
 
@@ -553,7 +583,8 @@ def watch(model: nn.Module, logdir: Any, probe: Any = None, *, every: int = 100,
     (``early`` log-spaced probes come before); ``layers``: fnmatch patterns on module paths (default every
     normalization layer); ``context``: context ids (N,) for the probe; ``config``: hyperparameters;
     ``class_names``; ``mode``: "eval" (default) or "train"; ``values_per_channel``; ``snapshots``: also the
-    weights at probe steps; ``resume``: continue the run in ``logdir``.
+    weights at probe steps; ``resume``: continue the run in ``logdir``; ``scan``: also the multimodality scan
+    of every layer's input and x_hat (on ``scan_values`` values per channel).
     """
     return Recorder(model, logdir, probe, every=every, **kwargs)
 
@@ -561,7 +592,7 @@ def watch(model: nn.Module, logdir: Any, probe: Any = None, *, every: int = 100,
 
 # ============================================================================ replaying a run's snapshots
 def replay(run_dir: Any, *, size: int = 256, seed: int = 0, values_per_channel: int = DEFAULT_VALUES_PER_CHANNEL,
-           layers: Any = None) -> list[int]:
+           layers: Any = None, scan: bool = False, scan_values: Optional[int] = None) -> list[int]:
     """Compute the summaries of an existing classification run from its snapshots (``python -m
     cbnorm.record RUN_DIR``): the probe is ``size`` test images drawn with ``seed``, contexts inferred by the
     model (as at test time). Summaries written before are replaced. Returns the steps written."""
@@ -581,7 +612,8 @@ def replay(run_dir: Any, *, size: int = 256, seed: int = 0, values_per_channel: 
     cfg = {k: v for k, v in run.config.items() if k != "recorder"}
     shutil.rmtree(run.path / SUMMARY_DIR, ignore_errors=True)
     rec = Recorder(run.model, run.path, (x, y), every=every, early=0, layers=layers,
-                   values_per_channel=values_per_channel, resume=True, run_config=cfg, probe_init=False, seed=seed)
+                   values_per_channel=values_per_channel, resume=True, run_config=cfg, probe_init=False, seed=seed,
+                   scan=scan, scan_values=scan_values)
     rec.early_steps = set(steps) - {s for s in steps if s % every == 0}
     for step in steps:
         rec.probe(step, model=run.load_snapshot(step))
@@ -600,12 +632,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--values-per-channel", type=int, default=DEFAULT_VALUES_PER_CHANNEL,
                    help=f"values kept per channel and view ({DEFAULT_VALUES_PER_CHANNEL})")
     p.add_argument("--layers", nargs="*", help="fnmatch patterns of the layers to record (default: all)")
+    p.add_argument("--scan", action="store_true", help="also the multimodality scan (cbnorm.scan) of each layer")
+    p.add_argument("--scan-values", type=int, help="values per channel the scan is computed on (default: the "
+                                                   "values kept; more are drawn, only --values-per-channel kept)")
     a = p.parse_args(argv)
     status = 0
     for d in a.runs:
         t0 = time.perf_counter()
         try:
-            steps = replay(d, size=a.size, seed=a.seed, values_per_channel=a.values_per_channel, layers=a.layers)
+            steps = replay(d, size=a.size, seed=a.seed, values_per_channel=a.values_per_channel, layers=a.layers,
+                           scan=a.scan, scan_values=a.scan_values)
         except ValueError as err:
             print(f"{d}: {err}", file=sys.stderr)
             status = 1

@@ -123,6 +123,10 @@ def test_two_sessions_under_load(tmp_path):
     assert s["server_cpu_s"] + s["browser_and_driver_cpu_s"] <= 1.2 * s["cores_s"]
     assert rc == (0 if s["goal_met"] else 1)
     assert s["goal_met"] == (s["memory_growth_pct"] < 20)  # no error and every session alive, checked above
+    # the server's own count of its caches (its heap janitor writes it every 15 s; the warm-up takes longer)
+    reports = [r for r in data["caches"].values() if r.get("caches")]
+    assert reports and all({"cache", "kind", "entries", "mb"} <= set(c) for r in reports for c in r["caches"])
+    assert any(c["cache"].startswith("cbnorm.app.") for r in reports for c in r["caches"])
     with socket.socket() as sock:  # the server is stopped
         sock.settimeout(2)
         assert sock.connect_ex(("127.0.0.1", data["parameters"]["port"])) != 0
