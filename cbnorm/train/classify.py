@@ -68,10 +68,11 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 0, "eval_subset": 1000, "amp": False, "limit_train": None,
     "limit_test": None, "eval_batch_size": 1000, "out": None, "resume": False, "device": "auto",
     "threads": None, "quiet": False, "context_head": False, "max_skipped": 10, "record_size": 256,
-    "record_values": 512,
+    "record_values": 512, "record_scan": False,
 }
 #: options that describe the environment, not the experiment (not stored in config.json "training")
-_RUNTIME = ("out", "resume", "device", "threads", "quiet", "max_skipped", "record_size", "record_values")
+_RUNTIME = ("out", "resume", "device", "threads", "quiet", "max_skipped", "record_size", "record_values",
+            "record_scan")
 #: options that may differ when resuming
 _RESUMABLE = ("epochs", "snapshot_every", "eval_batch_size")
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "normalization layer on at each snapshot step (summaries for the "
                                                    f"app); 0 = no recording ({d['record_size']})")
     t.add_argument("--record-values", type=int, help=f"values kept per channel and view ({d['record_values']})")
+    t.add_argument("--record-scan", action="store_true", default=None,
+                   help="also record the multimodality scan of every layer (cbnorm.scan) at each probe step")
     t.add_argument("--eval-every", type=int, help="evaluate every this many steps (and at step 0) on a fixed "
                                                   "stratified test subset of --eval-subset images; the full test "
                                                   "set is scored at every epoch end (0 = epoch ends only)")
@@ -691,7 +694,8 @@ def _recorder(a: dict, out: Path, model: nn.Module, config: dict, test_ds, total
     every = int(a["snapshot_every"]) or max(1, total_steps)
     # resume=True: config.json (ours, just written) is already there; a resumed run's later steps are purged
     rec = Recorder(model, out, (x, y), every=every, early=int(a["snapshot_early"] or 0),
-                   values_per_channel=int(a["record_values"]), resume=True, run_config=config, probe_init=False)
+                   values_per_channel=int(a["record_values"]), resume=True, run_config=config, probe_init=False,
+                   scan=bool(a["record_scan"]))
     if fresh:
         rec.probe(0)
     return rec
