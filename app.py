@@ -27,6 +27,7 @@ PAGES = {
     "compare": "pages/4_Compare_Normalizers.py",
     "gen": "pages/5_Image_Generation.py",
     "across": "pages/6_Across_Runs_and_Training.py",
+    "scan": "pages/7_Multimodality_Scan.py",
 }
 
 
@@ -145,6 +146,13 @@ def home() -> None:
         "coordinates downloadable. **Cluster quality over training**: silhouette, k-NN accuracy and the agreement "
         "of the layer's mixture components with classes and contexts at every snapshot, one line per run with a "
         "mean ± sd band over seeds.")
+    st.page_link(PAGES["scan"], label="Where would a mixture help?", icon=":material/grid_on:")
+    st.markdown(
+        "The multimodality scan of every recorded normalization layer over training: a layers × steps heat map of "
+        "the share of channels whose values a mixture of Gaussians fits better than one (by BIC) and of the median "
+        "BIC gain, on the layer's input or x̂, for one run or two side by side (e.g. BN and MN in the same "
+        "network); pick a cell for its histograms with the fits. Below it, the verdicts on the papers' premise "
+        "measured on the committed runs.")
 
 
 def _keep(name: str) -> None:
@@ -218,6 +226,7 @@ nav = st.navigation([
     st.Page(PAGES["compare"], title="Compare normalizers", icon=":material/compare_arrows:"),
     st.Page(PAGES["gen"], title="Image generation", icon=":material/auto_awesome:"),
     st.Page(PAGES["across"], title="Across runs and training", icon=":material/stacked_line_chart:"),
+    st.Page(PAGES["scan"], title="Where would a mixture help?", icon=":material/grid_on:"),
 ])
 sidebar()
 nav.run()
