@@ -322,7 +322,7 @@ if __name__ == "__main__":  # by hand: python tests/test_browser.py checkpoints/
 @pytest.mark.slow
 def test_recorded_runs_and_following_in_chromium(tmp_path_factory):
     """Runs recorded by cbnorm.watch from a user's model (nested folders, one still being written): every page
-    that applies is drawn without an error box, and the histogram page follows the running run: a step
+    that applies (the multimodality scan too) is drawn without an error box, and the histogram page follows the running run: a step
     written after the page opened appears without a reload."""
     pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
@@ -340,7 +340,8 @@ def test_recorded_runs_and_following_in_chromium(tmp_path_factory):
     proc = start_server(root, port, log_path)
     try:
         pages = {"Activation_Histograms": ("recorded_histograms", 2), "Cluster_Evolution": ("recorded_evolution", 2),
-                 "Across_Runs_and_Training": ("recorded_across", 4), "Compare_Normalizers": ("recorded_compare", 3)}
+                 "Across_Runs_and_Training": ("recorded_across", 4), "Compare_Normalizers": ("recorded_compare", 3),
+                 "Multimodality_Scan": ("recorded_scan", 2)}  # the heat maps (both runs) and a cell's histograms
         report = visit(f"http://127.0.0.1:{port}", shots, pages=pages)
         for name, r in report.items():
             assert not r["errors"], f"{name}: error box shown: {r['errors']}"
