@@ -592,10 +592,13 @@ def watch(model: nn.Module, logdir: Any, probe: Any = None, *, every: int = 100,
 
 # ============================================================================ replaying a run's snapshots
 def replay(run_dir: Any, *, size: int = 256, seed: int = 0, values_per_channel: int = DEFAULT_VALUES_PER_CHANNEL,
-           layers: Any = None, scan: bool = False, scan_values: Optional[int] = None) -> list[int]:
+           layers: Any = None, scan: bool = False, scan_values: Optional[int] = None,
+           steps: Optional[Sequence[int]] = None) -> list[int]:
     """Compute the summaries of an existing classification run from its snapshots (``python -m
     cbnorm.record RUN_DIR``): the probe is ``size`` test images drawn with ``seed``, contexts inferred by the
-    model (as at test time). Summaries written before are replaced. Returns the steps written."""
+    model (as at test time). ``steps``: only these snapshot steps (default all). Summaries written before are
+    replaced. Returns the steps written."""
+    only = steps
     run = load_run(run_dir)
     if run.config.get("task") != "classify":
         raise ValueError(f"{run.path} is a {run.config.get('task')!r} run; replaying snapshots needs a "
@@ -609,6 +612,11 @@ def replay(run_dir: Any, *, size: int = 256, seed: int = 0, values_per_channel: 
     training = run.config.get("training") or {}
     steps = [s for s, _ in run.snapshots]
     every = int(training.get("snapshot_every") or 0) or max(1, steps[-1])
+    if only is not None:
+        missing = sorted(set(int(s) for s in only) - set(steps))
+        if missing:
+            raise ValueError(f"{run.path} has no snapshot at step(s) {missing} (snapshots: {steps})")
+        steps = [s for s in steps if s in set(int(x) for x in only)]
     cfg = {k: v for k, v in run.config.items() if k != "recorder"}
     shutil.rmtree(run.path / SUMMARY_DIR, ignore_errors=True)
     rec = Recorder(run.model, run.path, (x, y), every=every, early=0, layers=layers,
@@ -633,6 +641,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f"values kept per channel and view ({DEFAULT_VALUES_PER_CHANNEL})")
     p.add_argument("--layers", nargs="*", help="fnmatch patterns of the layers to record (default: all)")
     p.add_argument("--scan", action="store_true", help="also the multimodality scan (cbnorm.scan) of each layer")
+    p.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps (default: every snapshot)")
     p.add_argument("--scan-values", type=int, help="values per channel the scan is computed on (default: the "
                                                    "values kept; more are drawn, only --values-per-channel kept)")
     a = p.parse_args(argv)
@@ -641,7 +650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.perf_counter()
         try:
             steps = replay(d, size=a.size, seed=a.seed, values_per_channel=a.values_per_channel, layers=a.layers,
-                           scan=a.scan, scan_values=a.scan_values)
+                           scan=a.scan, scan_values=a.scan_values, steps=a.steps)
         except ValueError as err:
             print(f"{d}: {err}", file=sys.stderr)
             status = 1

@@ -3,10 +3,11 @@
 # Usage: bash checkpoints/train_resnet20.sh [train|record|all] [names...]   (names: bn mn bn-s1 mn-s1; JOBS=2)
 #   train:  trains into $OUTROOT/resnet20-fmnist-NAME (OUTROOT: a scratch folder outside checkpoints/, e.g.
 #           /tmp/r20) with 17 snapshots (6 log-spaced early ones, then every 94 steps)
-#   record: records every normalization layer at every snapshot with the multimodality scan (cbnorm.record
-#           --scan: 32 test images, 64 values per channel kept, the scan on 1,024), then copies seed 0's run
-#           into checkpoints/ with the summaries of KEEP_STEPS and no snapshots (the 60 MB budget: the app
-#           reads the summaries; the final weights stay). Seeds >= 1 stay in OUTROOT: bench/premise.py --extra.
+#   record: records every normalization layer at the snapshots of KEEP_STEPS with the multimodality scan
+#           (cbnorm.record --scan: 32 test images, 64 values per channel kept, the scan on 1,024), then copies
+#           seed 0's run into checkpoints/ without its snapshots (the 60 MB budget: the app reads the
+#           summaries; the final weights stay). Seeds >= 1 stay in OUTROOT (bench/premise.py --extra), and
+#           bench/premise.py reads every run's 17 snapshots there for P3.
 # A finished run is skipped, an interrupted one resumed (the same command continues).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,18 +40,19 @@ record() {  # in $OUTROOT: every snapshot recorded with the scan; seed 0 then co
   set -euo pipefail
   local name=$1 src="${OUTROOT:-checkpoints}/resnet20-fmnist-$1" dest="checkpoints/resnet20-fmnist-$1"
   if ! ls "$src/summaries/"step_*.safetensors > /dev/null 2>&1; then
-    python -m cbnorm.record "$src" --size 32 --values-per-channel 64 --scan --scan-values 1024
+    # shellcheck disable=SC2086
+    python -m cbnorm.record "$src" --size 32 --values-per-channel 64 --scan --scan-values 1024 --steps $KEEP_STEPS
   fi
   [[ $1 =~ -s([0-9]+)$ ]] && return 0   # seeds beyond the first: their figures go to bench/results/premise.json
   [ "$(cd "$src" && pwd)" = "$(mkdir -p "$dest" && cd "$dest" && pwd)" ] && { echo "OUTROOT must not be checkpoints"; return 1; }
   rm -rf "$dest" && mkdir -p "$dest/summaries"
   cp "$src"/config.json "$src"/metrics.json "$src"/model.safetensors "$src"/status.json "$dest"/
   [ -f "$src/metrics.jsonl" ] && cp "$src/metrics.jsonl" "$dest"/
-  for s in $KEEP_STEPS; do cp "$src/summaries/$(printf 'step_%08d' "$s").safetensors" "$dest/summaries/"; done
+  cp "$src"/summaries/step_*.safetensors "$dest/summaries/"
   python -m cbnorm.evaluate "$dest" --check
   du -sh "$dest"
 }
-# the recorded steps committed (of 17): the initialisation, two early ones, three over the two epochs
+# the recorded steps (of the 17 snapshots): the initialisation, two early ones, three over the two epochs
 KEEP_STEPS="0 5 44 188 470 936"
 
 export -f train record

@@ -147,6 +147,11 @@ def test_replay_with_scan_of_a_trainer_run(tmp_path):
     assert {r["source"] for r in rows} == {"recorded"}
     assert len(rows) == len(s.layers()) * len(run.summaries)
     assert json.loads((out / "config.json").read_text())["recorder"]["scan"]["values"] == 200
+    # only some snapshots: the others are not recorded; a step without a snapshot is refused by name
+    assert R.main([str(out), "--size", "20", "--values-per-channel", "16", "--steps", "0"]) == 0
+    assert [s for s, _ in load_run(out).summaries] == [0]
+    with pytest.raises(ValueError, match=r"no snapshot at step\(s\) \[3\]"):
+        R.replay(out, size=20, values_per_channel=16, steps=[0, 3])
 
 
 def test_the_trainer_records_the_scan_with_record_scan(tmp_path):
