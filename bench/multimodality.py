@@ -61,6 +61,34 @@ def sklearn_loop(v: np.ndarray, seed: int) -> dict:
     return {"best_k": bic.argmin(1) + 1, "bic": bic}
 
 
+def probe_cost(reps: int) -> dict:
+    """One probe of a ResNet-20 (19 BatchNorm layers, Fashion-MNIST-shaped input) on 32 images by
+    ``cbnorm.watch``: 64 values per channel kept, without and with the scan on 1,024 values per channel
+    (interleaved, medians): what ``scan=True`` adds to a probe step."""
+    import tempfile
+
+    import cbnorm
+    from cbnorm.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20(in_channels=1, num_classes=10)
+    x = torch.randn(32, 1, 28, 28)
+    out = {"without_scan": [], "with_scan": []}
+    with tempfile.TemporaryDirectory() as d:
+        recs = {"without_scan": cbnorm.watch(model, Path(d) / "a", probe=x, every=10 ** 6, values_per_channel=64),
+                "with_scan": cbnorm.watch(model, Path(d) / "b", probe=x, every=10 ** 6, values_per_channel=64,
+                                          scan=True, scan_values=1024)}
+        for i in range(reps):
+            for name, rec in recs.items():
+                t0 = time.perf_counter()
+                rec.probe(i + 1)
+                out[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in out.items()}
+    return {"model": "ResNet-20, 19 BatchNorm layers (688 channels), 32 images 1x28x28, 64 values kept",
+            "seconds": {k: round(v, 3) for k, v in med.items()},
+            "scan_adds_s": round(med["with_scan"] - med["without_scan"], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -79,6 +107,7 @@ def main() -> None:
                 fn(v, 0)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(t) for k, t in times.items()}
+    probe = probe_cost(a.reps)
     chosen = res["ours"]["best_k"] - 1
     diff = np.abs(res["ours"]["bic"][np.arange(G), chosen] - res["sklearn"]["bic"][np.arange(G), chosen]) / (2 * M)
     out = {
@@ -91,6 +120,7 @@ def main() -> None:
         "seconds": {k: {"median": round(v_, 4), "all": [round(t, 4) for t in times[k]]} for k, v_ in med.items()},
         "speedup": round(med["sklearn"] / med["ours"], 1),
         "goal": "at least 10x faster than the sklearn loop", "meets_goal": med["sklearn"] / med["ours"] >= 10,
+        "record_time_probe": probe,
         "agreement": {
             "same_k_share": float((res["ours"]["best_k"] == res["sklearn"]["best_k"]).mean()),
             "max_bic_diff_per_point_at_chosen_k": float(diff.max()),
