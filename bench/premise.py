@@ -14,7 +14,8 @@
 * P3 (MN Fig. 8): do MN's components separate, and does one lambda_k come to dominate, as training goes on?
   The MN layers' own newest minibatch fit (the queue slot written last, read from each snapshot): per channel
   the smallest separation between two components, min |mu_i - mu_j| / sqrt((var_i + var_j) / 2) (Ashman's D;
-  above 2 the modes are apart), and the largest weight max_k lambda_k; medians over channels and layers, at
+  above 2 the modes are apart; the largest pairwise D is reported beside it), and the largest weight
+  max_k lambda_k; medians over channels and layers, at
   the first fitted step and the last, and Spearman's rho against the step over every snapshot.
 
 Verdict rules (fixed before looking): P1 supported when, at the last step, at least half of the BN layers
@@ -210,15 +211,21 @@ def newest_fit(path: Path, layer: str):
         return tuple(f.get_tensor(f"{layer}.queue_fit_{n}")[i].double().numpy() for n in ("weights", "means", "vars"))
 
 
-def separation(w, m, v) -> tuple[float, float]:
-    """Median over channels of the smallest pairwise Ashman's D, and of the largest weight."""
+def separation(w, m, v) -> tuple[float, float, float, float]:
+    """Medians over channels of the smallest and the largest pairwise Ashman's D, the largest weight, and the
+    joint separation of the closest pair over all the layer's channels (MN fits its components jointly:
+    sqrt(sum_c D_c^2), the diagonal Mahalanobis distance of their means)."""
     k = m.shape[0]
     d = np.full(m.shape[1], np.inf)
+    far = np.zeros(m.shape[1])
+    joint = np.inf
     for i in range(k):
         for j in range(i + 1, k):
-            d = np.minimum(d, np.abs(m[i] - m[j]) / np.sqrt((v[i] + v[j]) / 2))
+            dij = np.abs(m[i] - m[j]) / np.sqrt((v[i] + v[j]) / 2)
+            d, far = np.minimum(d, dij), np.maximum(far, dij)
+            joint = min(joint, float(np.sqrt((dij ** 2).sum())))
     wmax = w.max(0) if w.ndim == 2 else np.full(m.shape[1], w.max())
-    return float(np.median(d)), float(np.median(wmax))
+    return float(np.median(d)), float(np.median(far)), float(np.median(wmax)), joint
 
 
 def p3(families: dict, runs: dict) -> dict:
@@ -236,8 +243,10 @@ def p3(families: dict, runs: dict) -> dict:
                 if any(f is None for f in fits):
                     continue
                 seps = [separation(*f) for f in fits]
-                series.append({"step": step, "separation": float(np.median([s for s, _ in seps])),
-                               "max_weight": float(np.median([w for _, w in seps]))})
+                series.append({"step": step, "separation": float(np.median([s[0] for s in seps])),
+                               "largest_separation": float(np.median([s[1] for s in seps])),
+                               "max_weight": float(np.median([s[2] for s in seps])),
+                               "joint_separation": float(np.median([s[3] for s in seps]))})
             if len(series) >= 2:
                 per_seed[name] = series
         if not per_seed:
@@ -258,7 +267,11 @@ def p3(families: dict, runs: dict) -> dict:
         res[fam] = {"per_seed": summary, "series": per_seed, "verdict": verdict,
                     "separation_first": mean_sd(v["first"]["separation"] for v in summary.values()),
                     "separation_last": mean_sd(v["last"]["separation"] for v in summary.values()),
+                    "largest_separation_first": mean_sd(v["first"]["largest_separation"] for v in summary.values()),
+                    "largest_separation_last": mean_sd(v["last"]["largest_separation"] for v in summary.values()),
                     "max_weight_first": mean_sd(v["first"]["max_weight"] for v in summary.values()),
+                    "joint_separation_first": mean_sd(v["first"]["joint_separation"] for v in summary.values()),
+                    "joint_separation_last": mean_sd(v["last"]["joint_separation"] for v in summary.values()),
                     "max_weight_last": mean_sd(v["last"]["max_weight"] for v in summary.values())}
     return res
 
@@ -301,11 +314,20 @@ def texts(r1: dict, r2: dict, r3: dict) -> dict:
     s = []
     for fam, r in r3.items():
         s.append(f"{fam} ({len(r['per_seed'])} seeds): {r['verdict']} — separation (median smallest Ashman's D) "
-                 f"{fmt(r['separation_first'])} → {fmt(r['separation_last'])}, largest weight "
+                 f"{fmt(r['separation_first'])} → {fmt(r['separation_last'])} (the farthest pair: "
+                 f"{fmt(r['largest_separation_first'])} → {fmt(r['largest_separation_last'])}; jointly over the "
+                 f"layer's channels, the closest pair: {fmt(r['joint_separation_first'])} → "
+                 f"{fmt(r['joint_separation_last'])}), largest weight "
                  f"{fmt(r['max_weight_first'])} → {fmt(r['max_weight_last'])} (first fitted → last step); Spearman "
                  "rho with the step, per seed: " + ", ".join(
                      f"{n}: D {v['rho_separation']:+.2f}, λmax {v['rho_max_weight']:+.2f}"
-                     for n, v in r["per_seed"].items() if v["rho_separation"] is not None) + ".")
+                     for n, v in r["per_seed"].items() if v["rho_separation"] is not None) + "."
+                 + (" Channel by channel the components overlap at every step (median D below 2 even for the "
+                    "farthest pair, where two modes would be apart)." if max(
+                        x["largest_separation"] for ser in r["series"].values() for x in ser) < 2 else "")
+                 + (f" Seeds without a fitted snapshot before the last: "
+                    f"{', '.join(n for n in FAMILIES[fam]['mn'] if n not in r['per_seed'])}."
+                    if len(r["per_seed"]) < len(FAMILIES[fam]["mn"]) else ""))
     out["P3"] = {"claim": PAPER["P3"], "verdict": overall([r["verdict"] for r in r3.values()]), "text": " ".join(s)}
     return out
 
