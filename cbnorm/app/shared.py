@@ -236,6 +236,27 @@ def cache_report() -> list[dict]:
     return sorted(out, key=lambda r: -r["mb"])
 
 
+def streamlit_memory() -> list[dict]:
+    """What Streamlit's own stats providers count in this process, by category (session state, media files,
+    uploaded files, ...): {"category", "entries", "mb"}, largest first; [] outside a running server."""
+    try:
+        from streamlit.runtime import Runtime
+        from streamlit.runtime.stats import CACHE_MEMORY_FAMILY
+
+        stats = Runtime.instance().stats_mgr.get_stats(family_names=[CACHE_MEMORY_FAMILY])
+    except Exception:  # noqa: BLE001 - a diagnostic: no runtime (tests, bare mode) or another Streamlit
+        return []
+    out: dict[str, list] = {}
+    for st_ in stats.get(CACHE_MEMORY_FAMILY, []):
+        if st_.category_name in ("st_cache_data", "st_cache_resource"):
+            continue  # counted by cache_report
+        row = out.setdefault(st_.category_name, [0, 0])
+        row[0] += 1
+        row[1] += int(st_.byte_length)
+    return sorted(({"category": k, "entries": n, "mb": round(b / 2 ** 20, 2)} for k, (n, b) in out.items()),
+                  key=lambda r: -r["mb"])
+
+
 def _write_cache_report() -> None:
     path = os.environ.get(REPORT_ENV)
     if not path:
@@ -243,7 +264,7 @@ def _write_cache_report() -> None:
     import json
 
     rep = {"t": time.time(), "caches": cache_report(), "budgets_mb": {
-        k: round(v / 2 ** 20, 2) for k, v in cache_bytes().items()}}
+        k: round(v / 2 ** 20, 2) for k, v in cache_bytes().items()}, "streamlit": streamlit_memory()}
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w") as f:
