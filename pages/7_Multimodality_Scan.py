@@ -3,7 +3,7 @@ import streamlit as st
 
 from cbnorm.app import figures as F
 from cbnorm.app import histograms as H
-from cbnorm.app import multimodality as M
+from cbnorm.app import scan as M
 from cbnorm.app import shared as S
 from cbnorm.app import source as SRC
 
