@@ -12,6 +12,7 @@ import streamlit as st
 
 from cbnorm.app import evolution as E
 from cbnorm.app import shared as S
+from cbnorm.app import state
 
 HERE = Path(__file__).resolve().parent
 S.set_app_dir(HERE)
@@ -155,11 +156,6 @@ def home() -> None:
         "measured on the committed runs.")
 
 
-def _keep(name: str) -> None:
-    """Widget callback: copy the sidebar widget's value into the persistent selection key."""
-    st.session_state[name] = st.session_state[f"w_{name}"]
-
-
 def _set_root() -> None:
     """Widget callback: switch the runs directory (the selected run and layer start over)."""
     path = Path(st.session_state["w_runs_dir"].strip()).expanduser()
@@ -196,7 +192,7 @@ def sidebar() -> None:
                 if ss.get("run") not in names:
                     ss["run"] = next((r["name"] for r in runs if r["ok"]), names[0])
                 ss["w_run"] = ss["run"]
-                st.selectbox("Run", names, key="w_run", on_change=_keep, args=("run",),
+                st.selectbox("Run", names, key="w_run", on_change=state.keep, args=("run",),
                              format_func=lambda n: f"{n} · {by_name[n]['norm']}" if by_name[n]["ok"]
                              else f"{n} · cannot load",
                              help="A trained run directory (config.json, metrics.json, weights, snapshots)")
@@ -209,11 +205,11 @@ def sidebar() -> None:
                     if ss.get("layer") not in layers:
                         ss["layer"] = layers[0]
                     ss["w_layer"] = ss["layer"]
-                    st.selectbox("Layer", layers, key="w_layer", on_change=_keep, args=("layer",),
+                    st.selectbox("Layer", layers, key="w_layer", on_change=state.keep, args=("layer",),
                                  format_func=lambda n: S.layer_label(run, n),
                                  help="A normalization layer of the run; the studied one (the run's norm) comes first")
         ss["w_seed"] = int(ss["seed"])
-        st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="w_seed", on_change=_keep,
+        st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="w_seed", on_change=state.keep,
                         args=("seed",), help="Draws the minibatch / sample of test images (and random channel subsets)")
         st.caption(f"Device: {S.device_label()}")
 

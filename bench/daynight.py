@@ -18,7 +18,7 @@ PSNR (dB, data range 255) and SSIM (``skimage.metrics.structural_similarity``, c
 * ``histogram``: ``skimage.exposure.match_histograms`` to all pixels of the training photos of the target
   context;
 * ``cn_statistics``: CN's per-context statistics (eq. 23-24) of the training photos, no learning
-  (``cbnorm.transfer.training_stats``, i.e. ``fit_contexts`` of the training photos; what the page's "fit
+  (``cbnorm.daynight.transfer.training_stats``, i.e. ``fit_contexts`` of the training photos; what the page's "fit
   your own contexts" does with uploads);
 * ``cn_input``: the input-level run (CN-Channels learned in front of the siamese network; paper IV-E);
 * ``autoencoder``: the feature-level run, ``D_t(E_s(x))``;
@@ -47,8 +47,8 @@ from cbnorm.daynight import (HOLDOUT_PHOTOS, TRAIN_PHOTOS, DayNightPairs, NightP
                              load_photo, photo_seed, render_night)
 from bench.speed import machine as speed_machine  # noqa: E402
 from cbnorm.runs import load_run  # noqa: E402
-from cbnorm.train_daynight import command_of  # noqa: E402
-from cbnorm.transfer import (histogram_match_array, lab_stats, reinhard_array, training_stats,  # noqa: E402
+from cbnorm.train.daynight import command_of  # noqa: E402
+from cbnorm.daynight.transfer import (histogram_match_array, lab_stats, reinhard_array, training_stats,  # noqa: E402
                              translate_array, translate_with_stats)
 
 METHODS = ("identity", "reinhard", "histogram", "cn_statistics", "cn_input", "autoencoder",

@@ -234,7 +234,7 @@ def report() -> dict:
 
     from cbnorm.data import load_dataset
     from cbnorm.metrics import frechet_distance
-    from cbnorm.train.gan import load_classifier
+    from cbnorm.gan import load_classifier
 
     feats, _ = load_classifier(CHECKPOINTS / "gan-features" / "classifier")
     test_f, test_p = feats(load_dataset("fashion-mnist", "test").images)
@@ -252,7 +252,7 @@ def report() -> dict:
     # what the sample grids show: the classifier's classes of the 64 fixed latents' samples at every snapshot
     from cbnorm.metrics import generate, to_uint8
     from cbnorm.runs import load_run
-    from cbnorm.train.gan import fixed_latents
+    from cbnorm.gan import fixed_latents
 
     for name, r in runs.items():
         run = load_run(ROOT / r["run"])

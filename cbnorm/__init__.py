@@ -16,7 +16,7 @@ from .convert import ContextModel, convert, norm_layer_paths, route_contexts, se
 from .guard import StepGuard
 from .optim import param_groups
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["NORMS", "ALIASES", "LAYERS", "build_norm", "resolve_name", "NormBase", "BatchNorm", "LayerNorm",
            "GroupNorm", "MixtureNorm", "ModeNorm", "ContextNorm", "ContextNormX", "ContextNormEmbed",

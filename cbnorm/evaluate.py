@@ -10,7 +10,7 @@ by more than ``--tol``; status 2 when the check cannot be made (e.g. ``--limit``
 run's ``--limit-test``). For a GAN run (task "gan") the last evaluation's scores are recomputed from the
 generator's weights instead (FD in classifier features, precision / recall, modes; cbnorm.train.gan.check_run);
 for a day-night run (task "daynight") its training-photo PSNRs and hold-out verification
-(cbnorm.train_daynight.check_run).
+(cbnorm.daynight.scores.check_run).
 
 The test split is rebuilt exactly as the trainer built it (:func:`load_split`): same dataset, same subset
 (``cbnorm.data.subset`` with the stored seed) and contexts from the stored label table / k-means state.
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .daynight.scores import check_run as check_daynight
+from .gan import check_run as check_gan
 from .runs import Run, load_run, preprocess_images
 
 __all__ = ["score", "load_split", "evaluate_run", "main"]
@@ -125,13 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if run.config.get("task") == "gan":  # a generator: its last scores, recomputed (cbnorm.train.gan)
-        from .train.gan import check_run
-
-        return check_run(run, a.check, a.tol, a.json)
-    if run.config.get("task") == "daynight":  # a translator: its PSNR / verification, recomputed
-        from .train_daynight import check_run as check_daynight
-
+    if run.config.get("task") == "gan":  # a generator: its last scores, recomputed (cbnorm.gan)
+        return check_gan(run, a.check, a.tol, a.json)
+    if run.config.get("task") == "daynight":  # a translator: its PSNR / verification (cbnorm.daynight.scores)
         return check_daynight(run, a.check, a.json)
     trained_limit = (run.config.get("dataset") or {}).get("limit_test")
     if a.check and a.limit is not None and a.limit != trained_limit:

@@ -32,7 +32,7 @@ For processing, ``to_rgb_array`` converts every mode to uint8 RGB (H, W, 3):
 
 * ``1``, ``L``: grey replicated on the three channels; ``P`` / ``PA``: the palette is applied;
 * ``LA``, ``RGBA``, ``PA``, ``P`` with transparency: the alpha channel is dropped here (``alpha_of`` returns
-  it, and ``cbnorm.transfer`` puts it back on the result unchanged);
+  it, and ``cbnorm.daynight.transfer`` puts it back on the result unchanged);
 * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's conversion to RGB;
 * high bit depth ``I;16*``, ``I`` (32-bit integers) and ``F`` (float): mapped to 0..255 without clipping
   the data away: 16-bit data (``I;16`` or ``I`` with values in 0..65535) is divided by 257 (65535 -> 255),

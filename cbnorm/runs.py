@@ -48,7 +48,7 @@ here (a pickled or ``torch.save`` file renamed ``.safetensors`` is refused with 
     task             "classify" | "daynight" | "gan" (gan: cbnorm.train.gan; model = the generator "dcgan" of
                      cbnorm.models.GAN_MODELS, "latent" {"dim", "num_fixed"} and "evaluation" instead of
                      contexts, class_names = the feature classifier's classes; cbnorm.models.dcgan.check_gan_config.
-                     daynight: day<->night translators of cbnorm.train_daynight: no class_names;
+                     daynight: day<->night translators of cbnorm.train.daynight: no class_names;
                      "contexts" {"names": ["day", "night"], "num_contexts": 2, ...}, "renderer" (the
                      cbnorm.daynight.NightParams of the night context) and "translator" ("input" | "feature")
                      are required; model "daynight_siamese" | "daynight_ae" of cbnorm.models.DAYNIGHT_MODELS)
@@ -95,6 +95,10 @@ import torch
 from torch import Tensor, nn
 
 from .data import DATASETS, KMeansContexts
+from .daynight.render import CONTEXTS, NightParams
+from .models import DAYNIGHT_MODELS, GAN_MODELS, MODELS, PATH_MODELS, build_model
+from .models.dcgan import check_gan_config
+from .norms import NORMS, NormBase, resolve_name
 
 __all__ = ["FORMAT_VERSION", "Run", "load_run", "Summary", "read_summary", "list_summaries", "read_metric_lines",
            "metrics_from_lines", "run_status", "summary_name", "atomic_write_bytes", "find_runs", "METRICS_LINES",
@@ -120,7 +124,7 @@ DEFAULT_FILES: dict[str, str] = {"weights": "model.safetensors", "metrics": "met
                                  "snapshots": "snapshots", "resume": "resume.safetensors"}
 _SNAPSHOT_RE = re.compile(r"^step_(\d+)\.safetensors$")
 _REQUIRED_CONFIG = ("format_version", "task", "model", "norm", "layers", "class_names", "preprocessing")
-#: task "daynight" (cbnorm.train_daynight): no classes; contexts, renderer and translator instead
+#: task "daynight" (cbnorm.train.daynight): no classes; contexts, renderer and translator instead
 _REQUIRED_DAYNIGHT = ("format_version", "task", "model", "norm", "layers", "contexts", "preprocessing", "renderer",
                       "translator")
 #: task "gan" (cbnorm.train.gan): the model is the generator; latent instead of classes
@@ -302,10 +306,22 @@ def _save_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: Optio
     _atomic_write_bytes(path, save(flat, metadata=dict(metadata) if metadata else None))
 
 
+#: the options of the classification trainer (``python -m cbnorm.train``) and their defaults: a run's config.json
+#: "training" holds the experiment's; an option it lacks (written by an older trainer) had this value
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "dataset": "fashion-mnist", "model": "shallow_cnn", "norm": "bn", "components": 3, "contexts": None,
+    "context_priors": "data", "layers": None, "width": 1.0, "input_norm": None, "norm_kwargs": None,
+    "model_kwargs": None, "epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-4,
+    "optimizer": "adamw", "momentum": 0.9, "nesterov": False, "schedule": "constant", "lr_factor": 0.1,
+    "lr_every": 1, "milestones": None, "warmup_steps": 0, "seed": 0, "snapshot_every": 200, "snapshot_early": 0,
+    "eval_every": 0, "eval_subset": 1000, "amp": False, "limit_train": None,
+    "limit_test": None, "eval_batch_size": 1000, "out": None, "resume": False, "device": "auto",
+    "threads": None, "quiet": False, "context_head": False, "max_skipped": 10, "record_size": 256,
+    "record_values": 512, "record_scan": False,
+}
+
 # ============================================================================ config
 def _norm_name(name: Any, what: str) -> str:
-    from .norms import resolve_name
-
     if not isinstance(name, str):
         raise ValueError(f"config.json {what} must be a norm name string, got {name!r}")
     try:
@@ -316,8 +332,6 @@ def _norm_name(name: Any, what: str) -> str:
 
 def validate_config(config: Any) -> dict:
     """Check a config dict (format, task, model, norms, files, preprocessing); return it. ``ValueError``."""
-    from .models import MODELS
-
     if not isinstance(config, dict):
         raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
     if config.get("task") == "record":
@@ -341,12 +355,9 @@ def validate_config(config: Any) -> dict:
     model = config["model"]
     if not isinstance(model, dict) or not isinstance(model.get("kwargs", {}), dict):
         raise ValueError("config.json 'model' must be {\"name\": ..., \"kwargs\": {...}}")
-    if daynight:
-        from .models import DAYNIGHT_MODELS as MODELS
-    elif gan:
-        from .models import GAN_MODELS as MODELS
-    if not isinstance(model.get("name"), str) or model["name"] not in MODELS:
-        raise ValueError(f"config.json has unknown model {model.get('name')!r}; choose one of {sorted(MODELS)}")
+    models = DAYNIGHT_MODELS if daynight else GAN_MODELS if gan else MODELS
+    if not isinstance(model.get("name"), str) or model["name"] not in models:
+        raise ValueError(f"config.json has unknown model {model.get('name')!r}; choose one of {sorted(models)}")
     _norm_name(config["norm"], "norm")
     if config.get("input_norm") is not None:
         _norm_name(config["input_norm"], "input_norm")
@@ -394,8 +405,6 @@ def validate_config(config: Any) -> dict:
     if daynight:
         _validate_daynight(config)
     if gan:
-        from .models.dcgan import check_gan_config
-
         check_gan_config(config)
     return config
 
@@ -464,11 +473,8 @@ def _validate_recorded(config: dict) -> dict:
 
 
 def _validate_daynight(config: dict) -> None:
-    """Task "daynight" (cbnorm.train_daynight / cbnorm.transfer): two contexts named day and night, a context
-    norm, 3 channels, valid renderer parameters, translator matching the model."""
-    from .daynight import CONTEXTS, NightParams
-    from .norms import NORMS
-
+    """Task "daynight" (cbnorm.train.daynight / cbnorm.daynight.transfer): two contexts named day and night, a
+    context norm, 3 channels, valid renderer parameters, translator matching the model."""
     ctx = config["contexts"]
     if not isinstance(ctx, dict) or ctx.get("names") != list(CONTEXTS) or ctx.get("num_contexts") != len(CONTEXTS):
         raise ValueError(f"config.json contexts of a daynight run must be {{\"names\": {list(CONTEXTS)}, "
@@ -493,8 +499,6 @@ def _validate_daynight(config: dict) -> None:
 
 
 def _model_kwargs(config: Mapping) -> dict:
-    from .models import PATH_MODELS
-
     name = config["model"]["name"]
     kw = dict(config["model"].get("kwargs") or {})
     norm = _norm_name(config["norm"], "norm")
@@ -521,8 +525,6 @@ def _model_kwargs(config: Mapping) -> dict:
 
 def build_model_from_config(config: Mapping) -> nn.Module:
     """A fresh (randomly initialised) model of the architecture described by ``config``."""
-    from .models import DAYNIGHT_MODELS, GAN_MODELS, build_model
-
     validate_config(config)
     depth = (config["model"].get("kwargs") or {}).get("depth", 0)
     if config["model"]["name"] == "vit" and isinstance(depth, int) and depth > MAX_VIT_DEPTH:
@@ -592,8 +594,6 @@ def _with_legacy_buffers(model: nn.Module, tensors: Mapping[str, Tensor]) -> dic
     fits from its queued moments, CN's per-context counts from num_batches_tracked, num_batches_tracked dropped
     from layers without running statistics). Safetensors files carry no state-dict version; the hooks only
     fill keys that are missing and drop keys the layer no longer has, so a current file is unchanged."""
-    from .norms import NormBase
-
     out = dict(tensors)
     for name, module in model.named_modules():
         if isinstance(module, NormBase):
@@ -616,8 +616,6 @@ def _load_into(model: nn.Module, tensors: Mapping[str, Tensor], what: str, confi
     with torch.no_grad():
         for k, v in tensors.items():
             state[k].copy_(v.to(dtype=state[k].dtype, device=state[k].device))
-    from .norms import NormBase
-
     for module in model.modules():  # flags derived from the buffers just written (ACN: fitted already)
         if isinstance(module, NormBase):
             module.refresh_host_state()

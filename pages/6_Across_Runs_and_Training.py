@@ -2,6 +2,7 @@
 (runs x snapshots) and cluster quality over training."""
 import streamlit as st
 
+from cbnorm.app import controls as C
 from cbnorm.app import figures_training as FT
 from cbnorm.app import shared as S
 from cbnorm.app import training as T
@@ -24,123 +25,9 @@ view = st.radio("View", list(VIEWS), format_func=VIEWS.get, horizontal=True, key
 WHICH_HELP = S.VIEW_HELP
 WHICH = ["x_hat", "output", "input"]  # x̂ first: what a normalizer aims at N(0, 1)
 #: every view's settings, kept while another view is shown (Streamlit forgets a widget that is not drawn)
-KEPT = ss.setdefault("tr_kept", {})
-KEPT.update({k: v for k, v in ss.items() if isinstance(k, str) and k.startswith("tr_") and k[3:5] in
-             ("d_", "x_", "g_", "q_") and not k.endswith(("_dl", "_draw", "_shown", "_submitted", "_available"))})
-
-
-def kept(key: str, default):
-    return KEPT.get(key, default)
-
-
-def index_of(key: str, options: list, default) -> int:
-    v = kept(key, default)
-    return options.index(v) if v in options else options.index(default)
-
-
-def keep(name: str) -> None:
-    ss[name] = ss[f"w_{name}"]
-
-
-def ensure(key: str, options, default, many: bool = False) -> None:
-    """Keep widget ``key``'s state among ``options`` (runs, layers and steps change under it)."""
-    v = ss.get(key)
-    if many:
-        ok = isinstance(v, list) and all(x in options for x in v)
-    elif isinstance(v, tuple):
-        ok = all(x in options for x in v)
-    else:
-        ok = v in options
-    if not ok:
-        ss[key] = default
-
-
-def histogram_controls(prefix: str, log_default: bool = False) -> tuple[float, object, bool]:
-    c1, c2, c3 = st.columns([3, 3, 2])
-    tail = c1.select_slider("Range", options=[0.0, 0.001, 0.005, 0.01, 0.02], value=kept(f"{prefix}_tail", 0.005),
-                            key=f"{prefix}_tail",
-                            format_func=lambda t: "every value" if t == 0 else f"robust: {t:.1%} cut each end",
-                            help="The x range: from the lowest to the highest quantile over the samples shown, so a "
-                                 "few outliers do not flatten the plot. Values outside are still counted (legend, "
-                                 "hover, panel titles) and stay in each density's total.")
-    bins = c2.select_slider("Bins", options=["auto", 20, 40, 60, 100, 150, 200], value=kept(f"{prefix}_bins", "auto"),
-                            key=f"{prefix}_bins",
-                            help="auto: the bin width numpy's rule gives the values shown (pooled; the smaller "
-                                 "of Sturges' and Freedman-Diaconis' widths); or a fixed number over the range")
-    log_y = c3.checkbox("log y", value=kept(f"{prefix}_logy", log_default), key=f"{prefix}_logy", help="Logarithmic density axis (tails)")
-    return tail, bins, log_y
-
-
-def channel_controls(prefix: str, n_channels: int) -> tuple[int, ...]:
-    c1, c2 = st.columns([2, 5])
-    pooled = c1.checkbox("All channels pooled", value=kept(f"{prefix}_all", False), key=f"{prefix}_all",
-                         help="Pool the values of every channel (the components are then averaged over channels)")
-    if pooled:
-        return ()
-    ensure(f"{prefix}_channels", list(range(n_channels)), [c for c in kept(f"{prefix}_channels", [0])
-                                                           if c < n_channels] or [0], many=True)
-    chans = c2.multiselect("Channels (pooled together)", list(range(n_channels)), max_selections=16,
-                           key=f"{prefix}_channels",
-                           help="The values of these channels over every image and position, pooled into one histogram")
-    if not chans:
-        st.info("Choose at least one channel, or pool all of them.")
-        st.stop()
-    return tuple(int(c) for c in chans)
-
-
-def pick_runs(minimum: int = 1) -> list[str]:
-    names = T.run_names()
-    if not names:
-        st.warning("No classification runs to show: see the Home page.")
-        st.stop()
-    chosen = ss.get("tr_runs")
-    chosen = T.default_runs(names, sel["run"]) if chosen is None else [n for n in chosen if n in names]
-    ss["tr_runs"] = ss["w_tr_runs"] = chosen
-    st.multiselect("Runs", names, key="w_tr_runs", on_change=keep, args=("tr_runs",),
-                   help="Runs to compare (the sidebar's run and a BatchNorm run at first)")
-    if len(ss["tr_runs"]) < minimum:
-        st.info(f"Choose at least {minimum} run{'s' if minimum > 1 else ''}.")
-        st.stop()
-    return list(ss["tr_runs"])
-
-
-def pick_layer(runs: list[str]) -> str:
-    try:
-        layers = T.shared_layers(T.runs_of(runs))
-    except ValueError as err:
-        st.warning(str(err), icon=":material/call_split:")
-        st.stop()
-    if ss.get("tr_layer") not in layers:
-        ss["tr_layer"] = layers[0]
-    ss["w_tr_layer"] = ss["tr_layer"]
-    first = T.runs_of(runs[:1])[0]
-    st.selectbox("Layer (shared by every chosen run)", layers, key="w_tr_layer", on_change=keep, args=("tr_layer",),
-                 format_func=lambda n: S.layer_label(first, n), help="Module paths every chosen run has")
-    return ss["tr_layer"]
-
-
-def with_snapshots(names: list[str]) -> list[str]:
-    """The chosen runs that have snapshots; a warning names the others (left out of this view)."""
-    runs = dict(zip(names, T.runs_of(names)))
-    missing = [n for n, r in runs.items() if not r.snapshots]
-    if missing:
-        st.warning(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no snapshots (train with "
-                   "--snapshot-every to get them) and " f"{'is' if len(missing) == 1 else 'are'} left out of this view.",
-                   icon=":material/history_toggle_off:")
-    kept_names = [n for n in names if n not in missing]
-    if not kept_names:
-        st.stop()
-    return kept_names
-
-
-def progress_bar():
-    bar = st.progress(0.0, text="Preparing…")
-    return bar, (lambda f, t: bar.progress(min(1.0, max(0.0, f)), text=t))
-
-
-def chart(fig, key: str, file_name: str) -> None:
-    st.plotly_chart(fig, key=key, config={"displaylogo": False})
-    S.download_figure(fig, file_name, key=f"{key}_dl")
+MEMORY = C.memory()
+kept, index_of = MEMORY.get, MEMORY.index
+ensure = C.ensure
 
 
 # ============================================================================ 1
@@ -162,7 +49,7 @@ def distributions_view() -> None:
     k = c3.slider("K: fitted components", 1, 6, kept("tr_d_k", 3), key="tr_d_k",
                   help="Components of the GMM fitted where the layer has no mixture of its own (BN, LN, GN inputs, "
                        "every output)")
-    chans = channel_controls("tr_d", info["num_features"])
+    chans = C.channel_controls("tr_d", info["num_features"])
     lo, hi = steps[0], steps[-1]
     if len(steps) > 1:
         r = ss.get("tr_d_range")
@@ -173,10 +60,10 @@ def distributions_view() -> None:
         lo, hi = st.select_slider("Steps shown", options=steps, value=r, key="tr_d_range",
                                   help="The window of training steps (snapshots) to draw")
     shown = [s for s in steps if lo <= s <= hi]
-    tail, bins, log_y = histogram_controls("tr_d")
+    tail, bins, log_y = C.histogram_controls("tr_d")
     comps = st.checkbox("Draw each step's mixture components on the ridge", value=kept("tr_d_comps", True),
                         key="tr_d_comps")
-    bar, say = progress_bar()
+    bar, say = C.progress_bar()
     dist = T.distributions(sel["run"], layer, which, chans, k, size, sel["seed"], shown, progress=say)
     bar.empty()
     figs = T.distribution_figures(sel["run"], layer, which, chans, k, size, sel["seed"], tuple(shown), tail, bins,
@@ -192,17 +79,17 @@ def distributions_view() -> None:
     base = f"{run.path.name}_{layer}_{which}"
     tabs = st.tabs(["Ridge (offset)", "Per-step histograms with components", "Overlay", "Percentiles over steps"])
     with tabs[0]:
-        chart(figs["ridge"], "tr_d_ridge", f"{base}_ridge.csv")
+        C.chart(figs["ridge"], "tr_d_ridge", f"{base}_ridge.csv")
         st.caption("One histogram per snapshot, the first at the top (TensorBoard's offset mode); the step's "
                    "components dashed, their sum solid. log y does not apply here.")
     with tabs[1]:
-        chart(figs["multiples"], "tr_d_multiples", f"{base}_per_step.csv")
+        C.chart(figs["multiples"], "tr_d_multiples", f"{base}_per_step.csv")
         st.caption("As Fig. 8 of the MN paper, at every snapshot: the histogram, each component's weighted density "
                    "dashed and the mixture solid; every panel on the same bins.")
     with tabs[2]:
-        chart(figs["overlay"], "tr_d_overlay", f"{base}_overlay.csv")
+        C.chart(figs["overlay"], "tr_d_overlay", f"{base}_overlay.csv")
     with tabs[3]:
-        chart(figs["percentiles"], "tr_d_pct", f"{base}_percentiles.csv")
+        C.chart(figs["percentiles"], "tr_d_pct", f"{base}_percentiles.csv")
         st.caption("TensorBoard's distributions: bands from min to max and at 7/93, 16/84, 31/69 % (±1.5, ±1, ±0.5 sd "
                    "of a normal), the median as a line.")
         table = T.percentile_frame(dist)
@@ -213,8 +100,8 @@ def distributions_view() -> None:
 
 # ============================================================================ 2
 def runs_view() -> None:
-    names = pick_runs(1)
-    layer = pick_layer(names)
+    names = C.pick_runs(1)
+    layer = C.pick_layer(names)
     runs = T.runs_of(names)
     width = min(S.layer_info(r, layer)["num_features"] for r in runs)
     steps = T.common_steps(runs)
@@ -228,7 +115,7 @@ def runs_view() -> None:
     size = c3.select_slider("Test images", options=[64, 128, 256, 512, 1024], value=kept("tr_x_size", 256),
                             key="tr_x_size",
                             help="The same images (sidebar seed) for every run")
-    chans = channel_controls("tr_x", width)
+    chans = C.channel_controls("tr_x", width)
     c4, c5 = st.columns([3, 2])
     ensure("tr_x_ref", names, kept("tr_x_ref", names[0]) if kept("tr_x_ref", names[0]) in names else names[0])
     reference = c4.selectbox("Reference run (differences)", names, key="tr_x_ref",
@@ -236,12 +123,12 @@ def runs_view() -> None:
     normal = c5.checkbox("N(0, 1) for reference", value=kept("tr_x_normal", True), key="tr_x_normal",
                          disabled=which != "x_hat", help="Drawn with x̂ only: the output after the affine and the input "
                                                          "are not aimed at N(0, 1)")
-    tail, bins, log_y = histogram_controls("tr_x")
+    tail, bins, log_y = C.histogram_controls("tr_x")
     if len(names) < 2:
         st.info("Choose two or more runs to compare them.")
     if not steps:
         st.caption("The chosen runs share no snapshot step; only their final weights can be compared.")
-    bar, say = progress_bar()
+    bar, say = C.progress_bar()
     res = T.across_runs(names, layer, which, chans, step, size, sel["seed"], progress=say)
     bar.empty()
     figs = T.across_figures(tuple(names), layer, which, chans, step, size, sel["seed"], tail, bins, log_y, normal)
@@ -250,8 +137,8 @@ def runs_view() -> None:
     st.caption(f"{S.VIEW_LABELS[which]} of `{layer}`, {where}, {T.step_label(step)} · {size} test images (seed "
                f"{sel['seed']}) · {len(b['edges']) - 1} bins on [{b['lo']:.3g}, {b['hi']:.3g}]")
     base = f"{layer}_{which}_{T.step_label(step).replace(' ', '')}"
-    chart(figs["overlay"], "tr_x_overlay", f"{base}_overlay.csv")
-    chart(figs["multiples"], "tr_x_multiples", f"{base}_multiples.csv")
+    C.chart(figs["overlay"], "tr_x_overlay", f"{base}_overlay.csv")
+    C.chart(figs["multiples"], "tr_x_multiples", f"{base}_multiples.csv")
     st.subheader("Shape side by side")
     table = T.across_stats(res, reference, b)
     st.dataframe(table, hide_index=True, key="tr_x_stats",
@@ -270,9 +157,9 @@ def runs_view() -> None:
 
 # ============================================================================ 3
 def grid_view() -> None:
-    names = pick_runs(1)
-    layer = pick_layer(names)
-    names = with_snapshots(names)
+    names = C.pick_runs(1)
+    layer = C.pick_layer(names)
+    names = C.with_snapshots(names)
     with st.container(border=True):
         c1, c2, c3 = st.columns(3)
         size = c1.slider("Test images", 100, 5000, kept("tr_g_size", 1000), step=100, key="tr_g_size",
@@ -307,7 +194,7 @@ def grid_view() -> None:
     if ss.get("tr_g_shown") != params:
         st.info("Set the projection and press **Draw the grid** (t-SNE / UMAP take a while on many snapshots).")
         st.stop()
-    bar, say = progress_bar()
+    bar, say = C.progress_bar()
     grid = T.embedding_grid(params, progress=say)
     bar.empty()
     n = len(grid["indices"])
@@ -331,9 +218,9 @@ def grid_view() -> None:
 
 # ============================================================================ 4
 def quality_view() -> None:
-    names = pick_runs(1)
-    layer = pick_layer(names)
-    names = with_snapshots(names)
+    names = C.pick_runs(1)
+    layer = C.pick_layer(names)
+    names = C.with_snapshots(names)
     c1, c2, c3, c4 = st.columns([3, 3, 2, 2])
     seeds = c1.checkbox("Add the other seeds of each run's recipe", value=kept("tr_q_seeds", True), key="tr_q_seeds",
                         help="Runs that differ only in the seed (the Compare page's groups): their mean ± sd band")
@@ -349,7 +236,7 @@ def quality_view() -> None:
                        disabled=not every_pos,
                        help="Each channel's spatial mean (C features) instead of every activation") or not every_pos
     shown = T.with_seeds(names) if seeds else names
-    bar, say = progress_bar()
+    bar, say = C.progress_bar()
     q = T.quality_over_training(shown, layer, size, sel["seed"], which, pool, k, progress=say)
     bar.empty()
     metrics = T.available_metrics(q)
@@ -369,7 +256,7 @@ def quality_view() -> None:
                f"(seeded), k = {k}" + ("" if any(r["has_components"] for r in q["runs"]) else
                                        " · no chosen layer has mixture components (no NMI / ARI)"))
     bands = {m: T.group_bands(q, m) for m in chosen}
-    chart(FT.quality_figure(q, chosen, labels, bands), "tr_q_chart", f"{layer}_cluster_quality_plot.csv")
+    C.chart(FT.quality_figure(q, chosen, labels, bands), "tr_q_chart", f"{layer}_cluster_quality_plot.csv")
     table = T.quality_table(q)
     st.dataframe(table, hide_index=True, key="tr_q_table",
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in table.columns if "·" in c})

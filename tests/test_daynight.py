@@ -131,7 +131,7 @@ def test_pairs_are_aligned_crops_of_whole_renderings():
 # ----------------------------------------------------------------------------- trainer + run format
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    from cbnorm.train_daynight import train_daynight
+    from cbnorm.train.daynight import train_daynight
 
     root = tmp_path_factory.mktemp("dn")
     out = {}
@@ -157,7 +157,7 @@ def test_trainer_writes_loadable_runs(tiny_runs):
 
 
 def test_trainer_refuses_existing_run_and_bad_options(tiny_runs, tmp_path):
-    from cbnorm.train_daynight import main, train_daynight
+    from cbnorm.train.daynight import main, train_daynight
 
     with pytest.raises(ValueError, match="already holds a run"):
         train_daynight({"translator": "input", "steps": 1, "out": str(tiny_runs["input"])})
@@ -193,7 +193,7 @@ def test_evaluate_check_recomputes_the_stored_scores(tiny_runs, tmp_path, capsys
 def test_psnr_matches_scikit_image():
     from skimage.metrics import peak_signal_noise_ratio
 
-    from cbnorm.train_daynight import _psnr
+    from cbnorm.daynight.scores import psnr as _psnr
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
@@ -202,7 +202,7 @@ def test_psnr_matches_scikit_image():
 
 
 def test_command_of_reproduces_the_options():
-    from cbnorm.train_daynight import build_parser, command_of
+    from cbnorm.train.daynight import build_parser, command_of
 
     cfg = json.loads((RUNS["input"] / "config.json").read_text())
     cmd = command_of(cfg, "checkpoints/daynight-input")

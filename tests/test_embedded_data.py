@@ -6,6 +6,8 @@ Downloads are tested against a local HTTP server (with Range support, request lo
 
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import hashlib
 import http.server
@@ -52,7 +54,7 @@ def no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     empty.mkdir()
     monkeypatch.setenv("CBNORM_FASHION_MNIST", str(empty))
     monkeypatch.setenv("CBNORM_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(D, "FASHION_MNIST_SYSTEM_DIRS", (str(tmp_path / "no-such-system-dir"),))
+    monkeypatch.setattr(D.datasets, "FASHION_MNIST_SYSTEM_DIRS", (str(tmp_path / "no-such-system-dir"),))
     return empty
 
 
@@ -170,7 +172,7 @@ def test_shipped_files_are_the_official_ones() -> None:
 
 
 def test_shipped_split_loads() -> None:
-    ds = D._embedded_fashion_test()
+    ds = D.datasets._embedded_fashion_test()
     assert ds is not None and ds.name == "fashion-mnist" and ds.source == str(D.EMBEDDED_FASHION_MNIST)
     assert ds.images.shape == (10000, 28, 28) and ds.images.dtype == np.uint8
     assert ds.labels.dtype == np.int64 and ds.labels.min() == 0 and ds.labels.max() == 9
@@ -180,7 +182,7 @@ def test_shipped_split_loads() -> None:
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
 def test_shipped_split_equals_debian_copy() -> None:
-    shipped = D._embedded_fashion_test()
+    shipped = D.datasets._embedded_fashion_test()
     debian = D.load_fashion_mnist("test", root=DEBIAN_DIR, embedded=False)
     assert debian.source == str(DEBIAN_DIR)
     assert np.array_equal(shipped.images, debian.images) and np.array_equal(shipped.labels, debian.labels)
@@ -235,7 +237,7 @@ def test_corrupt_shipped_copy(no_data: Path, monkeypatch: pytest.MonkeyPatch, tm
     raw = bytearray((copy / name).read_bytes())
     raw[len(raw) // 2] ^= 0x01  # one flipped bit: still a valid-looking gzip stream of the right size
     (copy / name).write_bytes(bytes(raw))
-    monkeypatch.setattr(D, "EMBEDDED_FASHION_MNIST", copy)
+    monkeypatch.setattr(D.datasets, "EMBEDDED_FASHION_MNIST", copy)
     with pytest.raises(D.CorruptDataError) as exc:
         D.load_fashion_mnist("test")
     msg = str(exc.value)
@@ -245,7 +247,7 @@ def test_corrupt_shipped_copy(no_data: Path, monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_missing_shipped_copy(no_data: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(D, "EMBEDDED_FASHION_MNIST", tmp_path / "not-installed")
+    monkeypatch.setattr(D.datasets, "EMBEDDED_FASHION_MNIST", tmp_path / "not-installed")
     with pytest.raises(D.DatasetNotFound) as exc:
         D.load_fashion_mnist("test")
     assert "shipped with cbnorm is missing" in str(exc.value) and DOWNLOAD_CMD in str(exc.value)
@@ -411,7 +413,7 @@ def test_download_archive_dataset(server: Server, tmp_path: Path, monkeypatch: p
     # an archive with a member outside its folder is refused, nothing is unpacked
     evil = _tar_gz({"cifar-10-batches-bin/test_batch.bin": b"x", "../evil.txt": b"boom"})
     server.files["/c10.tar.gz"] = evil
-    monkeypatch.setitem(D.DOWNLOADS, "cifar10", D.dataclasses.replace(
+    monkeypatch.setitem(D.DOWNLOADS, "cifar10", dataclasses.replace(
         spec, files=(remote("cifar-10-binary.tar.gz", evil, (f"{server.url}/c10.tar.gz",)),)))
     dest = tmp_path / "other"
     with pytest.raises(ValueError, match="evil"):

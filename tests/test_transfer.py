@@ -1,4 +1,4 @@
-"""cbnorm.transfer: translate (both committed runs), strength, sizes and modes, round trips, the shared model
+"""cbnorm.daynight.transfer: translate (both committed runs), strength, sizes and modes, round trips, the shared model
 left untouched, tiling, fit-your-own contexts, context parameters and the baselines."""
 import math
 from pathlib import Path
@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cbnorm import transfer
+from cbnorm.daynight import transfer
 from cbnorm.daynight import NightParams, load_photo, photo_seed, render_night
 from cbnorm.images import to_rgb_array
 from cbnorm.runs import load_run
-from cbnorm.transfer import (ContextStats, bundled_image, context_parameters, context_stats_of_run, fit_contexts,
+from cbnorm.daynight.transfer import (ContextStats, bundled_image, context_parameters, context_stats_of_run, fit_contexts,
                              histogram_match, reinhard, translate, translate_array, translate_with_stats)
 
 ROOT = Path(__file__).resolve().parents[1]

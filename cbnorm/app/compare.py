@@ -1,6 +1,6 @@
 """Page 4, compare normalizers: learning curves and a summary table of several runs (with the MN paper's
 "steps to reach BatchNorm's best"), the runs grouped by recipe (seeds of one recipe: mean ± sd curves and
-``cbnorm.train.sweep.summarize_groups``' numbers per setting), a live panel running every chosen run's
+``cbnorm.curves.summarize_groups``' numbers per setting), a live panel running every chosen run's
 studied layer on the same minibatch, the reproduction of the MN paper's claim (bench/results/reproduce_mn.json:
 curves and its Table 3 beside the paper's numbers), and the benchmark results in bench/results (the speed
 and convergence plots' data, and a generic listing of every result file; ``$CBNORM_BENCH`` reads another
@@ -16,7 +16,8 @@ import numpy as np
 import streamlit as st
 
 from cbnorm import analysis
-from cbnorm.runs import Run
+from cbnorm.curves import curve_of, summarize_groups
+from cbnorm.runs import TRAINING_DEFAULTS, Run
 
 from . import activations as A
 from . import shared as S
@@ -370,8 +371,6 @@ def recipe(config: dict) -> dict[str, str]:
     test limits), model name and kwargs, norm and norm_kwargs, studied layers, the context spec and every
     training option except the seed and runtime keys (:data:`NOT_RECIPE`). Training options a run's
     config lacks (written by an older trainer) count as the trainer's defaults."""
-    from cbnorm.train.classify import DEFAULTS
-
     dumps = lambda v: json.dumps(v, sort_keys=True)  # noqa: E731
     ds = config.get("dataset") or {}
     model = config.get("model") or {}
@@ -384,7 +383,7 @@ def recipe(config: dict) -> dict[str, str]:
         out[f"model.{k}"] = dumps(v)
     for k, v in sorted((config.get("norm_kwargs") or {}).items()):
         out[f"norm_kwargs.{k}"] = dumps(v)
-    training = {**{k: v for k, v in DEFAULTS.items() if k not in NOT_RECIPE}, **(config.get("training") or {})}
+    training = {**{k: v for k, v in TRAINING_DEFAULTS.items() if k not in NOT_RECIPE}, **(config.get("training") or {})}
     for k, v in sorted(training.items()):
         if k not in NOT_RECIPE and k not in _DUPLICATED:
             out[k] = dumps(v)
@@ -443,8 +442,6 @@ def group_runs(runs: Sequence[tuple[str, dict, dict]]) -> list[dict]:
 
     Runs without any test curve (no "evals", no epochs) are left out. Sorted by setting, reference first,
     then label."""
-    from cbnorm.train.sweep import curve_of
-
     by_key: dict[str, dict] = {}
     for name, config, metrics in sorted(runs, key=lambda r: r[0]):
         if not curve_of(metrics)[0].size:
@@ -500,12 +497,10 @@ NO_REFERENCE = "(no BatchNorm group)"
 
 
 def summarize_seed_groups(groups: Sequence[dict]) -> dict[str, dict]:
-    """``cbnorm.train.sweep.summarize_groups`` of each setting of :func:`group_runs`' groups (keyed by group
+    """``cbnorm.curves.summarize_groups`` of each setting of :func:`group_runs`' groups (keyed by group
     label, the setting's BatchNorm group as the reference): {setting: {"reference": label or None,
     "summary": summarize_groups' entry of that setting ({"norms": {label: ...}, "reference_acc", ...}),
     "skipped": {label: why}}}. A group whose seeds share no evaluated step is skipped."""
-    from cbnorm.train.sweep import curve_of, summarize_groups
-
     out: dict[str, dict] = {}
     for setting in dict.fromkeys(g["setting"] for g in groups):
         members = [g for g in groups if g["setting"] == setting]

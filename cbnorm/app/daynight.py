@@ -1,7 +1,7 @@
 """Page 3, day <-> night: cached translators, translation of uploaded bytes, upload checks and previews, the
 context parameters (drawn by ``figures.context_bars``) and the measured quality table.
 
-Thin wrappers over ``cbnorm.transfer`` / ``cbnorm.images`` with Streamlit caches (bounded, never mutated:
+Thin wrappers over ``cbnorm.daynight.transfer`` / ``cbnorm.images`` with Streamlit caches (bounded, never mutated:
 ``transfer.translate`` works on a copy of the shared model). Uploaded bytes only ever pass through
 ``cbnorm.images.load_image``; nothing is written to disk.
 
@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 import streamlit as st
 from PIL import Image
 
-from cbnorm import images, transfer
+from cbnorm import images
+from cbnorm.daynight import transfer
 from cbnorm.daynight import PHOTOS
 
 from . import shared as S

@@ -22,7 +22,7 @@ import torch
 
 from cbnorm.metrics import SCORE_NAME, generate, to_uint8
 from cbnorm.runs import Run
-from cbnorm.train.gan import fixed_latents, image_grid, load_classifier, resolve_classifier
+from cbnorm.gan import fixed_latents, image_grid, load_classifier, resolve_classifier
 
 from . import shared as S
 from .figures import color

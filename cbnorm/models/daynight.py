@@ -1,4 +1,4 @@
-"""Day <-> night translators (cbnorm.transfer, task "daynight"): input-level CN in front of a siamese CNN;
+"""Day <-> night translators (cbnorm.daynight.transfer, task "daynight"): input-level CN in front of a siamese CNN;
 a conv autoencoder with context norms. They pass context ids to their layers explicitly (the encoder and the
 decoder take different contexts), the layers' own ``layer(x, context=ids)`` API."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ class DayNightSiamese(nn.Module):
     same scene in both contexts together. x (N, 3, H, W) in [0, 1] -> embeddings (N, embed_dim).
 
     After training, the per-context (mean, var) of ``input_norm`` translate an image between the contexts
-    (cbnorm.transfer). No other normalization layer, and embeddings are not length-normalized, so that the
+    (cbnorm.daynight.transfer). No other normalization layer, and embeddings are not length-normalized, so that the
     network cannot become blind to brightness and colour by itself: the input norm has to align the contexts.
     """
 
@@ -55,7 +55,7 @@ class DayNightAutoencoder(nn.Module):
     context layers. The encoder's layers (``enc1..enc3``) normalize with the *source* context, the decoder's
     (``dec2, dec1``) with the *target* context: ``forward(x, context=src, target_context=tgt)``; the default
     target is the source (reconstruction). x (N, 3, H, W) in [0, 1] -> (N, 3, H, W) in [0, 1] units (not
-    clamped). H and W must be multiples of 4 (cbnorm.transfer pads).
+    clamped). H and W must be multiples of 4 (cbnorm.daynight.transfer pads).
     """
 
     ENCODER = ("enc1", "enc2", "enc3")
@@ -107,5 +107,5 @@ class DayNightAutoencoder(nn.Module):
         return self.decode(self.encode(x, context), context if target_context is None else target_context)
 
 
-#: models of task "daynight" (cbnorm.runs, cbnorm.train_daynight)
+#: models of task "daynight" (cbnorm.runs, cbnorm.train.daynight)
 DAYNIGHT_MODELS = {"daynight_siamese": DayNightSiamese, "daynight_ae": DayNightAutoencoder}

@@ -46,30 +46,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
+from .options import json_opt
 from ..guard import StepGuard
 from ..record import Recorder
 from ..norms import NonFiniteError, check_deferred
 from .schedules import SCHEDULES, check_schedule, lr_at, parse_milestones, snapshot_steps
 from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, METRICS_LINES, STATUS_NAME, SUMMARY_DIR,
-                   build_model_from_config, count_parameters, load_resume_state, preprocess_images, read_json,
-                   save_config, save_metrics,
-                   save_resume_state, save_snapshot, save_weights, snapshot_name, validate_config)
+                   TRAINING_DEFAULTS, build_model_from_config, count_parameters, load_resume_state, preprocess_images,
+                   read_json, save_config, save_metrics, save_resume_state, save_snapshot, save_weights, snapshot_name,
+                   validate_config)
 
 __all__ = ["train", "main", "build_parser", "DEFAULTS"]
 
-#: every option of the CLI (dest name -> default)
-DEFAULTS: dict[str, Any] = {
-    "dataset": "fashion-mnist", "model": "shallow_cnn", "norm": "bn", "components": 3, "contexts": None,
-    "context_priors": "data", "layers": None, "width": 1.0, "input_norm": None, "norm_kwargs": None,
-    "model_kwargs": None, "epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-4,
-    "optimizer": "adamw", "momentum": 0.9, "nesterov": False, "schedule": "constant", "lr_factor": 0.1,
-    "lr_every": 1, "milestones": None, "warmup_steps": 0, "seed": 0, "snapshot_every": 200, "snapshot_early": 0,
-    "eval_every": 0, "eval_subset": 1000, "amp": False, "limit_train": None,
-    "limit_test": None, "eval_batch_size": 1000, "out": None, "resume": False, "device": "auto",
-    "threads": None, "quiet": False, "context_head": False, "max_skipped": 10, "record_size": 256,
-    "record_values": 512, "record_scan": False,
-}
+#: every option of the CLI (dest name -> default): the run format's (``cbnorm.runs.TRAINING_DEFAULTS``)
+DEFAULTS = TRAINING_DEFAULTS
 #: options that describe the environment, not the experiment (not stored in config.json "training")
 _RUNTIME = ("out", "resume", "device", "threads", "quiet", "max_skipped", "record_size", "record_values",
             "record_scan")
@@ -179,20 +170,6 @@ def _given(args_or_config: Any) -> dict[str, Any]:
     return given
 
 
-def _json_opt(value: Any, name: str) -> dict:
-    if value is None or value == "":
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    try:
-        out = json.loads(value)
-    except (TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"--{name.replace('_', '-')} must be a JSON object, got {value!r} ({err})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"--{name.replace('_', '-')} must be a JSON object, got {value!r}")
-    return out
-
-
 def _check_args(a: dict) -> None:
     from ..norms import resolve_name
 
@@ -221,8 +198,8 @@ def _check_args(a: dict) -> None:
     resolve_name(a["norm"])
     if a["input_norm"]:
         resolve_name(a["input_norm"])
-    _json_opt(a["norm_kwargs"], "norm_kwargs")
-    _json_opt(a["model_kwargs"], "model_kwargs")
+    json_opt(a["norm_kwargs"], "norm_kwargs")
+    json_opt(a["model_kwargs"], "model_kwargs")
 
 
 # ============================================================================ distributed
@@ -347,7 +324,7 @@ def _prepare(a: dict, stored: Optional[dict]):
         if a["context_priors"] == "data":
             counts = np.bincount(train.contexts, minlength=k_ctx).astype(np.float64)
             norm_kwargs["priors"] = [float(c) for c in np.maximum(counts, 1) / max(counts.sum(), 1)]
-    norm_kwargs.update(_json_opt(a["norm_kwargs"], "norm_kwargs"))
+    norm_kwargs.update(json_opt(a["norm_kwargs"], "norm_kwargs"))
     if stored:
         pre = stored["preprocessing"]
     else:
@@ -375,7 +352,7 @@ def _prepare(a: dict, stored: Optional[dict]):
         if not needs_ctx:
             raise ValueError("--context-head needs a context norm (cn, cnx, cn-embed) as --norm or --input-norm")
         model_kwargs["predict_contexts"] = int(k_ctx)
-    model_kwargs.update(_json_opt(a["model_kwargs"], "model_kwargs"))
+    model_kwargs.update(json_opt(a["model_kwargs"], "model_kwargs"))
     config = {
         "format_version": FORMAT_VERSION, "task": "classify", "cbnorm_version": __version__,
         "model": {"name": a["model"], "kwargs": model_kwargs},
