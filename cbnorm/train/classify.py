@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._version import __version__
-from .options import json_opt
+from .options import given_options, json_opt
 from ..guard import StepGuard
 from ..record import Recorder
 from ..norms import NonFiniteError, check_deferred
@@ -151,18 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ============================================================================ arguments
 def _given(args_or_config: Any) -> dict[str, Any]:
-    if isinstance(args_or_config, argparse.Namespace):
-        given = dict(vars(args_or_config))
-    elif isinstance(args_or_config, Mapping):
-        given = {str(k).replace("-", "_"): v for k, v in args_or_config.items()}
-    elif isinstance(args_or_config, (list, tuple)):
-        given = dict(vars(build_parser().parse_args([str(a) for a in args_or_config])))
-    else:
-        raise TypeError(f"train() takes an argparse.Namespace, a dict of options or a list of CLI arguments, "
-                        f"got {type(args_or_config).__name__}")
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown training options {unknown}; valid: {sorted(DEFAULTS)}")
+    given = given_options(args_or_config, build_parser, DEFAULTS, "train()", "training options")
     if not given.get("out"):
         raise ValueError("the output run directory 'out' is required")
     if given.get("milestones") is not None:

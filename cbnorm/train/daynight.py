@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -48,7 +47,7 @@ from ..daynight.render import CONTEXTS, HOLDOUT_PHOTOS, TRAIN_PHOTOS, DayNightPa
 from ..daynight.scores import (CHECK_TOL, check_run, contrastive, psnr, recompute, to_tensor,  # noqa: F401
                                train_psnrs, verification)
 from ..norms import ContextNormX, NormBase, resolve_name
-from .options import json_opt
+from .options import given_options, json_opt
 from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, build_model_from_config, count_parameters, load_run,
                    save_run, validate_config)
 
@@ -92,18 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(given: Any) -> dict:
-    if isinstance(given, argparse.Namespace):
-        a = dict(vars(given))
-    elif isinstance(given, (list, tuple)):
-        a = dict(vars(build_parser().parse_args([str(x) for x in given])))
-    elif isinstance(given, dict):
-        a = {str(k).replace("-", "_"): v for k, v in given.items()}
-    else:
-        raise TypeError(f"train_daynight() takes a Namespace, a dict of options or CLI arguments, got "
-                        f"{type(given).__name__}")
-    unknown = sorted(set(a) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown options {unknown}; valid: {sorted(DEFAULTS)}")
+    a = given_options(given, build_parser, DEFAULTS, "train_daynight()")
     a = {**DEFAULTS, **{k: v for k, v in a.items() if v is not None}}
     if a["translator"] not in _PER_TRANSLATOR:
         raise ValueError(f"--translator must be 'input' or 'feature', got {a['translator']!r}")
