@@ -38,7 +38,7 @@ from . import source as SRC
 #: the step of a run's end (its final weights, or its last recorded summary), next to its other steps
 FINAL = SRC.FINAL
 PANEL_BUDGET = "training_panels"
-for _name, _mb in ((PANEL_BUDGET, 24),):  # registered beside shared's budgets (cleared with them)
+for _name, _mb in ((PANEL_BUDGET, 12),):  # registered beside shared's budgets (cleared with them)
     S.BUDGET_MB.setdefault(_name, _mb)
     S.BUDGETS.setdefault(_name, S._ByteBudget(_name))
 
@@ -318,7 +318,7 @@ def distributions(run_name: str, layer: str, which: str, channels: Sequence[int]
     return {"run": run_name, "norm": run.norm, "layer": layer, "which": which, "steps": steps, "panels": panels}
 
 
-@st.cache_resource(max_entries=16, ttl=S.TTL, show_spinner=False)
+@st.cache_resource(max_entries=8, ttl=S.TTL, show_spinner=False)
 def distribution_figures(run_name: str, layer: str, which: str, channels: tuple[int, ...], k: int, size: int,
                          seed: int, steps: tuple[int, ...], tail: float, bins, log_y: bool, components: bool) -> dict:
     """The four figures of the distributions view ("ridge", "multiples", "overlay", "percentiles") and the
