@@ -3,7 +3,7 @@
     python checkpoints/table.py            # prints the Markdown table, then the seed summary
 
 Every figure comes from a run's ``metrics.json`` / ``config.json`` (which ``python -m cbnorm.evaluate
-NAME --check`` recomputes from the weights) and the seed summary from ``cbnorm.train.sweep.summarize_groups``,
+NAME --check`` recomputes from the weights) and the seed summary from ``cbnorm.curves.summarize_groups``,
 the same function the Compare page calls.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cbnorm.train.sweep import summarize_groups  # noqa: E402
+from cbnorm.curves import summarize_groups  # noqa: E402
 
 
 def _fmt(x) -> str:

@@ -86,7 +86,7 @@ with S.guard("Compare normalizers"):
                    "options, studied layers and training options). Test error on the dense evaluation steps "
                    "(`--eval-every`; else the epoch ends), mean over seeds with a ±1 sd band, as the MN paper's "
                    "Fig. 2; groups of one seed are plain lines. The table's numbers are "
-                   "`cbnorm.train.sweep.summarize_groups` of each setting, BatchNorm's group as the reference.")
+                   "`cbnorm.curves.summarize_groups` of each setting, BatchNorm's group as the reference.")
         labels = [g["label"] for g in groups]
         if "cmp_groups" not in ss:
             ss["cmp_groups"] = labels[:12]
