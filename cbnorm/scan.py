@@ -73,6 +73,11 @@ def scan_tensors(values: Mapping[str, Mapping[str, Any]], max_components: int = 
     return out
 
 
+def scan_meta_entry(values: int, max_components: int, seed: int) -> str:
+    """The summary metadata entry "scan" (JSON): what the stored scan was computed on (:func:`scan_meta`)."""
+    return json.dumps({"values": int(values), "max_components": int(max_components), "seed": int(seed)})
+
+
 def stored_scan(summary: Summary, layer: str, view: str) -> Optional[dict[str, np.ndarray]]:
     """The scan stored in ``summary`` for ``layer`` and ``view`` (per-channel arrays), or None."""
     parts = {k: summary.tensors.get(f"{layer}::scan_{view}_{k}") for k in SCAN_STATS}
@@ -174,7 +179,7 @@ def add_scan(run_dir: Any, max_components: int = MAX_COMPONENTS, seed: int = 0, 
         m = min((x.shape[1] for views in values.values() for x in views.values()), default=0)
         tensors = {k: t for k, t in s.tensors.items() if "::scan_" not in k}
         tensors.update(scan_tensors(values, max_components, seed))
-        meta = dict(s.meta, scan=json.dumps({"values": int(m), "max_components": max_components, "seed": seed}))
+        meta = dict(s.meta, scan=scan_meta_entry(m, max_components, seed))
         atomic_write_bytes(path, save(tensors, metadata=meta))
         written += 1
     return written
