@@ -46,8 +46,6 @@ def body() -> None:
                       help="Components of the GMM fitted per channel with cbnorm.gmm: on the input of layers without "
                            "their own mixture (BN, LN, GN), and on every output")
 
-        is_gan = run.config.get("task") == "gan"
-        inputs = "latent vectors (the generator's input)" if is_gan else "test images" if live else "probe inputs"
         n_channels = info["num_features"]
         c5, c6 = st.columns([2, 5])
         mode = c5.radio("Channels", ["random", "choose"], horizontal=True, key="hist_ch_mode",

@@ -5,6 +5,7 @@ from cbnorm.app import evolution as E
 from cbnorm.app import figures as F
 from cbnorm.app import shared as S
 from cbnorm.app import source as SRC
+from cbnorm.app import state
 
 S.page_setup()  # inside app.py's frame, also when the page is opened directly
 
@@ -93,14 +94,12 @@ with S.guard("Cluster evolution"):
                f"{n:,} {'test images' if live else 'recorded probe inputs'} at each of {len(ev['steps'])} steps")
 
     colours = E.colourings(run, ev, info)
-    if ss.get("evo_colour") not in colours:
-        ss["evo_colour"] = next(iter(colours))
+    state.ensure("evo_colour", colours, next(iter(colours)))
     colour = st.radio("Colour by", list(colours), horizontal=True, key="evo_colour",
                       help="Class label, superclass (the contexts of context layers), the model's prediction at "
                            "that snapshot, or the layer's mixture component (argmax of its posteriors)")
     groups, group_names = colours[colour]
-    if ss.get("evo_step") not in ev["steps"]:
-        ss["evo_step"] = ev["steps"][-1]
+    state.ensure("evo_step", ev["steps"], ev["steps"][-1])
     step = st.select_slider("Snapshot (training step)", options=ev["steps"], key="evo_step",
                             help="Training step of the snapshot; step 0 is the initialization")
     i = ev["steps"].index(step)

@@ -2,9 +2,12 @@
 a live panel, the reproduction of the MN paper's claim, benchmarks."""
 import streamlit as st
 
+from cbnorm.app import captions as W
 from cbnorm.app import compare as C
 from cbnorm.app import figures as F
 from cbnorm.app import shared as S
+from cbnorm.app import state
+from cbnorm.app.controls import chart
 
 S.page_setup()  # inside app.py's frame, also when the page is opened directly
 
@@ -13,16 +16,13 @@ st.caption("Chosen runs side by side: how fast and how far they learn, what they
            "layers output on the same images.")
 
 sel = S.selection()
-ss = st.session_state
 with S.guard("Compare normalizers"):
     runs = [r for r in S.classify_runs() if r["ok"]]
     names = [r["name"] for r in runs]
     if not names:
         st.warning("No run to compare: see the Home page.")
         st.stop()
-    if "cmp_runs" not in ss:
-        ss["cmp_runs"] = names[:9]
-    ss["cmp_runs"] = [n for n in ss["cmp_runs"] if n in names]
+    state.prune("cmp_runs", names, names[:9])
     chosen = st.multiselect("Runs", names, key="cmp_runs", help="Runs to compare (one colour each)")
     if not chosen:
         st.info("Choose at least one run.")
@@ -35,20 +35,13 @@ with S.guard("Compare normalizers"):
     window = c2.slider("Training-loss moving average (steps)", 1, 200, 25, key="cmp_smooth",
                        help="Window of the trailing moving average drawn over the noisy per-step training loss")
     x_title = {"step": "optimizer step", "epoch": "epoch"}[x_axis]
-    left, right = st.container(), st.container()
-    with left:
-        err_series = C.error_series(chosen, x_axis)
-        fig_err = F.curves_figure(err_series, x_title=x_title, y_title="test error (1 − accuracy)",
-                                  zoom_past_start=x_axis == "step",
-                                  title="Test error (honest: inferred context; dots: full test set at epoch ends)")
-        st.plotly_chart(fig_err, key="cmp_err_chart", config={"displaylogo": False})
-        S.download_figure(fig_err, "test_error.csv", key="cmp_err_dl")
-    with right:
-        fig_loss = F.curves_figure(C.loss_series(chosen, x_axis, window), x_title=x_title, y_title="cross-entropy loss",
-                                   title="Loss (training, moving average: solid; test at epoch ends: dotted)" if x_axis == "step"
-                                   else "Test loss")
-        st.plotly_chart(fig_loss, key="cmp_loss_chart", config={"displaylogo": False})
-        S.download_figure(fig_loss, "loss.csv", key="cmp_loss_dl")
+    chart(F.curves_figure(C.error_series(chosen, x_axis), x_title=x_title, y_title="test error (1 − accuracy)",
+                          zoom_past_start=x_axis == "step",
+                          title="Test error (honest: inferred context; dots: full test set at epoch ends)"),
+          "cmp_err_chart", "test_error.csv")
+    chart(F.curves_figure(C.loss_series(chosen, x_axis, window), x_title=x_title, y_title="cross-entropy loss",
+                          title="Loss (training, moving average: solid; test at epoch ends: dotted)"
+                          if x_axis == "step" else "Test loss"), "cmp_loss_chart", "loss.csv")
 
     st.subheader("Summary")
     bn_runs = [r["name"] for r in runs if r["norm"] == "bn"]
@@ -59,55 +52,29 @@ with S.guard("Compare normalizers"):
     else:
         st.info("No BatchNorm run is loaded, so 'steps to reach BN best' cannot be computed.")
     table, target = C.compare_table(chosen, reference, str(S.bench_dir()))
-    formats = {"test acc": "percent", "oracle acc": "percent", "best acc": "percent",
-               "step cost vs BN (bench)": "%.2f×",
-               "params": "%d", "steps to BN best": "%d", "steps": "%d"}
-    st.dataframe(table, hide_index=True, key="cmp_table", column_config={
-        c: st.column_config.NumberColumn(format=f, help=C.COMPARE_HELP.get(c)) for c, f in formats.items()})
+    st.dataframe(table, hide_index=True, key="cmp_table", column_config=C.compare_columns())
     if target is not None:
-        st.caption(f"**Steps to reach BN best**: the first evaluated step at which a run's test accuracy reaches "
-                   f"{reference}'s best ({target:.2%}) — the MN paper's measure of faster training; None = never reached. This table uses the full test set at "
-                   "epoch ends, so its steps are multiples of an epoch; the figure above draws the dense evaluations "
-                   "(`--eval-every`, a fixed test subset) where a run has them, and the Seeds section below compares "
-                   "on those. "
-                   "Test accuracy is honest (context inferred from the image); the oracle column feeds the true "
-                   "superclass and leaks the label.")
+        st.caption(W.steps_to_bn_note(reference, target))
     st.caption(C.cost_caption(str(S.bench_dir()), chosen))
 
     st.subheader("Seeds")
     groups, seed_summary = C.seed_groups(names)
     many = [g for g in groups if len(g["seeds"]) > 1]
     if not many:
-        st.info("Every recipe here has one run (one seed), so there is no spread over seeds to show: the per-run "
-                "curves above are the whole story. Runs that differ only in `--seed` are grouped here, with "
-                "their mean ± sd.")
+        st.info(W.NO_SEEDS_NOTE)
     else:
-        st.caption("Runs that differ only in their seed form a group (same task, data, model, norm and its "
-                   "options, studied layers and training options). Test error on the dense evaluation steps "
-                   "(`--eval-every`; else the epoch ends), mean over seeds with a ±1 sd band, as the MN paper's "
-                   "Fig. 2; groups of one seed are plain lines. The table's numbers are "
-                   "`cbnorm.curves.summarize_groups` of each setting, BatchNorm's group as the reference.")
+        st.caption(W.SEEDS_NOTE)
         labels = [g["label"] for g in groups]
-        if "cmp_groups" not in ss:
-            ss["cmp_groups"] = labels[:12]
-        ss["cmp_groups"] = [n for n in ss["cmp_groups"] if n in labels]
+        state.prune("cmp_groups", labels, labels[:12])
         g1, g2 = st.columns([4, 1])
         shown = g1.multiselect("Groups", labels, key="cmp_groups",
                                format_func=lambda n: f"{n} ({len(next(g for g in groups if g['label'] == n)['seeds'])})",
                                help="Groups of runs (number of seeds); each run stays selectable alone above")
         each_seed = g2.toggle("Seed curves", key="cmp_seed_lines", help="Add every seed's own curve, dotted")
         colors = {label: i for i, label in enumerate(labels)}
-        seed_cols = {"best acc mean": st.column_config.NumberColumn(format="percent", help=C.SEEDS_HELP["best acc mean"]),
-                     "best acc sd": st.column_config.NumberColumn(format="percent", help=C.SEEDS_HELP["best acc sd"]),
-                     "steps to BN best": st.column_config.NumberColumn(format="%d", help=C.SEEDS_HELP["steps to BN best"]),
-                     "reduction vs BN %": st.column_config.NumberColumn(format="%.1f", help=C.SEEDS_HELP["reduction vs BN %"]),
-                     "Welch p": st.column_config.NumberColumn(format="%.3g", help=C.SEEDS_HELP["Welch p"])}
-        seed_cols.update({c: st.column_config.Column(help=h) for c, h in C.SEEDS_HELP.items() if c not in seed_cols})
-        n_drawn = 0
-        for si, (setting, info) in enumerate(seed_summary.items()):
-            members = [g for g in groups if g["setting"] == setting and g["label"] in shown]
-            if not any(len(g["seeds"]) > 1 for g in members):
-                continue
+        seed_cols = C.seeds_columns()
+        settings = C.settings_shown(groups, seed_summary, shown)
+        for si, setting, info, members in settings:
             rec = members[0]["setting_recipe"]
             if len(seed_summary) > 1:
                 st.markdown(f"**Setting: {setting}** — {rec}")
@@ -118,23 +85,18 @@ with S.guard("Compare normalizers"):
             fig_seeds = F.seed_band_figure(C.seed_series(members, summ, colors, each_seed),
                                            reference_y=1.0 - ref_acc if ref_acc is not None else None,
                                            title="Test error over seeds (mean ± 1 sd)")
-            st.plotly_chart(fig_seeds, key=f"cmp_seeds_chart_{si}", config={"displaylogo": False})
-            S.download_figure(fig_seeds, f"seeds_{si}.csv", key=f"cmp_seeds_dl_{si}")
+            chart(fig_seeds, f"cmp_seeds_chart_{si}", f"seeds_{si}.csv")
             st.dataframe(C.seeds_table(members, summ), hide_index=True, key=f"cmp_seeds_table_{si}",
                          column_config=seed_cols)
             if info["reference"] is None:
-                st.info("This setting has no BatchNorm group, so 'steps to BN best' and the comparison to BN "
-                        "cannot be computed.")
+                st.info(W.NO_BN_GROUP_NOTE)
             else:
-                st.caption(f"BN's best: {ref_acc:.2%}, the maximum of {info['reference']}'s mean curve, reached at step "
-                           f"{summ.get('reference_step'):,}. Curves are compared on the steps all seeds of a group have.")
+                st.caption(W.bn_best_note(info["reference"], ref_acc, summ.get("reference_step")))
             for label, why in info["skipped"].items():
                 st.warning(f"Group {label} is left out: {why}.")
-            dups = [(g["label"], d) for g in members for d in g["duplicates"]]
-            if dups:
-                st.caption("Left out, a seed already in the group: " + ", ".join(f"{d} ({l})" for l, d in dups))
-            n_drawn += 1
-        if not n_drawn:
+            if W.duplicates_note(members):
+                st.caption(W.duplicates_note(members))
+        if not settings:
             st.info("None of the chosen groups has more than one seed.")
 
     st.subheader("Live: the studied layers on the same minibatch")
@@ -145,22 +107,15 @@ with S.guard("Compare normalizers"):
                      help=S.VIEW_HELP + " All channels pooled.")
     with st.spinner(f"Running {len(chosen)} models on the same {size} test images…"):
         outs = C.live_outputs(tuple(str(S.runs_root() / n) for n in chosen), S.device(), size, sel["seed"], which)
-    own = [o["name"] for o in outs if o["note"].startswith("the recorded")]
-    if own:
-        st.info("Recorded from a model the app cannot rebuild, so shown on its own recorded probe batch (last "
-                "step), not on the minibatch the others share: " + ", ".join(own))
-    if any(o["subsampled"] for o in outs):
-        st.info(f"Pooled values were subsampled to {S.MAX_VALUES:,} per run for the histograms.")
+    for note in W.live_notes(outs):
+        st.info(note)
     fig_live = F.distributions_figure([o["values"] for o in outs], [o["name"] for o in outs],
                                       subtitles=[f"{o['name']} · {o['layer']}" for o in outs],
                                       x_title=f"{S.VIEW_LABELS[which]} (all channels pooled)",
                                       reference_normal=which == "x_hat")
-    st.plotly_chart(fig_live, key="cmp_live_chart", config={"displaylogo": False})
-    S.download_figure(fig_live, f"live_{which}_distributions.csv", key="cmp_live_dl")
+    chart(fig_live, "cmp_live_chart", f"live_{which}_distributions.csv")
     live = C.live_table(outs)
-    st.dataframe(live, hide_index=True, key="cmp_live_table",
-                 column_config={c: st.column_config.NumberColumn(format="%.3f", help=C.LIVE_HELP.get(c))
-                                for c in live.columns if c not in ("run", "layer")})
+    st.dataframe(live, hide_index=True, key="cmp_live_table", column_config=C.live_columns(live))
 
 with S.guard("Reproduction of the MN paper's claim"):
     st.subheader("Reproduction of the MN paper's claim")
@@ -171,46 +126,31 @@ with S.guard("Reproduction of the MN paper's claim"):
         st.warning(rep["message"])
     else:
         ref_norm = rep["reference_norm"]
-        st.markdown("`bench/reproduce_mn.py` trains the MN paper's protocol (Sec. 4.1) with several seeds per "
-                    "norm: test error, mean ± 1 sd over seeds (the paper's Fig. 2), and its Table 3 — steps to "
-                    "reach BatchNorm's maximum test accuracy — in our numbers beside the paper's.")
+        st.markdown(W.REPRODUCTION_INTRO)
         for si, (setting, entry) in enumerate(rep["settings"].items()):
             st.markdown(f"**{setting}** ({C.SETTING_NAMES.get(setting, 'setting')})")
             ref_acc = entry.get("reference_acc")
             fig_rep = F.seed_band_figure(C.reproduction_series(entry, ref_norm),
                                          reference_y=1.0 - ref_acc if ref_acc is not None else None,
                                          title=f"Test error, {setting}: mean ± 1 sd over seeds")
-            st.plotly_chart(fig_rep, key=f"cmp_repro_chart_{si}", config={"displaylogo": False})
-            S.download_figure(fig_rep, f"reproduce_mn_{setting}.csv", key=f"cmp_repro_dl_{si}")
+            chart(fig_rep, f"cmp_repro_chart_{si}", f"reproduce_mn_{setting}.csv")
             table = C.reproduction_table(entry, setting, rep["paper"], ref_norm)
-            cols = {c: st.column_config.NumberColumn(C.repro_label(c), format=C.repro_format(c), help=C.repro_help(c))
-                    for c in table.columns if table[c].dtype.kind in "fi" and c != "seeds"}
-            cols.update({c: st.column_config.Column(C.repro_label(c), help=C.repro_help(c))
-                         for c in table.columns if c not in cols and C.repro_help(c)})
-            st.dataframe(table, hide_index=True, key=f"cmp_repro_table_{si}", column_config=cols)
+            st.dataframe(table, hide_index=True, key=f"cmp_repro_table_{si}", column_config=C.reproduction_columns(table))
             if ref_acc is not None:
-                st.caption(f"BN's best (maximum of its mean curve): {ref_acc:.2%} at step "
-                           f"{entry.get('reference_step')}. The paper's numbers are CIFAR's (100 epochs, "
-                           "another scale), so compare the reductions and the ordering, not the step counts.")
+                st.caption(W.reproduction_best_note(ref_acc, entry.get("reference_step")))
         st.caption(C.protocol_caption(rep))
 
 with S.guard("Benchmark results"):
     st.subheader("Benchmarks")
     plots = C.bench_plot_data(str(S.bench_dir()))
     if "speed_layers" in plots:
-        st.markdown("**Cost of each layer** (`bench/speed.py`): forward + backward time as a multiple of "
-                    "`torch.nn.BatchNorm2d`'s on the same input; black ticks are the goals.")
+        st.markdown(W.SPEED_INTRO)
         fig_speed = F.speed_ratio_figure(plots["speed_layers"], plots["speed_goals"])
         st.plotly_chart(fig_speed, key="cmp_bench_speed", config={"displaylogo": False})
-        m = plots["speed_machine"]
-        st.caption(f"Measured on {m.get('cpu', 'an unrecorded machine')} ({m.get('device', '?')}, "
-                   f"{m.get('torch_threads', '?')} torch threads, torch {m.get('torch', '?')}); "
-                   "per-layer tables, the whole network and each speed lever are in speed.json below.")
+        st.caption(W.speed_machine_note(plots["speed_machine"]))
     if "convergence_runs" in plots:
         b = plots["convergence_budget"]
-        st.markdown("**Convergence** (`bench/convergence.py`): test accuracy against optimizer steps, mean "
-                    f"over seeds — {b.get('dataset', '?')}, {b.get('train_images', '?')} training images, "
-                    f"{b.get('epochs', '?')} epochs, width {b.get('width', '?')}.")
+        st.markdown(W.convergence_intro(b))
         fig_conv = F.convergence_figure(plots["convergence_runs"])
         st.plotly_chart(fig_conv, key="cmp_bench_conv", config={"displaylogo": False})
         if b.get("note"):
@@ -223,10 +163,7 @@ with S.guard("Benchmark results"):
             if res["error"]:
                 st.error(res["error"])
                 continue
-            if res["machine"]:
-                st.caption("Machine: " + " · ".join(f"{k} = {v}" for k, v in res["machine"].items()))
-            else:
-                st.caption("Machine: not recorded in this file.")
+            st.caption(W.machine_note(res["machine"]))
             if res["fields"]:
                 st.caption(" · ".join(f"{k}: {v}" for k, v in res["fields"].items()))
             for title, rows in res["tables"]:

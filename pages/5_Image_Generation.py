@@ -3,6 +3,7 @@ import streamlit as st
 
 from cbnorm.app import generation as G
 from cbnorm.app import shared as S
+from cbnorm.app import state
 
 S.page_setup()  # inside app.py's frame, also when the page is opened directly
 
@@ -22,12 +23,10 @@ with S.guard("Image generation"):
     by_name = {r["name"]: r for r in entries}
     names = list(by_name)
     ss = st.session_state
-    if "gen_runs" not in ss:
-        rank = {"bn": 0, "mn": 1, "acn": 2}
-        seed0 = sorted((n for n in names if by_name[n]["ok"] and n.endswith("-s0")),
-                       key=lambda n: (rank.get(by_name[n]["norm"], 9), n))
-        ss["gen_runs"] = (seed0 or [n for n in names if by_name[n]["ok"]] or names)[:3]
-    ss["gen_runs"] = [n for n in ss["gen_runs"] if n in names]
+    rank = {"bn": 0, "mn": 1, "acn": 2}
+    seed0 = sorted((n for n in names if by_name[n]["ok"] and n.endswith("-s0")),
+                   key=lambda n: (rank.get(by_name[n]["norm"], 9), n))
+    state.prune("gen_runs", names, (seed0 or [n for n in names if by_name[n]["ok"]] or names)[:3])
     chosen = st.multiselect("Runs", names, key="gen_runs", max_selections=6,
                             format_func=lambda n: f"{n} · {by_name[n]['norm']}" if by_name[n]["ok"]
                             else f"{n} · cannot load",

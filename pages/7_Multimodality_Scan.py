@@ -6,6 +6,7 @@ from cbnorm.app import histograms as H
 from cbnorm.app import scan as M
 from cbnorm.app import shared as S
 from cbnorm.app import source as SRC
+from cbnorm.app import state
 
 S.page_setup()
 
@@ -21,10 +22,8 @@ with S.guard("Multimodality scan"):
         raise S.NothingToShow("no run in this directory holds recorded summaries. Record one with "
                               "cbnorm.watch(model, logdir, probe=..., scan=True) (README, 'Your own training loop').")
     first = sel["run"] if sel["run"] in names else names[0]
-    if "scan_runs" not in st.session_state or not set(st.session_state["scan_runs"]) <= set(names):
-        partner = next((n for n in names if n != first and n.replace("-bn", "-mn") == first.replace("-bn", "-mn")),
-                       None)
-        st.session_state["scan_runs"] = [first] + ([partner] if partner else [])
+    partner = next((n for n in names if n != first and n.replace("-bn", "-mn") == first.replace("-bn", "-mn")), None)
+    state.ensure("scan_runs", names, [first] + ([partner] if partner else []), many=True)
     c1, c2, c3 = st.columns([4, 2, 3])
     chosen = c1.multiselect("Runs (one, or two side by side)", names, key="scan_runs", max_selections=2,
                             help="Recorded runs (cbnorm.watch, or python -m cbnorm.record); e.g. BN and MN in the "
@@ -59,10 +58,8 @@ with S.guard("Multimodality scan"):
     rows = scans[run_name]
     layers, steps, z = M.grid(rows, stat)
     best = max(rows, key=lambda r: (r["step"] == steps[-1], r["share_multimodal"] or 0.0, r["median_bic_gain"] or 0))
-    if st.session_state.get("scan_cell_layer") not in layers:
-        st.session_state["scan_cell_layer"] = best["layer"]
-    if st.session_state.get("scan_cell_step") not in steps:
-        st.session_state["scan_cell_step"] = steps[-1]
+    state.ensure("scan_cell_layer", layers, best["layer"])
+    state.ensure("scan_cell_step", steps, steps[-1])
     layer = d2.selectbox("Layer", layers, key="scan_cell_layer")
     step = d3.select_slider("Step", steps, key="scan_cell_step")
     run = S.run_by_name(run_name)

@@ -30,3 +30,12 @@ def test_ensure_and_keep():
     assert ss["m"] == [3]
     state.keep("run", ss=ss)
     assert ss["run"] == "mn"
+
+
+def test_prune_keeps_the_members_still_offered_and_seeds_a_default_once():
+    ss = {}
+    assert state.prune("runs", ["a", "b", "c"], ["a", "b"], ss=ss) == ["a", "b"]  # first time: the default
+    ss["runs"] = ["b", "c", "gone"]
+    assert state.prune("runs", ["a", "b", "c"], ["a"], ss=ss) == ["b", "c"]  # a lost member does not reset
+    ss["runs"] = []
+    assert state.prune("runs", ["a"], ["a"], ss=ss) == []  # an emptied choice stays empty (the page says so)

@@ -824,6 +824,49 @@ def repro_format(column: str) -> str:
     return "%d"
 
 
+def settings_shown(groups: Sequence[dict], seed_summary: dict, shown: Sequence[str]) -> list[tuple]:
+    """The settings of :func:`seed_groups` that have a chosen group of two seeds or more, as
+    ``(index, setting, summary entry, chosen groups of that setting)``."""
+    out = []
+    for si, (setting, info) in enumerate(seed_summary.items()):
+        members = [g for g in groups if g["setting"] == setting and g["label"] in shown]
+        if any(len(g["seeds"]) > 1 for g in members):
+            out.append((si, setting, info, members))
+    return out
+
+
+# ============================================================================ column formats of the tables
+def compare_columns() -> dict:
+    """Formats and help of :func:`compare_table`'s numeric columns."""
+    formats = {"test acc": "percent", "oracle acc": "percent", "best acc": "percent", "step cost vs BN (bench)": "%.2f×",
+               "params": "%d", "steps to BN best": "%d", "steps": "%d"}
+    return {c: st.column_config.NumberColumn(format=f, help=COMPARE_HELP.get(c)) for c, f in formats.items()}
+
+
+def seeds_columns() -> dict:
+    """Formats and help of :func:`seeds_table`'s columns."""
+    formats = {"best acc mean": "percent", "best acc sd": "percent", "steps to BN best": "%d",
+               "reduction vs BN %": "%.1f", "Welch p": "%.3g"}
+    cols = {c: st.column_config.NumberColumn(format=f, help=SEEDS_HELP[c]) for c, f in formats.items()}
+    cols.update({c: st.column_config.Column(help=h) for c, h in SEEDS_HELP.items() if c not in cols})
+    return cols
+
+
+def live_columns(table) -> dict:
+    """Formats and help of :func:`live_table`'s numeric columns."""
+    return {c: st.column_config.NumberColumn(format="%.3f", help=LIVE_HELP.get(c)) for c in table.columns
+            if c not in ("run", "layer")}
+
+
+def reproduction_columns(table) -> dict:
+    """Headers, formats and help of :func:`reproduction_table`'s columns."""
+    cols = {c: st.column_config.NumberColumn(repro_label(c), format=repro_format(c), help=repro_help(c))
+            for c in table.columns if table[c].dtype.kind in "fi" and c != "seeds"}
+    cols.update({c: st.column_config.Column(repro_label(c), help=repro_help(c))
+                 for c in table.columns if c not in cols and repro_help(c)})
+    return cols
+
+
 def protocol_caption(rep: dict) -> str:
     """The machine and the protocol of reproduce_mn.json in one caption."""
     m, p = rep.get("machine") or {}, rep.get("protocol") or {}

@@ -1,7 +1,10 @@
-"""Widget groups that several views draw alike (page 6, "Across runs and training"): histogram range and
-bins, channels, the runs and the shared layer, the runs that have snapshots. Each remembers its settings in the
-page's :class:`cbnorm.app.state.Memory` and stops the page with a message where nothing can be shown."""
+"""Widget groups the views draw alike, most of them page 6's ("Across runs and training"): the activations shown, histogram range and bins,
+channels, a window of steps, the runs and the shared layer, the runs that have snapshots, the embedding grid's
+projection, the quality metrics, a chart or table with its download. Each remembers its settings in the page's
+:class:`cbnorm.app.state.Memory` and stops the page with a message where nothing can be shown."""
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import streamlit as st
 
@@ -15,6 +18,113 @@ MEMORY_NAME, MEMORY_PREFIXES = "tr_kept", ("tr_d_", "tr_x_", "tr_g_", "tr_q_")
 
 def memory() -> Memory:
     return Memory(MEMORY_NAME, MEMORY_PREFIXES)
+
+
+#: the activations a view can show; x̂ first: what a normalizer aims at N(0, 1)
+WHICH = ["x_hat", "output", "input"]
+
+
+def activations(where, prefix: str, default: str) -> str:
+    """The radio choosing input, x̂ or output, drawn in ``where`` (a column or ``st``)."""
+    return where.radio("Activations", WHICH, key=f"{prefix}_which", help=S.VIEW_HELP, format_func=S.VIEW_LABELS.get,
+                       index=memory().index(f"{prefix}_which", WHICH, default))
+
+
+def step_range(prefix: str, steps: list[int]) -> list[int]:
+    """The steps inside a window chosen on a range slider (every step when there is one)."""
+    if len(steps) < 2:
+        return list(steps)
+    ss, key = st.session_state, f"{prefix}_range"
+    r = ss.get(key)
+    if not (isinstance(r, tuple) and all(x in steps for x in r)):
+        ss.pop(key, None)  # a range slider takes its default as a tuple value
+    r = memory().get(key, None)
+    r = r if isinstance(r, tuple) and all(x in steps for x in r) else (steps[0], steps[-1])
+    lo, hi = st.select_slider("Steps shown", options=steps, value=r, key=key,
+                              help="The window of training steps (snapshots) to draw")
+    return [s for s in steps if lo <= s <= hi]
+
+
+def pool_checkbox(where, prefix: str, names: list[str], layer: str) -> bool:
+    """Average each channel over positions; forced on where a run is recorded (it keeps channel means only)."""
+    every_pos = T.all_rebuildable(names)
+    return where.checkbox("Average over positions", value=memory().get(f"{prefix}_pool", T.all_recorded(names, layer))
+                          or not every_pos, key=f"{prefix}_pool", disabled=not every_pos,
+                          help="Each channel's spatial mean (C features) instead of every activation") or not every_pos
+
+
+def grid_settings(names: list[str], layer: str, seed: int):
+    """The embedding grid's settings and its draw button -> (:class:`T.GridParams`, pooled)."""
+    kept, index_of = memory().get, memory().index
+    with st.container(border=True):
+        c1, c2, c3 = st.columns(3)
+        size = c1.slider("Test images", 100, 5000, kept("tr_g_size", 1000), step=100, key="tr_g_size",
+                         help="A fixed random sample (sidebar seed), the same in every cell")
+        which = activations(c2, "tr_g", "output")
+        pool = pool_checkbox(c3, "tr_g", names, layer)
+        c4, c5 = st.columns(2)
+        method = c4.radio("Projection", ["pca", "tsne", "umap"], horizontal=True, key="tr_g_method",
+                          index=index_of("tr_g_method", ["pca", "tsne", "umap"], "pca"),
+                          format_func=lambda m: {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[m],
+                          help="PCA fitted on each row's last snapshot; t-SNE / UMAP: the first snapshot of a row "
+                               "from scratch, each next one started from the previous layout and rotated onto it")
+        columns = c5.slider("Snapshots per run (columns)", 2, 17, kept("tr_g_columns", 4), key="tr_g_columns",
+                            help="At evenly spaced fractions of each run's training (nearest snapshot)")
+        t1, t2, t3 = st.columns(3)
+        perplexity = t1.slider("t-SNE perplexity", 2, 100, kept("tr_g_perplexity", 30), key="tr_g_perplexity")
+        neighbors = t2.slider("UMAP neighbours", 5, 50, kept("tr_g_neighbors", 15), key="tr_g_neighbors")
+        min_dist = t3.slider("UMAP min_dist", 0.0, 0.99, kept("tr_g_min_dist", 0.1), step=0.01, key="tr_g_min_dist")
+        st.button("Draw the grid", icon=":material/grid_view:", key="tr_g_draw", on_click=S.set_flag,
+                  args=("tr_g_submitted",), help="PCA redraws by itself; t-SNE and UMAP wait for this button")
+    runs = T.runs_of(names)
+    params = T.GridParams(runs=tuple(str(r.path) for r in runs), layer=layer, size=int(size), seed=seed,
+                          which=which, pool=bool(pool), method=method, columns=int(columns),
+                          perplexity=float(perplexity), n_neighbors=int(neighbors), min_dist=float(min_dist))
+    return params, pool
+
+
+def drawn(params) -> None:
+    """Stop the page until the grid's settings were submitted (PCA draws at once)."""
+    ss = st.session_state
+    if ss.pop("tr_g_submitted", False) or params.method == "pca":
+        ss["tr_g_shown"] = params
+    if ss.get("tr_g_shown") != params:
+        st.info("Set the projection and press **Draw the grid** (t-SNE / UMAP take a while on many snapshots).")
+        st.stop()
+
+
+def colouring(colours: dict) -> str:
+    ss, kept = st.session_state, memory().get
+    if ss.get("tr_g_colour") not in colours:
+        ss["tr_g_colour"] = kept("tr_g_colour", None) if kept("tr_g_colour", None) in colours else next(iter(colours))
+    return st.radio("Colour by", list(colours), horizontal=True, key="tr_g_colour",
+                    help="Class, superclass (context), the layer's mixture component (argmax posterior) or the "
+                         "model's prediction at that step; rows without a colouring are grey")
+
+
+def metric_picker(metrics: list[str]) -> tuple[list[str], dict]:
+    """The cluster-quality metrics to draw (all again when the available ones change) -> (chosen, labels)."""
+    ss = st.session_state
+    labels = {m: T.QUALITY_METRICS[m][0] for m in metrics}
+    if ss.get("tr_q_available") != metrics:  # other runs, other metrics: show every one again
+        ss["tr_q_available"] = metrics
+        ss["tr_q_metrics"] = metrics
+    elif "tr_q_metrics" not in ss:  # back from another view
+        ss["tr_q_metrics"] = [m for m in memory().get("tr_q_metrics", metrics) if m in metrics] or metrics
+    chosen = st.multiselect("Metrics", metrics, format_func=labels.get, key="tr_q_metrics",
+                            help="; ".join(f"{v[0]}: {v[1]}" for v in T.QUALITY_METRICS.values()))
+    if not chosen:
+        st.info("Choose at least one metric.")
+        st.stop()
+    return chosen, labels
+
+
+def table(frame, key: str, file_name: str, numbers: Optional[Callable[[str], bool]] = None) -> None:
+    """A table (numbers to 3 decimals in the columns ``numbers`` accepts) and its CSV download."""
+    st.dataframe(frame, hide_index=True, key=key,
+                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in frame.columns
+                                if numbers is None or numbers(c)})
+    S.download_frame(frame, file_name, key=f"{key}_dl", label="Download the table (CSV)")
 
 
 def histogram_controls(prefix: str, log_default: bool = False) -> tuple[float, object, bool]:

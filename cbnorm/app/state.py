@@ -7,6 +7,7 @@ Three tools, all on ``st.session_state`` (or any dict given as ``ss``, for tests
 * :class:`Memory`: a page's remembered widget values (keys with the page's prefix), copied at the top of each
   run; ``memory.get(key, default)`` and ``memory.index(key, options, default)`` seed a widget drawn again;
 * :func:`ensure`: put a widget's value back among its current options (one value, a tuple or a list);
+* :func:`prune`: a multiselect's choice keeps the members still among its options (a default the first time);
 * :func:`keep`: the ``on_change`` callback of a widget drawn under ``w_NAME`` whose value lives under ``NAME``
   (the selection that survives page switches: the sidebar's run and layer, a page's runs).
 """
@@ -16,7 +17,7 @@ from typing import Any, MutableMapping, Optional, Sequence
 
 import streamlit as st
 
-__all__ = ["Memory", "ensure", "keep"]
+__all__ = ["Memory", "ensure", "keep", "prune"]
 
 #: widget keys that are not settings (buttons, downloads, computed bookkeeping)
 NOT_SETTINGS = ("_dl", "_draw", "_shown", "_submitted", "_available")
@@ -60,6 +61,15 @@ def ensure(key: str, options: Sequence, default: Any, many: bool = False,
         ok = v in options
     if not ok:
         ss[key] = default
+
+
+def prune(key: str, options: Sequence, default: Sequence, ss: Optional[MutableMapping] = None) -> list:
+    """Keep the members of list widget ``key`` that are still among ``options`` (``default`` when it has no value
+    yet); returns the list. Unlike ``ensure(..., many=True)`` a choice survives losing one of its members."""
+    ss = _ss(ss)
+    v = ss.get(key)
+    ss[key] = list(default) if v is None else [x for x in v if x in options]
+    return ss[key]
 
 
 def keep(name: str, ss: Optional[MutableMapping] = None) -> None:
