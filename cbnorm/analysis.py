@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -282,9 +282,8 @@ def embed_snapshots(features: Sequence[np.ndarray], method: str = "pca", *, perp
     last = np.asarray(features[-1], dtype=np.float32)
     info: dict = {}
     if method == "pca":
-        pca = PCA(n_components=2, random_state=seed).fit(last)
-        coords = [pca.transform(np.asarray(f, dtype=np.float32)) for f in features]
-        info["explained_variance_pct"] = [float(v) * 100 for v in pca.explained_variance_ratio_]
+        project, info = pca_projection(last, seed)
+        coords = [project(f) for f in features]
     else:
         d = min(pca_dims, last.shape[1], n)
         reducer = PCA(n_components=d, random_state=seed).fit(last)
@@ -494,7 +493,7 @@ def embed_snapshots_warm(features: Sequence[np.ndarray], method: str = "tsne", *
     return Embedding(coords, method, xlim, ylim, info)
 
 
-__all__ += ["fit_reducer", "Reducer"]
+__all__ += ["fit_reducer", "Reducer", "pca_projection"]
 
 
 @dataclass
@@ -507,6 +506,17 @@ class Reducer:
         f = np.asarray(features, dtype=np.float32)
         out = f if self.pca is None else self.pca.transform(f)
         return np.ascontiguousarray(out, dtype=np.float64)
+
+
+def pca_projection(last: np.ndarray, seed: int = 0) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """The 2-D PCA of :func:`embed_snapshots`' "pca" method, fitted on the last snapshot's features (N, F), to
+    apply one snapshot at a time (a caller then never holds every snapshot's features at once) -> (project:
+    (N, F) -> (N, 2) float32, info: % variance explained per axis)."""
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=2, random_state=seed).fit(np.asarray(last, dtype=np.float32))
+    info = {"explained_variance_pct": [float(v) * 100 for v in pca.explained_variance_ratio_]}
+    return (lambda f: pca.transform(np.asarray(f, dtype=np.float32))), info
 
 
 def fit_reducer(last: np.ndarray, dims: int = 50, seed: int = 0) -> Reducer:

@@ -194,6 +194,64 @@ def test_evolution_reruns_need_no_features_even_with_no_budget(monkeypatch):
     S.clear_caches()
 
 
+def _count_held(monkeypatch, budget):
+    """Record (entries counted, keys pinned) after every note of ``budget``."""
+    held = []
+    real = budget.note
+
+    def note(func, args, value):
+        real(func, args, value)
+        held.append((len(budget.entries), len(budget.pins)))
+
+    monkeypatch.setattr(budget, "note", note)
+    return held
+
+
+def test_a_projection_holds_one_snapshots_features_at_a_time(monkeypatch):
+    """Cluster evolution and the embedding grid project one snapshot at a time: with a budget of 0 bytes, the
+    features held while 6 snapshots are projected never exceed two (PCA: the one projected and the newest;
+    t-SNE: also the next, computed in the background), and the PCA equals the one fitted on all features at
+    once (analysis.embed_snapshots)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from cbnorm import analysis
+    from cbnorm.app import evolution as E
+    from cbnorm.app import shared as S
+    from cbnorm.app import source as SRC
+    from cbnorm.app import training as T
+
+    runs = ROOT / "checkpoints"
+    if not (runs / "fmnist-bn" / "config.json").is_file():
+        pytest.skip("needs the committed checkpoints/fmnist-bn")
+    monkeypatch.setenv("CBNORM_RUNS", str(runs))
+    monkeypatch.setitem(S.BUDGET_MB, "snapshot_features", 0)
+    monkeypatch.setitem(S.BUDGET_MB, SRC.BUDGET, 0)
+    S.clear_caches()
+    T.clear_caches()
+    run = S.run_by_name("fmnist-bn")
+    layer = S.studied_layer(run)
+    p = E.EvolutionParams(run=str(run.path), layer=layer, size=100, seed=5, max_snapshots=6)
+    held = _count_held(monkeypatch, S.BUDGETS["snapshot_features"])
+    ev = E.evolution(p)
+    assert len(ev["steps"]) == 6 and max(e for e, _ in held) <= 2 and max(k for _, k in held) <= 1
+    feats = [SRC.features(SRC.activations(str(run.path), S.device(), s, layer, 100, 5, every_position=True),
+                          "output", pool=False) for s in ev["steps"]]
+    whole = analysis.embed_snapshots(feats, "pca", seed=5)
+    for a, b in zip(ev["coords"], whole.coords):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert ev["info"]["explained_variance_pct"] == whole.info["explained_variance_pct"]
+    held.clear()
+    E.evolution(replace(p, method="tsne", first_iters=50, refine_iters=10))
+    assert max(e for e, _ in held) <= 3 and max(k for _, k in held) <= 2  # + the last, for the reducer
+    held = _count_held(monkeypatch, S.BUDGETS[SRC.BUDGET])
+    grid = T.embedding_grid(T.GridParams(runs=(str(run.path),), layer=layer, size=100, seed=5, columns=6))
+    assert len(grid["rows"][0]["steps"]) == 6 and max(e for e, _ in held) <= 2 and max(k for _, k in held) <= 1
+    S.clear_caches()
+    T.clear_caches()
+
+
 def test_cache_report_counts_what_each_cache_holds_and_the_janitor_writes_it(tmp_path, monkeypatch):
     """shared.cache_report: a data cache counted as its pickled bytes, a resource cache by its arrays,
     tensors and models (each once); the janitor's file is the same report, written whole."""

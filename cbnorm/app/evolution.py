@@ -3,7 +3,8 @@ projected to 2-D (PCA fitted on the last snapshot, or t-SNE / UMAP warm-started 
 snapshot's layout), with its colourings (class, superclass, prediction, mixture component).
 
 Each stage is cached apart: features per snapshot (byte-budgeted, ``shared.BUDGET_MB["snapshot_features"]``),
-the small per-snapshot summary (predictions, components), the reducer, each snapshot's embedding. The
+the small per-snapshot summary (predictions, components), the PCA / reducer fitted on the last snapshot, each
+snapshot's embedding; a projection reads one snapshot's features at a time (at most two pinned). The
 projections computed in this process are remembered (``_PROJECTED``), so a rerun that only changes the
 colour or the snapshot needs no feature pass even when the features were dropped.
 """
@@ -181,13 +182,20 @@ def _prefetch_features(p: EvolutionParams, steps: Sequence[int]) -> threading.Th
     return t
 
 
-@st.cache_data(max_entries=32, ttl=S.TTL, show_spinner=False)
-def _pca_embedding(key: tuple, steps: tuple[int, ...]) -> tuple[list[np.ndarray], dict]:
-    p = EvolutionParams(*key)
-    run_path, dev, layer, size, seed, which, pool = _feature_args(p)
-    feats = [snapshot_features(run_path, dev, s, layer, size, seed, which, pool)["features"] for s in steps]
-    emb = analysis.embed_snapshots(feats, "pca", seed=p.seed)
-    return emb.coords, emb.info
+@st.cache_resource(max_entries=16, ttl=S.TTL, show_spinner=False)
+def _pca_fit(run_path: str, dev: str, layer: str, size: int, seed: int, which: str, pool: bool, last_step: int
+             ) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """The 2-D PCA fitted on the last snapshot's features (``analysis.pca_projection``): project, info."""
+    last = snapshot_features(run_path, dev, last_step, layer, size, seed, which, pool)["features"]
+    return analysis.pca_projection(last, seed)
+
+
+@st.cache_data(max_entries=512, ttl=S.TTL, show_spinner=False)
+def _pca_at(key: tuple, steps: tuple[int, ...], i: int) -> tuple[np.ndarray, dict]:
+    """Snapshot i's (N, 2) PCA coordinates and the PCA's info: one snapshot's features at a time."""
+    run_path, dev, layer, size, seed, which, pool = _feature_args(EvolutionParams(*key))
+    project, info = _pca_fit(run_path, dev, layer, size, seed, which, pool, steps[-1])
+    return project(snapshot_features(run_path, dev, steps[i], layer, size, seed, which, pool)["features"]), info
 
 
 @st.cache_resource(max_entries=1, ttl=7 * 24 * 3600, show_spinner=False)
@@ -219,9 +227,10 @@ def umap_warmup(delay_s: float = 3.0) -> threading.Thread:
 
 def evolution(p: EvolutionParams, progress: Optional[Callable[[float, str], None]] = None) -> dict:
     """The projection of every (chosen) snapshot, with colourings. Each stage is cached separately (features
-    per snapshot; t-SNE/UMAP per snapshot, each warm-started from the previous), so a change of colour or
-    snapshot reuses everything and a new perplexity reuses the features. For t-SNE/UMAP the features of the
-    next snapshots are computed in the background while the current one is projected.
+    per snapshot; PCA, t-SNE or UMAP per snapshot, t-SNE / UMAP each warm-started from the previous), so a
+    change of colour or snapshot reuses everything and a new perplexity reuses the features. Features are
+    computed and projected one snapshot at a time (with t-SNE / UMAP the next one in the background meanwhile),
+    so the memory a projection holds does not grow with the number of snapshots.
     ``progress(fraction, text)`` reports each stage."""
     run = S.get_run(p.run, S.device())
     steps = tuple(evolution_steps(run, p.max_snapshots, p.layer))
@@ -232,28 +241,27 @@ def evolution(p: EvolutionParams, progress: Optional[Callable[[float, str], None
     if p.method not in ("pca", "tsne", "umap"):
         raise ValueError(f"method must be pca, tsne or umap, got {p.method!r}")
     done = (p.key(), steps) in _PROJECTED  # computed before: a rerun (colour, snapshot) needs no features
-    with S.BUDGETS["snapshot_features"].pinned([_feature_key(fa[0], fa[1], s, *fa[2:]) for s in steps]):
-        if p.method == "pca":
-            if not done:
-                for i, s in enumerate(steps):
-                    say(0.85 * i / n, f"activations at step {s} ({i + 1}/{n})")
-                    snapshot_features(fa[0], fa[1], s, *fa[2:])
-                say(0.85, "PCA")
-            coords, info = _pca_embedding(p.key(), steps)
-        else:
-            name = {"tsne": "t-SNE", "umap": "UMAP"}[p.method]
-            if p.method == "umap":
-                say(0.0, "waiting for UMAP's one-time compilation")
-                umap_warmup().join()
-            prefetch = None if done else _prefetch_features(p, (steps[-1],) + steps[:-1])
-            coords, info = [], {}
-            for i, s in enumerate(steps):
-                say(i / n, f"{name} at step {s} ({i + 1}/{n}): activations, then projection")
-                c, info = _embedding_at(p.key(), steps, i)
-                coords.append(c)
+    budget, fkey = S.BUDGETS["snapshot_features"], (lambda s: _feature_key(fa[0], fa[1], s, *fa[2:]))
+    coords: list = [None] * n
+    info: dict = {}
+    # One snapshot's features at a time (pinned while its projection and summary read them; with t-SNE / UMAP
+    # also the next one, computed in the background meanwhile): a run of many snapshots of a wide layer never
+    # holds all of them. The last snapshot comes first: the projection is fitted on it.
+    order = [n - 1] + list(range(n - 1)) if p.method == "pca" else list(range(n))
+    name = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[p.method]
+    if p.method == "umap":
+        say(0.0, "waiting for UMAP's one-time compilation")
+        umap_warmup().join()
+    for j, i in enumerate(order):
+        s, nxt = steps[i], (steps[i + 1] if p.method != "pca" and i + 1 < n else None)
+        say(j / n, f"{name} at step {s} ({j + 1}/{n}): activations, then projection")
+        with budget.pinned([fkey(s)] + ([fkey(nxt)] if nxt is not None else [])):
+            prefetch = None if done or nxt is None else _prefetch_features(p, (nxt,))
+            coords[i], info = (_pca_at if p.method == "pca" else _embedding_at)(p.key(), steps, i)
+            snapshot_summary(fa[0], fa[1], s, *fa[2:])  # predictions, components: while the features are here
             if prefetch is not None:
                 prefetch.join()
-        feats = [snapshot_summary(fa[0], fa[1], s, *fa[2:]) for s in steps]  # cached apart: no features needed
+    feats = [snapshot_summary(fa[0], fa[1], s, *fa[2:]) for s in steps]  # cached above: no features needed
     with _PROJECTED_LOCK:
         _PROJECTED[(p.key(), steps)] = None
         while len(_PROJECTED) > 512:

@@ -43,8 +43,6 @@ for _name, _mb in ((PANEL_BUDGET, 12),):  # registered beside shared's budgets (
     S.BUDGETS.setdefault(_name, S._ByteBudget(_name))
 
 Progress = Optional[Callable[[float, str], None]]
-#: PCA rows computed in this process: a rerun (colour change) skips the per-snapshot activation pass
-_ROWS_DONE: OrderedDict[tuple, None] = OrderedDict()
 #: whole grids computed in this process (small: coordinates, components, predictions), by GridParams.key()
 _GRIDS: OrderedDict[tuple, dict] = OrderedDict()
 _ROWS_LOCK = threading.Lock()
@@ -53,13 +51,12 @@ _ROWS_LOCK = threading.Lock()
 @S.on_clear
 def _forget_rows() -> None:
     with _ROWS_LOCK:
-        _ROWS_DONE.clear()
         _GRIDS.clear()
 
 
 def clear_caches() -> None:
     """Forget this page's cached activations, panels, projections and numbers (benchmarks: a cold start)."""
-    for f in (SRC._activations, _step_panel, _pca_row, _row_reducer, _row_step, _cell_summary, quality_at,
+    for f in (SRC._activations, _step_panel, _pca_fit, _pca_step, _row_reducer, _row_step, _cell_summary, quality_at,
               grid_figure, distribution_figures, across_figures):
         f.clear()
     for name in (SRC.BUDGET, PANEL_BUDGET):
@@ -445,12 +442,18 @@ def _features(run_path: str, step: int, layer: str, size: int, seed: int, which:
     return SRC.features(a, which, pool)
 
 
-@st.cache_data(max_entries=64, ttl=S.TTL, show_spinner=False)
-def _pca_row(run_path: str, layer: str, size: int, seed: int, which: str, pool: bool, steps: tuple[int, ...]
-             ) -> tuple[list[np.ndarray], dict]:
-    feats = [_features(run_path, s, layer, size, seed, which, pool) for s in steps]
-    emb = analysis.embed_snapshots(feats, "pca", seed=seed)
-    return emb.coords, emb.info
+@st.cache_resource(max_entries=32, ttl=S.TTL, show_spinner=False)
+def _pca_fit(run_path: str, layer: str, size: int, seed: int, which: str, pool: bool, last: int):
+    """A row's 2-D PCA fitted on its last snapshot (``analysis.pca_projection``): project, info."""
+    return analysis.pca_projection(_features(run_path, last, layer, size, seed, which, pool), seed)
+
+
+@st.cache_data(max_entries=512, ttl=S.TTL, show_spinner=False)
+def _pca_step(run_path: str, layer: str, size: int, seed: int, which: str, pool: bool, steps: tuple[int, ...],
+              i: int) -> tuple[np.ndarray, dict]:
+    """Snapshot i of a row by PCA: one snapshot's features at a time, never the whole row's."""
+    project, info = _pca_fit(run_path, layer, size, seed, which, pool, steps[-1])
+    return project(_features(run_path, steps[i], layer, size, seed, which, pool)), info
 
 
 @st.cache_resource(max_entries=32, ttl=S.TTL, show_spinner=False)
@@ -508,30 +511,22 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
     first_labels = None
     for r, steps in plan:
         path = str(r.path)
-        if p.method == "pca":
-            row_key = (path, p.layer, p.size, p.seed, p.which, p.pool, steps)
-            keys = [(path, S.device(), int(s), p.layer, int(p.size), int(p.seed), "predicted", not p.pool)
-                    for s in steps]
-            with S.BUDGETS[SRC.BUDGET].pinned(keys):  # the PCA needs the whole row at once
-                for s in steps:
-                    if row_key not in _ROWS_DONE:  # first time: each snapshot's activations, with progress
-                        say(done / total, f"{r.path.name}: activations at step {s} ({done + 1}/{total})")
-                        snapshot_activations(path, S.device(), s, p.layer, p.size, p.seed, p.which,
-                                             every_position=not p.pool)
-                    done += 1
-                coords, info = _pca_row(*row_key)
-            with _ROWS_LOCK:
-                _ROWS_DONE[row_key] = None
-                while len(_ROWS_DONE) > 256:
-                    _ROWS_DONE.popitem(last=False)
-        else:
-            coords, info = [], {}
-            for i, s in enumerate(steps):
-                say(done / total, f"{r.path.name}: {name} at step {s} ({done + 1}/{total})")
-                c, info = _row_step(path, p.layer, p.size, p.seed, p.which, p.pool, p.method, steps, i,
-                                    float(p.perplexity), int(p.n_neighbors), float(p.min_dist), int(p.refine_iters))
-                coords.append(c)
-                done += 1
+        # one snapshot's activations at a time (pinned while its projection and cell summary read them); PCA
+        # takes the last snapshot first: it is fitted on it
+        coords, info = [None] * len(steps), {}
+        for i in ([len(steps) - 1] + list(range(len(steps) - 1)) if p.method == "pca" else range(len(steps))):
+            s = steps[i]
+            say(done / total, f"{r.path.name}: {name} at step {s} ({done + 1}/{total})")
+            with S.BUDGETS[SRC.BUDGET].pinned([(path, S.device(), int(s), p.layer, int(p.size), int(p.seed),
+                                                "predicted", not p.pool)]):
+                if p.method == "pca":
+                    coords[i], info = _pca_step(path, p.layer, p.size, p.seed, p.which, p.pool, steps, i)
+                else:
+                    coords[i], info = _row_step(path, p.layer, p.size, p.seed, p.which, p.pool, p.method, steps, i,
+                                                float(p.perplexity), int(p.n_neighbors), float(p.min_dist),
+                                                int(p.refine_iters))
+                _cell_summary(path, S.device(), s, p.layer, p.size, p.seed, p.which, p.pool)
+            done += 1
         cells = [_cell_summary(path, S.device(), s, p.layer, p.size, p.seed, p.which, p.pool) for s in steps]
         if rows and not np.array_equal(cells[0]["labels"], first_labels):
             raise ValueError(f"{r.path.name} was shown on other inputs than {rows[0]['run']} (recorded probe "
