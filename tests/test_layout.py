@@ -64,3 +64,17 @@ def test_no_library_file_names_the_app_or_its_packages():
 def test_old_app_modules_are_gone():
     for old in ("app_state.py", "figures.py", "app_daynight.py"):
         assert not (ROOT / "cbnorm" / old).exists(), old
+
+
+def test_pages_are_thin_and_named_once():
+    """Every page is widgets and plots (logic, captions and widget state live in cbnorm.app): none is much over
+    150 lines, and the navigation, Home's tour and the files agree (cbnorm.app.navigation is the one table)."""
+    import ast
+
+    pages = sorted((ROOT / "pages").glob("*.py"))
+    long = {p.name: n for p in pages if (n := len(p.read_text().splitlines())) > 175}
+    assert not long, f"pages over 175 lines: {long}"
+    assert len((ROOT / "app.py").read_text().splitlines()) <= 120  # the frame only
+    tree = ast.parse((ROOT / "cbnorm" / "app" / "navigation.py").read_text())
+    files = [c.args[1].value for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "Page"]
+    assert sorted(files) == [f"pages/{p.name}" for p in pages] and files[0] == "pages/0_Home.py"
