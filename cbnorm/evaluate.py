@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import KMeansContexts, load_dataset, subset
 from .daynight.scores import check_run as check_daynight
 from .gan import check_run as check_gan
 from .runs import Run, load_run, preprocess_images
@@ -69,8 +70,6 @@ def load_split(config: Mapping, split: str = "test", limit: Optional[int] = None
     ``limit`` defaults to the run's ``limit_test`` / ``limit_train``; contexts come from the stored label
     table (superclass) or k-means state, None when the run has none.
     """
-    from .data import KMeansContexts, load_dataset, subset
-
     ds_cfg = config.get("dataset") or {}
     ds = load_dataset(ds_cfg["name"], split)
     if limit is None:

@@ -144,3 +144,24 @@ def test_old_import_paths_still_work_for_one_version_with_a_deprecation_warning(
     r = subprocess.run([sys.executable, "-m", "cbnorm.train_daynight", "--help"], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0 and "--translator" in r.stdout, r.stderr[-2000:]
+
+
+def test_no_function_local_import_of_the_package():
+    """Imports of cbnorm's own modules sit at the top of a module, where a reader sees them; only the package
+    root keeps its heavy attributes (load_run, watch) lazy through ``__getattr__``, with a comment."""
+    mods = modules()
+    local = []
+    for name, path in mods.items():
+        if name == "cbnorm":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        top = {id(n) for n in tree.body}
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and id(node) not in top and (
+                            node.level or (node.module or "").split(".")[0] == "cbnorm"):
+                        local.append(f"{name}:{node.lineno}")
+                    elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "cbnorm" for a in node.names):
+                        local.append(f"{name}:{node.lineno}")
+    assert not local, f"function-local imports of cbnorm modules: {sorted(set(local))}"

@@ -11,16 +11,16 @@ import streamlit as st
 import torch
 
 from cbnorm import probe
+from cbnorm.data import load_dataset
 from cbnorm.runs import Run
 
 from . import shared as S
+from .generation import latent_batch
 
 
 @st.cache_resource(max_entries=4, ttl=S.TTL, show_spinner="Loading the test set…")
 def test_data(name: str):
     """The test split of dataset ``name`` (cbnorm.data.load_dataset), arrays read-only (shared)."""
-    from cbnorm.data import load_dataset
-
     ds = load_dataset(name, "test")
     for arr in (ds.images, ds.labels, ds.contexts):
         if arr is not None:
@@ -46,8 +46,6 @@ def dataset_name(run: Run) -> str:
 
 def test_batch(run: Run, size: int, seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     if run.config.get("task") == "gan":  # a generator: seeded latent vectors instead of test images
-        from .generation import latent_batch
-
         return latent_batch(run, size, seed)
     ds = test_data(dataset_name(run))
     idx = sample_indices(len(ds), size, seed)

@@ -25,6 +25,7 @@ from cbnorm.runs import Run
 from . import activations as A
 from . import shared as S
 from . import source as SRC
+from .generation import latent_sample
 
 #: projections (EvolutionParams key, steps) computed in this process: their reruns skip the feature passes
 _PROJECTED: OrderedDict[tuple, None] = OrderedDict()
@@ -85,8 +86,6 @@ def evolution_sample(run_path: str, dev: str, size: int, seed: int, recorded: bo
         labels = rec["labels"] if rec["labels"] is not None else np.zeros(n, np.int64)
         return {"indices": np.arange(n), "labels": labels, "contexts": rec["contexts"], "total": n}
     if run.config.get("task") == "gan":  # a generator: seeded latent vectors (cbnorm.app.generation)
-        from .generation import latent_sample
-
         return latent_sample(run, size, seed)
     ds = A.test_data(A.dataset_name(run))
     idx = A.sample_indices(len(ds), size, seed)

@@ -26,6 +26,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from cbnorm.analysis import mixture_curves
+
 __all__ = ["COLORS", "color", "histogram_grid", "curves_figure", "embedding_figure", "embedding_animation",
            "distributions_figure", "figure_frame", "frame_csv", "normal_pdf", "speed_ratio_figure",
            "convergence_figure", "seed_band_figure", "context_bars"]
@@ -61,8 +63,6 @@ def _density(values: np.ndarray, bins: int, lo: float, hi: float) -> tuple[np.nd
 
 
 def _mixture_curves(grid: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from cbnorm.analysis import mixture_curves
-
     comps, total = mixture_curves(grid, w[None], m[None], v[None])
     return comps[0], total[0]
 

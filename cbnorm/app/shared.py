@@ -42,6 +42,8 @@ import torch
 from cbnorm import probe
 from cbnorm.runs import Run, find_runs, load_run, run_status
 
+from .figures import figure_frame, frame_csv
+
 log = logging.getLogger("cbnorm.app")
 
 RUNS_ENV = "CBNORM_RUNS"
@@ -694,14 +696,10 @@ def step_picker(run: Run, key: str, follow: bool = False, layer: Optional[str] =
 # ============================================================================ widgets shared by pages
 def download_figure(fig, file_name: str, key: str, label: str = "Download the figure's data (CSV)") -> None:
     """A download button producing the CSV of ``fig``'s traces on click (lazily)."""
-    from .figures import figure_frame, frame_csv
-
     st.download_button(label, data=lambda: frame_csv(figure_frame(fig)), file_name=file_name, mime="text/csv",
                        key=key, on_click="ignore", icon=":material/download:")
 
 
 def download_frame(df, file_name: str, key: str, label: str = "Download the data (CSV)") -> None:
-    from .figures import frame_csv
-
     st.download_button(label, data=lambda: frame_csv(df), file_name=file_name, mime="text/csv", key=key,
                        on_click="ignore", icon=":material/download:")

@@ -32,8 +32,11 @@ from cbnorm import analysis
 from cbnorm.runs import Run
 
 from . import activations as A
+from . import figures_training as FT
 from . import shared as S
 from . import source as SRC
+from .compare import group_runs
+from .evolution import umap_warmup
 
 #: the step of a run's end (its final weights, or its last recorded summary), next to its other steps
 FINAL = SRC.FINAL
@@ -177,8 +180,6 @@ def groups_of(names: Sequence[str]) -> list[dict]:
     runs = runs_of(names)
     groups: list[dict] = []
     try:
-        from .compare import group_runs
-
         for g in group_runs([(r.path.name, r.config, r.metrics) for r in runs]):
             members = [m[0] if isinstance(m, (list, tuple)) else m for m in g.get("members", [])]
             members = [m for m in members if m in names]
@@ -320,8 +321,6 @@ def distribution_figures(run_name: str, layer: str, which: str, channels: tuple[
                          seed: int, steps: tuple[int, ...], tail: float, bins, log_y: bool, components: bool) -> dict:
     """The four figures of the distributions view ("ridge", "multiples", "overlay", "percentiles") and the
     binning, built once per setting (shared read-only; st.plotly_chart copies a figure)."""
-    from . import figures_training as FT
-
     dist = distributions(run_name, layer, which, channels, k, size, seed, steps)
     b = binning([p["values"] for p in dist["panels"]], tail, bins)
     x = AXIS_TITLES[which]
@@ -376,8 +375,6 @@ def across_runs(run_names_: Sequence[str], layer: str, which: str, channels: Seq
 def across_figures(run_names_: tuple[str, ...], layer: str, which: str, channels: tuple[int, ...], step: int,
                    size: int, seed: int, tail: float, bins, log_y: bool, normal: bool) -> dict:
     """The across-runs view's "overlay" and "multiples" figures and the binning, built once per setting."""
-    from . import figures_training as FT
-
     res = across_runs(run_names_, layer, which, channels, step, size, seed)
     b = binning([p["values"] for p in res["panels"]], tail, bins)
     x = AXIS_TITLES[which]
@@ -502,8 +499,6 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
     plan = [(r, tuple(steps_by_fraction(snapshot_steps(r, p.layer), p.columns))) for r in runs]
     total = sum(len(s) for _, s in plan)
     if p.method == "umap":
-        from .evolution import umap_warmup
-
         say(0.0, "waiting for UMAP's one-time compilation")
         umap_warmup().join()
     name = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[p.method]
@@ -555,8 +550,6 @@ def embedding_grid(p: GridParams, progress: Progress = None) -> dict:
 def grid_figure(key: tuple, colour: str):
     """The embedding grid's figure for ``GridParams(*key)`` coloured by ``colour`` (built once: 0.5 s for 3 x 11
     cells of 1,000 points; shared read-only, st.plotly_chart copies it)."""
-    from . import figures_training as FT
-
     grid = embedding_grid(GridParams(*key))
     groups, names = grid_colourings(grid)[colour]
     return FT.embedding_grid_figure(grid, groups, names, legend_title=colour, hover=grid_hover(grid))

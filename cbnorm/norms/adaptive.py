@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import gmm
+
 from .base import DataInitialized, RunningStatsNorm, affine_params, check_positive_int, ddp_active
 from .functional import (check_posterior, flat_posteriors, joint_mixture_transform, log_posteriors, mix_affine,
                          normalizing_coefficients, posterior_batch_norm, weighted_moments)
@@ -120,8 +122,6 @@ class AdaptiveContextNorm(DataInitialized, RunningStatsNorm):
     def initialize_from(self, x3: Tensor) -> None:
         """Set (lambda, mu, sigma^2) from a GMM fitted to the points of x3 (N, C, P) (at most 8192 of them).
         No host read (torch.compile traces it; the Python flag that runs it once costs one recompile)."""
-        from .. import gmm
-
         n, c, p = x3.shape
         k = self.num_components
         pts_t = x3.detach().transpose(0, 1).reshape(c, n * p)

@@ -47,10 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._version import __version__
+from ..data import ArrayDataset, KMeansContexts, apply_contexts, compute_mean_std, load_dataset, subset
+from ..evaluate import load_split, score
+from ..models import MODELS, PATH_MODELS
 from .options import given_options, json_opt
 from ..guard import StepGuard
 from ..record import Recorder
-from ..norms import NonFiniteError, check_deferred
+from ..norms import NORMS, NonFiniteError, NormBase, accepted_kwargs, check_deferred, resolve_name
 from .schedules import SCHEDULES, check_schedule, lr_at, parse_milestones, snapshot_steps
 from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, METRICS_LINES, STATUS_NAME, SUMMARY_DIR,
                    TRAINING_DEFAULTS, build_model_from_config, count_parameters, load_resume_state, preprocess_images,
@@ -76,8 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     g = p.add_argument_group("experiment")
     g.add_argument("--dataset", help=f"fashion-mnist, mnist, cifar10, cifar100, svhn, digits ({d['dataset']})")
-    from ..models import MODELS
-
     g.add_argument("--model", choices=sorted(MODELS), help=f"({d['model']}; resnet20/56: He et al.'s CIFAR "
                                                           f"ResNets, densenet40: the MN paper's DenseNet)")
     g.add_argument("--norm", help=f"norm of the studied layers: bn ln gn mn mode cn cnx cn-embed acn (or an "
@@ -160,8 +161,6 @@ def _given(args_or_config: Any) -> dict[str, Any]:
 
 
 def _check_args(a: dict) -> None:
-    from ..norms import resolve_name
-
     for k in ("epochs", "batch_size", "components", "eval_batch_size"):
         if isinstance(a[k], bool) or not isinstance(a[k], int) or a[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be a positive integer, got {a[k]!r}")
@@ -271,9 +270,6 @@ def _needs_unused_detection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 # ============================================================================ data / config
 def _prepare(a: dict, stored: Optional[dict]):
     """Training split (ArrayDataset with contexts) and the config of the run."""
-    from ..data import ArrayDataset, apply_contexts, compute_mean_std, load_dataset, subset
-    from ..norms import NORMS, accepted_kwargs, resolve_name
-
     train = load_dataset(a["dataset"], "train")
     n_full = len(train)
     if a["limit_train"] is not None:
@@ -284,8 +280,6 @@ def _prepare(a: dict, stored: Optional[dict]):
     a["contexts"] = str(spec).strip().lower()
     km_state = (stored or {}).get("contexts", {}).get("kmeans") if stored else None
     if km_state:  # resume: the stored clustering, not a new fit
-        from ..data import KMeansContexts
-
         km = KMeansContexts.from_state(km_state)
         train = train.with_contexts(km.predict(train.images), [f"cluster {i}" for i in range(km.n_contexts)])
     else:
@@ -320,8 +314,6 @@ def _prepare(a: dict, stored: Optional[dict]):
         mean, std = compute_mean_std(train.images)
         pre = {"channels": train.channels, "image_size": [int(s) for s in train.images.shape[1:3]],
                "mean": [float(m) for m in mean], "std": [float(max(s, 1e-8)) for s in std]}
-    from ..models import PATH_MODELS
-
     model_kwargs = {"in_channels": train.channels, "num_classes": train.num_classes}
     if a["input_norm"] and a["model"] != "shallow_cnn":
         raise ValueError("--input-norm is only supported by --model shallow_cnn")
@@ -362,8 +354,6 @@ def _prepare(a: dict, stored: Optional[dict]):
 
 
 def _make_optimizer(model: nn.Module, a: dict) -> torch.optim.Optimizer:
-    from ..norms import NormBase
-
     in_norm = {id(p) for m in model.modules() if isinstance(m, NormBase) for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -436,9 +426,6 @@ def train(args_or_config: Any) -> Path:
 
 
 def _train(a: dict, out: Path, stored: Optional[dict], dist: _Dist, tqdm, DistributedSampler) -> Path:
-    from ..data import subset
-    from ..evaluate import load_split, score
-
     device = dist.device
     if a["batch_size"] % dist.world:
         raise ValueError(f"--batch-size {a['batch_size']} must be divisible by the number of ranks {dist.world}")

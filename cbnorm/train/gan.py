@@ -30,7 +30,6 @@ config.json by its path relative to the run directory and the SHA-256 of its wei
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -45,13 +44,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._version import __version__
+from ..data import load_dataset, subset
+from ..models.base import filtered_kwargs
+from ..models.dcgan import DCGANDiscriminator
+from ..norms import check_deferred, resolve_name
 from ..gan import (CHECKED, DEFAULT_CLASSIFIER, GAN_FILES, check_run, eval_latents, evaluate_generator,  # noqa: F401
                    fixed_latents, image_grid, load_classifier, real_reference, recompute, resolve_classifier,
                    sha256_of)
 from .options import json_opt
-from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, Run, _atomic_write_bytes, _inside, _save_safetensors,
-                    _state_tensors, build_model_from_config, count_parameters, load_run, read_json, read_safetensors,
-                    save_config, save_snapshot, save_weights)
+from ..runs import (CONFIG_NAME, DEFAULT_FILES, FORMAT_VERSION, Run, _atomic_write_bytes, _inside, _load_into,
+                    _save_safetensors, _state_tensors, build_model_from_config, count_parameters, load_run, read_json,
+                    read_safetensors, save_config, save_snapshot, save_weights)
 
 __all__ = ["DEFAULTS", "GAN_FILES", "build_parser", "train", "main", "fixed_latents", "eval_latents",
            "load_classifier", "real_reference", "evaluate_generator", "recompute", "check_run", "image_grid",
@@ -117,8 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ============================================================================ options
 def _check_args(a: dict) -> None:
-    from ..norms import resolve_name
-
     ints = {"components": 1, "width": 1, "latent_dim": 1, "steps": 1, "batch_size": 2, "eval_samples": 2,
             "pr_samples": 2, "pr_k": 1, "num_fixed": 1, "eval_every": 0, "snapshot_every": 0}
     for k, lo in ints.items():
@@ -149,8 +150,6 @@ def _layers(a: dict) -> list[str]:
 
 def _norm_kwargs(a: dict) -> dict:
     """``num_components`` where the norm takes it, then ``--norm-kwargs`` as given (a wrong key raises)."""
-    from ..models.base import filtered_kwargs
-
     return {**filtered_kwargs(a["norm"], {"num_components": a["components"]}), **(a["norm_kwargs"] or {})}
 
 
@@ -175,8 +174,6 @@ def _save_resume(path: Path, g: nn.Module, d: nn.Module, opt_g, opt_d, state: Ma
 
 
 def _load_resume(path: Path, g: nn.Module, d: nn.Module, opt_g, opt_d, config) -> tuple[dict, dict]:
-    from ..runs import _load_into
-
     tensors, meta = read_safetensors(path, "resume state")
     try:
         state = json.loads(meta["trainer_state"])
@@ -251,9 +248,6 @@ def _config(a: dict, classifier_dir: Path, classifier_sha: str, ds, out: Path) -
 
 def train(args: argparse.Namespace | Mapping | Sequence[str]) -> Path:
     """Train (or resume) a GAN run; returns the run directory."""
-    from ..data import load_dataset, subset
-    from ..models.dcgan import DCGANDiscriminator
-
     if isinstance(args, (list, tuple)):
         args = build_parser().parse_args([str(x) for x in args])
     given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
@@ -350,8 +344,6 @@ def train(args: argparse.Namespace | Mapping | Sequence[str]) -> Path:
 
     def checkpoint(s: int) -> None:
         nonlocal interval_t, interval_n
-        from ..norms import check_deferred
-
         check_deferred(gen)  # the layers' checks deferred on the device (validate="auto" off the CPU)
         t0 = time.perf_counter()
         scores = evaluate_generator(gen, config, feats, ref)

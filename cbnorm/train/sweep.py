@@ -25,16 +25,13 @@ test subset every ``--eval-every`` steps; else the per-epoch full test set):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
-
-import numpy as np
+from typing import Mapping, Optional, Sequence
 
 from ..curves import curve_of, summarize_groups
 from ..runs import read_json, write_json_atomic
