@@ -185,7 +185,7 @@ COMPARE_HELP = {
     "params": "Number of parameters", "steps": "Optimizer steps trained"}
 
 
-@st.cache_data(max_entries=8, ttl=S.TTL, show_spinner=False)
+@st.cache_data(max_entries=4, ttl=S.TTL, show_spinner=False)
 def live_outputs(run_paths: tuple[str, ...], dev: str, size: int, seed: int, which: str = "x_hat") -> list[dict]:
     """The studied layer of each run on the SAME minibatch (same test images): pooled values of ``which``
     (``analysis.VIEWS``; capped at MAX_VALUES) and their statistics like with like (``analysis.view_stats``:

@@ -63,7 +63,7 @@ VIEW_HELP = ("x̂: the normalized values before the affine, what a normalizer ai
              "away from N(0, 1) on purpose, so it is shown with its shape statistics only. Input: what enters the "
              "layer.")
 #: byte budgets of the caches whose entries can be large (see the module docstring)
-BUDGET_MB = {"snapshot_features": 32, "histogram_panel": 12}
+BUDGET_MB = {"snapshot_features": 32, "histogram_panel": 8}
 #: threads of one t-SNE projection (openTSNE's n_jobs; the coordinates do not depend on it, tested; umap runs
 #: one thread whenever its random_state is fixed): the cores there are, at most 4. On the 2 cores here it
 #: halves a cold t-SNE evolution.

@@ -30,7 +30,7 @@ from . import shared as S
 #: the step of a run's end: its final weights on a sampled minibatch, or its last recorded summary
 FINAL = S.FINAL
 BUDGET = "source_activations"
-S.BUDGET_MB.setdefault(BUDGET, 32)
+S.BUDGET_MB.setdefault(BUDGET, 24)
 S.BUDGETS.setdefault(BUDGET, S._ByteBudget(BUDGET))
 SUMMARY_BUDGET = "summaries"
 S.BUDGET_MB.setdefault(SUMMARY_BUDGET, 24)

@@ -41,7 +41,7 @@ from .evolution import umap_warmup
 #: the step of a run's end (its final weights, or its last recorded summary), next to its other steps
 FINAL = SRC.FINAL
 PANEL_BUDGET = "training_panels"
-for _name, _mb in ((PANEL_BUDGET, 12),):  # registered beside shared's budgets (cleared with them)
+for _name, _mb in ((PANEL_BUDGET, 8),):  # registered beside shared's budgets (cleared with them)
     S.BUDGET_MB.setdefault(_name, _mb)
     S.BUDGETS.setdefault(_name, S._ByteBudget(_name))
 
