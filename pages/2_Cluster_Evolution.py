@@ -28,11 +28,11 @@ with S.guard("Cluster evolution"):
                          help="Size of the fixed random sample (drawn with the sidebar's seed), the same at every snapshot")
         which = c2.radio("Activations", ["output", "input"], horizontal=True, key="evo_which",
                          help="The layer's output (after normalization and affine) or its input")
-        recorded = SRC.is_recorded(run, layer)
-        pool = c3.checkbox("Average over positions", value=recorded or not live, key="evo_pool", disabled=not live,
-                           help="Use each channel's spatial mean (C features) instead of every activation (C × H × "
-                                "W). With recorded summaries, the channel means come from them (the recorded probe "
-                                "batch, whatever the number of test images above); every position needs the model.")
+        pool = c3.checkbox("Average over positions", value=True, key="evo_pool", disabled=not live,
+                           help="Each channel's spatial mean (C features; the default, what every recorded run keeps, "
+                                "and several times cheaper) or, unticked, every activation (C × H × W, needs the "
+                                "model). With recorded summaries, the channel means come from them (the recorded probe "
+                                "batch, whatever the number of test images above).")
         pool = pool or not live
         method = st.radio("Projection", ["pca", "tsne", "umap"], horizontal=True, key="evo_method",
                           format_func=lambda m: {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[m],

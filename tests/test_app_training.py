@@ -310,6 +310,7 @@ def test_cluster_quality_lines_per_run_band_per_group_and_numbers_match_sklearn(
     at = page(monkeypatch, training_runs, "quality", seed=8)
     at.multiselect(key="w_tr_runs").set_value(["bn-s0", "acn-s0"]).run()  # bn-s1 joins as bn-s0's other seed
     at.select_slider(key="tr_q_size").set_value(200).run()
+    at.checkbox(key="tr_q_pool").uncheck().run()  # every position (channel means are the default)
     no_problem(at)
     fig = chart(at, "tr_q_chart")
     steps = steps_of(training_runs, "bn-s0")
