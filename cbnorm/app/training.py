@@ -59,8 +59,8 @@ def _forget_rows() -> None:
 
 def clear_caches() -> None:
     """Forget this page's cached activations, panels, projections and numbers (benchmarks: a cold start)."""
-    for f in (SRC._activations, _step_panel, _pca_fit, _pca_step, _row_reducer, _row_step, _cell_summary, quality_at,
-              grid_figure, distribution_figures, across_figures):
+    for f in (SRC._activations, _step_panel, _pca_fit, _pca_step, _row_reducer, _row_step, _cell_summary,
+              quality_at, grid_figure, distribution_figures, across_figures):
         f.clear()
     for name in (SRC.BUDGET, PANEL_BUDGET):
         S.BUDGETS[name].reset()
