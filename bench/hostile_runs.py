@@ -80,11 +80,14 @@ def _symlink_weights(d: Path, tmp: Path) -> None:
     _edit_config(d, lambda c: c["files"].update(weights="link.safetensors"))
 
 
-def _symlink_config(d: Path, tmp: Path) -> None:
-    outside = tmp / "outside_config.json"
-    shutil.copy(d / "config.json", outside)
-    (d / "config.json").unlink()
-    (d / "config.json").symlink_to(outside)
+def _symlink_file(name: str):
+    """A case that moves the run's ``name`` outside the run and leaves a symlink to it in its place."""
+    def case(d: Path, tmp: Path) -> None:
+        outside = tmp / f"outside_{name}"
+        shutil.copy(d / name, outside)
+        (d / name).unlink()
+        (d / name).symlink_to(outside)
+    return case
 
 
 def _symlink_snapshots_dir(d: Path, tmp: Path) -> None:
@@ -92,13 +95,6 @@ def _symlink_snapshots_dir(d: Path, tmp: Path) -> None:
     shutil.copytree(d / "snapshots", outside)
     shutil.rmtree(d / "snapshots")
     (d / "snapshots").symlink_to(outside, target_is_directory=True)
-
-
-def _symlink_metrics(d: Path, tmp: Path) -> None:
-    outside = tmp / "outside_metrics.json"
-    shutil.copy(d / "metrics.json", outside)
-    (d / "metrics.json").unlink()
-    (d / "metrics.json").symlink_to(outside)
 
 
 def _empty_dir(d: Path, tmp: Path) -> None:
@@ -240,8 +236,8 @@ RUN_CASES: dict[str, dict[str, Callable[[Path, Path], None]]] = {
         "snapshots_dotdot": _cfg_case(lambda c: c["files"].update(snapshots="..")),
         "snapshots_absolute": _cfg_case(lambda c: c["files"].update(snapshots="/tmp")),
         "weights_symlink_outside": _symlink_weights,
-        "config_symlink_outside": _symlink_config,
-        "metrics_symlink_outside": _symlink_metrics,
+        "config_symlink_outside": _symlink_file("config.json"),
+        "metrics_symlink_outside": _symlink_file("metrics.json"),
         "snapshots_dir_symlink_outside": _symlink_snapshots_dir,
         "snapshot_symlink_outside": lambda d, tmp: (
             shutil.copy(d / "model.safetensors", tmp / "snap.safetensors"),

@@ -1,5 +1,5 @@
-"""Widget groups the views draw alike, most of them page 6's ("Across runs and training"): the activations shown, histogram range and bins,
-channels, a window of steps, the runs and the shared layer, the runs that have snapshots, the embedding grid's
+"""Widget groups the views draw alike, most of them page 6's ("Across runs and training"): the activations
+shown, histogram range and bins, channels, a window of steps, the runs and the shared layer, the runs that have snapshots, the embedding grid's
 projection, the quality metrics, a chart or table with its download. Each remembers its settings in the page's
 :class:`cbnorm.app.state.Memory` and stops the page with a message where nothing can be shown."""
 from __future__ import annotations
@@ -97,9 +97,9 @@ def drawn(params) -> None:
 
 
 def colouring(colours: dict) -> str:
-    ss, kept = st.session_state, memory().get
-    if ss.get("tr_g_colour") not in colours:
-        ss["tr_g_colour"] = kept("tr_g_colour", None) if kept("tr_g_colour", None) in colours else next(iter(colours))
+    """The grid's colouring: the remembered one while this grid offers it, else the first."""
+    last = memory().get("tr_g_colour", None)
+    ensure("tr_g_colour", colours, last if last in colours else next(iter(colours)))
     return st.radio("Colour by", list(colours), horizontal=True, key="tr_g_colour",
                     help="Class, superclass (context), the layer's mixture component (argmax posterior) or the "
                          "model's prediction at that step; rows without a colouring are grey")
